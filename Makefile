@@ -1,0 +1,50 @@
+# Qwen All-in-One: one command per job. Run `make help` for the list.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODELS ?= models
+TINY_MODEL := $(MODELS)/tiny
+SHAPE_MODEL := $(MODELS)/qwen2.5-0.5b-shape
+# The model `make run-worker` serves: a hub id, a local directory, or (default) the offline demo model.
+QAIO_MODEL ?= $(TINY_MODEL)
+QAIO_PORT ?= 8001
+export QAIO_MODEL QAIO_PORT
+
+.PHONY: help install test run-worker demo-models model-tiny model-0.5b clean
+
+help:
+	@echo "make install      create $(VENV) and install the worker with its test tools"
+	@echo "make test         run every test (builds the tiny demo model on the fly)"
+	@echo "make run-worker   serve QAIO_MODEL (default: offline demo model) on 127.0.0.1:\$$QAIO_PORT (8001)"
+	@echo "make demo-models  build both offline random-weight models under $(MODELS)/"
+	@echo "make clean        remove $(VENV) and $(MODELS)/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# torch first and pinned: an unpinned torch would pull the multi-GB CUDA build on a CPU machine.
+install: $(PY)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e 'worker[test]'
+
+test: $(PY)
+	$(PY) -m pytest worker/tests -q
+
+model-tiny: $(TINY_MODEL)/qaio_demo_model.json
+$(TINY_MODEL)/qaio_demo_model.json:
+	$(PY) -m qwen_worker.demo_model --shape tiny --out $(TINY_MODEL)
+
+model-0.5b: $(SHAPE_MODEL)/qaio_demo_model.json
+$(SHAPE_MODEL)/qaio_demo_model.json:
+	$(PY) -m qwen_worker.demo_model --shape qwen2.5-0.5b --out $(SHAPE_MODEL)
+
+demo-models: model-tiny model-0.5b
+
+run-worker: $(PY)
+	@if [ "$(QAIO_MODEL)" = "$(TINY_MODEL)" ]; then $(MAKE) --no-print-directory model-tiny; fi
+	exec $(VENV)/bin/gunicorn -c worker/gunicorn.conf.py 'qwen_worker:create_app()'
+
+clean:
+	rm -rf $(VENV) $(MODELS)

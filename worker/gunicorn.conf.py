@@ -1,0 +1,44 @@
+"""gunicorn settings for one worker instance, all from QAIO_* variables (see README).
+
+    gunicorn -c worker/gunicorn.conf.py 'qwen_worker:create_app()'
+"""
+import os
+import shutil
+import tempfile
+
+from qwen_worker.config import WorkerConfig
+
+_config = WorkerConfig.from_env()  # fails fast, before any process starts, on a bad setting
+
+bind = f"{_config.host}:{_config.port}"
+workers = _config.workers  # each process loads its own model copy: one per instance is the norm
+worker_class = "gthread"
+threads = _config.threads  # requests waiting on the batcher each hold a thread
+# The model loads in a background thread, so the worker heartbeats during load; this bounds a stuck worker.
+timeout = 120
+# Let in-flight generations finish on SIGTERM (k8s terminationGracePeriodSeconds must be longer).
+graceful_timeout = _config.chat_deadline_ms // 1000 + 10
+keepalive = 75  # longer than nginx's upstream keepalive_timeout (60 s), so nginx closes first
+accesslog = None  # the app writes one JSON line per request
+errorlog = "-"
+loglevel = _config.log_level.lower()
+preload_app = False  # every process loads its own model after the fork
+# gunicorn's control socket has one fixed default path, which several instances on a host would share.
+control_socket_disable = True
+
+# Several processes share metrics through files (prometheus_client multiprocess mode).
+if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="qaio-metrics-")
+
+
+def on_exit(server):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
+    if directory.startswith(tempfile.gettempdir()) and "qaio-metrics-" in directory:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def child_exit(server, worker):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -1,0 +1,1 @@
+"""HTTP blueprints of the worker, one per concern."""

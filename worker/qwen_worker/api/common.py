@@ -1,0 +1,37 @@
+"""Helpers shared by the API blueprints: the service, the response envelope, SSE framing."""
+from __future__ import annotations
+
+import json
+from typing import Iterable, Iterator
+
+from flask import Response, current_app, g, stream_with_context
+
+from ..batcher import Job
+from ..service import WorkerService
+
+
+def service() -> WorkerService:
+    return current_app.extensions["qaio"]
+
+
+def envelope(jobs: Iterable[Job], **fields) -> dict:
+    """Every task response: ids, instance, model, demo flag, the task's fields and timing."""
+    jobs = list(jobs)
+    svc = service()
+    timing = {"queue_ms": round(sum(j.queue_ms for j in jobs), 2),
+              "compute_ms": round(sum(j.compute_ms for j in jobs), 2),
+              "batch_size": max(j.batch_size for j in jobs)}
+    g.log_fields.update(timing)
+    return {"request_id": g.request_id, "instance": svc.config.instance_id, "model": svc.config.model_name,
+            "demo_model": svc.model.is_demo, **fields, "timing": timing}
+
+
+def sse(events: Iterator[dict | str]) -> Response:
+    """A text/event-stream response; nginx must not buffer it."""
+    def frames():
+        for event in events:
+            data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
+            yield f"data: {data}\n\n"
+
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return Response(stream_with_context(frames()), mimetype="text/event-stream", headers=headers)

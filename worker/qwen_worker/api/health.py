@@ -1,0 +1,30 @@
+"""Liveness and readiness probes."""
+from __future__ import annotations
+
+from flask import Blueprint, jsonify
+
+from .common import service
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz():
+    return jsonify({"status": "alive", "instance": service().config.instance_id})
+
+
+@bp.get("/readyz")
+def readyz():
+    svc = service()
+    health = svc.health
+    body = {"status": health.reason(), "instance": svc.config.instance_id, **svc.model.describe(),
+            "queue_depth": svc.batcher.depth(), "queue_capacity": svc.config.queue_capacity}
+    if svc.model.is_demo:
+        body["warning"] = "demo model: random weights, answers are meaningless"
+    if health.load_error:
+        body["error"] = health.load_error
+    response = jsonify(body)
+    if not health.ready():
+        response.status_code = 503
+        response.headers["Retry-After"] = str(svc.config.retry_after_s)
+    return response

@@ -1,0 +1,194 @@
+"""Bounded request queue and the thread that turns it into model batches.
+
+Request threads `submit` jobs and wait on them; one batcher thread takes the oldest job, gathers
+more of the same kind (up to max batch size, or until batch_wait_ms has passed), drops any whose
+deadline has already passed, and runs the batch: sentiment as one forward pass, chat as one
+batched generation.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any
+
+from .errors import ApiError
+from .generation import GenerationRow
+from .health import Health
+from .metrics import WorkerMetrics
+from .model import ModelService, free_device_cache, is_oom
+
+log = logging.getLogger(__name__)
+
+SENTIMENT = "sentiment"
+GENERATE = "generate"
+
+
+@dataclasses.dataclass
+class Job:
+    kind: str  # SENTIMENT or GENERATE: what can share a batch
+    task: str  # the API task it serves, for metrics and logs
+    payload: Any  # sentiment: prompt ids; generate: GenerationRow
+    deadline: float  # time.monotonic()
+    future: Future = dataclasses.field(default_factory=Future)
+    enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+    started_at: float | None = None
+    finished_at: float | None = None
+    batch_size: int = 0
+
+    @property
+    def queue_ms(self) -> float:
+        end = self.started_at if self.started_at is not None else time.monotonic()
+        return (end - self.enqueued_at) * 1000
+
+    @property
+    def compute_ms(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        return ((self.finished_at or time.monotonic()) - self.started_at) * 1000
+
+    def wait(self) -> Any:
+        """The job's result; ApiError when it failed. Waits a little past the deadline for the batcher to stop it."""
+        remaining = max(0.0, self.deadline - time.monotonic())
+        try:
+            return self.future.result(timeout=remaining + 5.0)
+        except TimeoutError:
+            raise deadline_error() from None
+
+
+def deadline_error() -> ApiError:
+    return ApiError(504, "deadline_exceeded", "the request's deadline passed before it completed")
+
+
+class Batcher:
+    def __init__(self, model: ModelService, config, metrics: WorkerMetrics, health: Health):
+        self.model = model
+        self.config = config
+        self.metrics = metrics
+        self.health = health
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- request side -------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        if not self.health.accepting():
+            self.metrics.rejected("not_ready")
+            raise ApiError(503, "not_ready", "the model is not ready", retry_after=self.config.retry_after_s)
+        with self._cond:
+            if len(self._queue) >= self.config.queue_capacity:
+                self.metrics.rejected("queue_full")
+                raise ApiError(503, "queue_full", "too many requests are waiting for the model",
+                               retry_after=self.config.retry_after_s)
+            self._queue.append(job)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify()
+        return job
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    # ---- batcher thread -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            if batch:
+                self._execute(batch)
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            kind = self._queue[0].kind
+            batch: list[Job] = []
+            gather_until = time.monotonic() + self.config.batch_wait_ms / 1000
+            while True:
+                self._take(kind, batch)
+                remaining = gather_until - time.monotonic()
+                if len(batch) >= self.config.max_batch_size or remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)
+            self.metrics.queue_depth.set(len(self._queue))
+        return self._drop_expired(batch)
+
+    def _take(self, kind: str, batch: list[Job]) -> None:
+        """Move queued jobs of `kind`, oldest first, into batch until it is full."""
+        kept = collections.deque()
+        while self._queue:
+            job = self._queue.popleft()
+            if job.kind == kind and len(batch) < self.config.max_batch_size:
+                batch.append(job)
+            else:
+                kept.append(job)
+        self._queue = kept
+
+    def _drop_expired(self, batch: list[Job]) -> list[Job]:
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if now >= job.deadline:
+                self.metrics.rejected("deadline_in_queue")
+                job.future.set_exception(deadline_error())
+            else:
+                live.append(job)
+        return live
+
+    def _execute(self, batch: list[Job]) -> None:
+        started = time.monotonic()
+        for job in batch:
+            job.started_at = started
+            job.batch_size = len(batch)
+        kind = batch[0].kind
+        try:
+            if kind == SENTIMENT:
+                results: list[Any] = self.model.score_sentiment([job.payload for job in batch])
+            else:
+                rows: list[GenerationRow] = [job.payload for job in batch]
+                self.model.generate(rows)
+                results = rows
+        except Exception as exc:  # a model failure fails this batch, never the process
+            self._fail(batch, exc)
+            return
+        finished = time.monotonic()
+        self.health.record_success()
+        self.metrics.observe_batch(kind, batch, finished - started)
+        for job, result in zip(batch, results):
+            job.finished_at = finished
+            job.future.set_result(result)
+
+    def _fail(self, batch: list[Job], exc: Exception) -> None:
+        finished = time.monotonic()
+        if is_oom(exc):
+            free_device_cache(self.model.device)
+            error = ApiError(503, "out_of_memory", "the model ran out of device memory; retry with a smaller request",
+                             retry_after=self.config.retry_after_s)
+            reason = "out_of_memory"
+        else:
+            log.exception("model failure in a batch of %d", len(batch))
+            error = ApiError(503, "model_error", "the model failed on this batch", retry_after=self.config.retry_after_s)
+            reason = "model_error"
+        self.metrics.model_failures.labels(reason=reason).inc()
+        self.health.record_failure()
+        for job in batch:
+            job.finished_at = finished
+            job.future.set_exception(error)

@@ -1,0 +1,134 @@
+"""Worker configuration: every setting is a `QAIO_*` environment variable, read and validated here."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from typing import Any, Mapping
+
+ENV_PREFIX = "QAIO_"
+
+
+class ConfigError(ValueError):
+    """Raised at start-up when one or more settings are invalid."""
+
+
+def _setting(default: Any, help: str, minimum: float | None = None, choices: tuple | None = None):
+    return dataclasses.field(default=default, metadata={"help": help, "min": minimum, "choices": choices})
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    # Model and device
+    model: str = _setting("Qwen/Qwen2.5-0.5B-Instruct", "Hugging Face hub id or local directory of the chat model")
+    model_name: str = _setting("", "Name reported in responses and /v1/models (default: the model's directory or hub name)")
+    device: str = _setting("auto", "`auto` (cuda:0 when present, else cpu), `cpu`, `cuda` or `cuda:N`")
+    dtype: str = _setting("auto", "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` or `float16`",
+                          choices=("auto", "float32", "bfloat16", "float16"))
+    torch_threads: int = _setting(0, "CPU threads for torch (0: torch's default, one per core)", minimum=0)
+    instance_id: str = _setting("", "Name of this instance in responses, logs and metrics (default: host name)")
+    warmup: bool = _setting(True, "Run a warm-up forward pass before reporting ready")
+    # HTTP server (read by gunicorn.conf.py)
+    host: str = _setting("127.0.0.1", "Address gunicorn binds to")
+    port: int = _setting(8001, "Port gunicorn binds to", minimum=1)
+    workers: int = _setting(1, "gunicorn processes; each loads its own model copy", minimum=1)
+    threads: int = _setting(32, "Connection threads per process (requests waiting on the batcher hold one)", minimum=1)
+    # Batching and admission
+    max_batch_size: int = _setting(16, "Most requests run together in one forward pass / generation", minimum=1)
+    batch_wait_ms: float = _setting(10.0, "How long the batcher waits for more requests to fill a batch", minimum=0)
+    queue_capacity: int = _setting(64, "Requests that may wait for the model; more are refused with 503", minimum=1)
+    retry_after_s: int = _setting(1, "Retry-After seconds sent with 503 answers", minimum=0)
+    # Deadlines (a client may lower them with `deadline_ms` in the body or the X-Deadline-Ms header)
+    sentiment_deadline_ms: int = _setting(15000, "Default deadline of a sentiment request", minimum=1)
+    chat_deadline_ms: int = _setting(120000, "Default deadline of a chat or analyze request", minimum=1)
+    # Input limits
+    max_body_bytes: int = _setting(65536, "Largest request body accepted (413 beyond)", minimum=1)
+    max_input_chars: int = _setting(4000, "Longest text or single message accepted (413 beyond)", minimum=1)
+    max_messages: int = _setting(64, "Most messages in one chat request", minimum=1)
+    max_prompt_tokens: int = _setting(4096, "Longest chat prompt in tokens after templating (413 beyond)", minimum=16)
+    # Generation defaults
+    default_max_tokens: int = _setting(128, "max_tokens when a chat request gives none", minimum=1)
+    max_tokens_limit: int = _setting(1024, "Largest max_tokens a client may ask for", minimum=1)
+    default_temperature: float = _setting(0.7, "temperature when a chat request gives none (0: greedy)", minimum=0)
+    default_top_p: float = _setting(0.9, "top_p when a chat request gives none", minimum=0)
+    # Health
+    failure_threshold: int = _setting(3, "Model failures in a row that make /readyz answer 503", minimum=1)
+    failure_cooldown_s: float = _setting(30.0, "How long /readyz stays 503 after that", minimum=0)
+    log_level: str = _setting("INFO", "Python log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+    @classmethod
+    def env_name(cls, field_name: str) -> str:
+        return ENV_PREFIX + field_name.upper()
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "WorkerConfig":
+        """Read every setting from `environ` (default os.environ); keyword overrides win. Validates."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(overrides) - set(fields)
+        if unknown:
+            raise ConfigError(f"unknown settings: {sorted(unknown)}")
+        for name, field in fields.items():
+            if name in overrides:
+                values[name] = overrides[name]
+                continue
+            raw = environ.get(cls.env_name(name))
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = _parse(raw, type(field.default))
+            except ValueError as exc:
+                problems.append(f"{cls.env_name(name)}={raw!r}: {exc}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(**values).validated()
+
+    def validated(self) -> "WorkerConfig":
+        problems = []
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            meta = field.metadata
+            if meta["min"] is not None and value < meta["min"]:
+                problems.append(f"{self.env_name(field.name)} must be >= {meta['min']} (got {value})")
+            if meta["choices"] and value not in meta["choices"]:
+                problems.append(f"{self.env_name(field.name)} must be one of {meta['choices']} (got {value!r})")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            problems.append(f"QAIO_DEVICE must be auto, cpu, cuda or cuda:N (got {self.device!r})")
+        if self.default_max_tokens > self.max_tokens_limit:
+            problems.append("QAIO_DEFAULT_MAX_TOKENS must not exceed QAIO_MAX_TOKENS_LIMIT")
+        if not 0 < self.default_top_p <= 1:
+            problems.append("QAIO_DEFAULT_TOP_P must be in (0, 1]")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        fill = {}
+        if not self.instance_id:
+            fill["instance_id"] = socket.gethostname()
+        if not self.model_name:
+            fill["model_name"] = self.model.rstrip("/").split("/")[-1] if os.path.isdir(self.model) else self.model
+        return dataclasses.replace(self, **fill) if fill else self
+
+    def as_log_dict(self) -> dict[str, Any]:
+        return {self.env_name(k): v for k, v in dataclasses.asdict(self).items()}
+
+
+def _parse(raw: str, kind: type) -> Any:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true/false")
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    return raw.strip()
+
+
+def describe_settings() -> list[tuple[str, Any, str]]:
+    """(env var, default, meaning) for every setting: the source of README's configuration table."""
+    return [(WorkerConfig.env_name(f.name), f.default, f.metadata["help"]) for f in dataclasses.fields(WorkerConfig)]

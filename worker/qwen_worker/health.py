@@ -1,0 +1,52 @@
+"""Readiness of one worker process: model loaded and warmed, and not cooling down after failures."""
+from __future__ import annotations
+
+import threading
+import time
+
+
+class Health:
+    def __init__(self, failure_threshold: int, cooldown_s: float, clock=time.monotonic):
+        self.failure_threshold = failure_threshold
+        self.cooldown_s = cooldown_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.state = "loading"  # loading -> ready, or loading -> failed
+        self.load_error: str | None = None
+        self._failures_in_a_row = 0
+        self._cooldown_until = 0.0
+
+    def mark_ready(self) -> None:
+        with self._lock:
+            self.state = "ready"
+
+    def mark_failed(self, error: str) -> None:
+        with self._lock:
+            self.state = "failed"
+            self.load_error = error
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures_in_a_row = 0
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._failures_in_a_row += 1
+            if self._failures_in_a_row >= self.failure_threshold:
+                self._cooldown_until = self.clock() + self.cooldown_s
+                self._failures_in_a_row = 0
+
+    def cooling_down(self) -> bool:
+        return self.clock() < self._cooldown_until
+
+    def accepting(self) -> bool:
+        """Whether requests may be queued: the model is loaded (a cool-down only drains balancers)."""
+        return self.state == "ready"
+
+    def ready(self) -> bool:
+        return self.state == "ready" and not self.cooling_down()
+
+    def reason(self) -> str:
+        if self.state != "ready":
+            return self.state
+        return "cooling_down" if self.cooling_down() else "ready"

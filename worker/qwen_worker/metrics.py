@@ -1,0 +1,120 @@
+"""Prometheus metrics of a worker: HTTP (prometheus-flask-exporter), batching, model, GPU.
+
+With several gunicorn processes, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before the
+processes start; prometheus_client then keeps values in shared files and /metrics sums them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Sequence
+
+from flask import Flask, Response, request
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import choose_encoder
+from prometheus_flask_exporter import PrometheusMetrics
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.queue_wait = Histogram("qaio_queue_wait_seconds", "Time a request waited for the model",
+                                    ["task"], buckets=LATENCY_BUCKETS, registry=r)
+        self.compute = Histogram("qaio_compute_seconds", "Model time of the batch that served a request",
+                                 ["task"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("qaio_batch_size", "Requests per model batch", ["kind"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("qaio_queue_depth", "Requests waiting for the model", registry=r,
+                                 multiprocess_mode="livesum")
+        self.generated_tokens = Counter("qaio_generated_tokens_total", "Tokens generated", ["task"], registry=r)
+        self.prompt_tokens = Counter("qaio_prompt_tokens_total", "Prompt tokens processed", ["task"], registry=r)
+        self.rejections = Counter("qaio_rejections_total", "Requests refused or dropped, by reason", ["reason"],
+                                  registry=r)
+        self.model_failures = Counter("qaio_model_failures_total", "Model batches that failed", ["reason"],
+                                      registry=r)
+        self.ready = Gauge("qaio_ready", "1 when this worker process is ready", registry=r,
+                           multiprocess_mode="livemin")
+        self.model_info = Gauge("qaio_model_info", "The model this worker serves",
+                                ["model", "instance", "device", "dtype", "demo_model"], registry=r,
+                                multiprocess_mode="livemax")
+
+    def rejected(self, reason: str) -> None:
+        self.rejections.labels(reason=reason).inc()
+
+    def observe_batch(self, kind: str, batch: Sequence, compute_seconds: float) -> None:
+        self.batch_size.labels(kind=kind).observe(len(batch))
+        for job in batch:
+            self.queue_wait.labels(task=job.task).observe(job.queue_ms / 1000)
+            self.compute.labels(task=job.task).observe(compute_seconds)
+            if kind == "generate":
+                self.generated_tokens.labels(task=job.task).inc(len(job.payload.tokens))
+                self.prompt_tokens.labels(task=job.task).inc(len(job.payload.prompt_ids))
+            else:
+                self.prompt_tokens.labels(task=job.task).inc(len(job.payload))
+
+    def set_model_info(self, info: dict, instance: str) -> None:
+        self.model_info.labels(model=info["model"], instance=instance, device=info["device"],
+                               dtype=info["dtype"], demo_model=str(info["demo_model"]).lower()).set(1)
+
+
+class GpuCollector:
+    """GPU utilisation and memory of this worker's device, read from NVML at scrape time."""
+
+    def __init__(self, device_index: int):
+        import pynvml  # from nvidia-ml-py; only imported when a GPU is in use
+
+        pynvml.nvmlInit()
+        self.nvml = pynvml
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+        physical = int(ids[device_index]) if ids and ids[device_index].isdigit() else device_index
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(physical)
+        self.label = str(physical)
+
+    def collect(self):
+        util = self.nvml.nvmlDeviceGetUtilizationRates(self.handle)
+        mem = self.nvml.nvmlDeviceGetMemoryInfo(self.handle)
+        for name, doc, value in (
+            ("qaio_gpu_utilization_percent", "GPU utilisation (NVML)", util.gpu),
+            ("qaio_gpu_memory_used_bytes", "GPU memory in use (NVML)", mem.used),
+            ("qaio_gpu_memory_total_bytes", "GPU memory in all (NVML)", mem.total),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["gpu"])
+            family.add_metric([self.label], value)
+            yield family
+
+
+def install(app: Flask, metrics: WorkerMetrics, gpu_index: int | None) -> None:
+    """HTTP metrics on every route but /metrics itself, and the /metrics endpoint."""
+    exporter = PrometheusMetrics(app, registry=metrics.registry, path=None, defaults_prefix="flask",
+                                 group_by="endpoint", excluded_paths=["^/metrics$", "^/healthz$", "^/readyz$"])
+    gpu = None
+    if gpu_index is not None:
+        try:
+            gpu = GpuCollector(gpu_index)
+            metrics.registry.register(gpu)
+        except Exception:  # NVML missing in the container: the model still serves
+            log.warning("GPU metrics unavailable (NVML could not be initialised)", exc_info=True)
+
+    @app.get("/metrics")
+    @exporter.do_not_track()
+    def prometheus_metrics():
+        registry = metrics.registry
+        if multiprocess_mode():
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            if gpu is not None:
+                registry.register(gpu)
+        encode, content_type = choose_encoder(request.headers.get("Accept"))
+        return Response(encode(registry), content_type=content_type)

@@ -1,0 +1,107 @@
+"""Prompts of the product, built as token ids in Qwen's ChatML format.
+
+Prompts are assembled from separately tokenized segments: template markup is tokenized with special
+tokens recognised, client text with `split_special_tokens=True`, so a client writing `<|im_end|>` gets
+plain text, never a control token. The fixed head of the sentiment prompt is a whole segment, so its
+token ids are an exact prefix of every sentiment prompt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+LABELS = ("positive", "negative", "neutral")
+LABELS_ZH = {"positive": "正面", "negative": "负面", "neutral": "中性"}
+
+CHAT_SYSTEM_PROMPT = (
+    "You are Qwen All-in-One, a warm and empathetic assistant. Listen carefully, acknowledge how the user "
+    "feels, and answer helpfully and concisely. Reply in the language the user writes in."
+)
+
+ANALYZE_GUIDANCE = {
+    "positive": "The user's message sounds positive. Share their good mood and respond warmly.",
+    "negative": "The user's message sounds negative. Acknowledge their frustration or sadness with empathy "
+                "first, then help.",
+    "neutral": "The user's message sounds neutral. Respond in a friendly, helpful way.",
+}
+
+SENTIMENT_INSTRUCTION = (
+    "You are a sentiment classifier. Read the user's text and answer with exactly one word: "
+    "positive, negative or neutral."
+)
+
+# Few-shot examples per language: (text, label). One of each label keeps the prompt short and unbiased.
+SENTIMENT_EXAMPLES = {
+    "zh": (("很快，好吃，味道足，量大", "positive"),
+           ("送餐太慢了，饭菜都凉了，再也不点了", "negative"),
+           ("今天中午点了一份盖浇饭", "neutral")),
+    "en": (("Fast delivery and the food was delicious!", "positive"),
+           ("The order was late and the soup was cold. Never again.", "negative"),
+           ("I ordered a rice bowl for lunch today.", "neutral")),
+}
+
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-\uffef]")
+
+
+def detect_language(text: str) -> str:
+    """`zh` when CJK characters make up a noticeable share of the letters, else `en`."""
+    letters = [c for c in text if c.isalnum()]
+    if not letters:
+        return "zh" if _CJK.search(text) else "en"
+    cjk = sum(1 for c in letters if _CJK.match(c))
+    return "zh" if cjk / len(letters) >= 0.2 else "en"
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+class ChatMLPrompter:
+    """Turns messages into ChatML token ids with a given tokenizer."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.label_token_ids = tuple(self._single_token(label) for label in LABELS)
+        self.sentiment_prefix_ids = {lang: self._sentiment_prefix(lang) for lang in SENTIMENT_EXAMPLES}
+        self._user_turn_end = self.markup("<|im_end|>\n<|im_start|>assistant\n")
+
+    def markup(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def plain(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def _single_token(self, word: str) -> int:
+        ids = self.plain(word)
+        if len(ids) != 1:
+            raise ValueError(f"label {word!r} is not a single token for this tokenizer: {ids}")
+        return ids[0]
+
+    def _turn(self, role: str, content: str) -> list[int]:
+        return self.markup(f"<|im_start|>{role}\n") + self.plain(content) + self.markup("<|im_end|>\n")
+
+    def _sentiment_prefix(self, lang: str) -> list[int]:
+        ids = self._turn("system", SENTIMENT_INSTRUCTION)
+        for text, label in SENTIMENT_EXAMPLES[lang]:
+            ids += self._turn("user", text) + self._turn("assistant", label)
+        return ids + self.markup("<|im_start|>user\n")
+
+    def sentiment_ids(self, text: str, lang: str) -> list[int]:
+        """Prompt whose next token is the label; starts with `sentiment_prefix_ids[lang]`."""
+        return self.sentiment_prefix_ids[lang] + self.plain(text) + self._user_turn_end
+
+    def chat_ids(self, messages: Sequence[Message], system_prompt: str = CHAT_SYSTEM_PROMPT) -> list[int]:
+        """ChatML prompt ending with the open assistant turn; adds the product's system prompt if none is given."""
+        ids: list[int] = []
+        if not messages or messages[0].role != "system":
+            ids += self._turn("system", system_prompt)
+        for message in messages:
+            ids += self._turn(message.role, message.content)
+        return ids + self.markup("<|im_start|>assistant\n")
+
+    def analyze_ids(self, text: str, label: str) -> list[int]:
+        system = f"{CHAT_SYSTEM_PROMPT} {ANALYZE_GUIDANCE[label]}"
+        return self.chat_ids([Message("user", text)], system_prompt=system)

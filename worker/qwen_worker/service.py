@@ -1,0 +1,147 @@
+"""The worker's one service object: model, batcher, health and metrics, and the tasks built on them."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Iterator
+
+from .batcher import GENERATE, SENTIMENT, Batcher, Job, deadline_error
+from .config import WorkerConfig
+from .errors import ApiError
+from .generation import GenerationRow
+from .health import Health
+from .metrics import WorkerMetrics
+from .model import ModelService
+from .prompts import LABELS_ZH, Message
+
+log = logging.getLogger(__name__)
+
+LEVELS = ((0.8, "high"), (0.6, "medium"), (0.0, "low"))
+
+
+def sentiment_view(scores: dict[str, float]) -> dict:
+    label = max(scores, key=scores.get)
+    confidence = scores[label]
+    level = next(name for threshold, name in LEVELS if confidence >= threshold)
+    return {"label": label, "label_zh": LABELS_ZH[label], "confidence": round(confidence, 6), "level": level,
+            "scores": {k: round(v, 6) for k, v in scores.items()}}
+
+
+class WorkerService:
+    def __init__(self, config: WorkerConfig, model: ModelService | None = None):
+        self.config = config
+        self.model = model or ModelService(config)
+        self.metrics = WorkerMetrics()
+        self.health = Health(config.failure_threshold, config.failure_cooldown_s)
+        self.batcher = Batcher(self.model, config, self.metrics, self.health)
+        self._loaded = threading.Event()
+
+    # ---- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load the model in the background; /healthz answers meanwhile and /readyz says 503."""
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.model.load()
+            if self.config.warmup:
+                self.model.warmup()
+            info = self.model.describe()
+            self.metrics.set_model_info(info, self.config.instance_id)
+            self.batcher.start()
+            self.health.mark_ready()
+            self.metrics.ready.set(1)
+            log.info("model ready", extra={**info, "parameters": self.model.count_parameters(),
+                                           "load_seconds": round(self.model.load_seconds, 2)})
+            if self.model.is_demo:
+                log.warning("DEMO MODEL: %s serves RANDOM WEIGHTS; its answers are meaningless",
+                            self.config.model, extra={"demo_model": self.model.demo_info})
+        except Exception as exc:
+            log.exception("model load failed")
+            self.health.mark_failed(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._loaded.set()
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._loaded.wait(timeout)
+
+    def stop(self) -> None:
+        self.batcher.stop()
+
+    # ---- tasks ---------------------------------------------------------------------------------
+    def deadline(self, deadline_ms: int) -> float:
+        return time.monotonic() + deadline_ms / 1000
+
+    def submit_sentiment(self, text: str, lang: str, deadline: float, task: str = "sentiment") -> Job:
+        ids = self.model.prompter.sentiment_ids(text, lang)
+        return self.batcher.submit(Job(SENTIMENT, task, ids, deadline))
+
+    def submit_generation(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,
+                          deadline: float, task: str, stream: "TokenStream | None" = None) -> Job:
+        if len(prompt_ids) > self.config.max_prompt_tokens:
+            raise ApiError(413, "prompt_too_long", f"the prompt is {len(prompt_ids)} tokens; "
+                                                   f"at most {self.config.max_prompt_tokens} are accepted")
+        row = GenerationRow(prompt_ids, max_tokens, temperature, top_p, deadline,
+                            on_token=stream.put_token if stream else None)
+        job = self.batcher.submit(Job(GENERATE, task, row, deadline))
+        if stream is not None:
+            stream.attach(job)
+        return job
+
+    def chat_ids(self, messages: list[Message]) -> list[int]:
+        return self.model.prompter.chat_ids(messages)
+
+    def analyze_ids(self, text: str, label: str) -> list[int]:
+        return self.model.prompter.analyze_ids(text, label)
+
+
+class TokenStream:
+    """Text deltas of one streaming generation, fed token by token from the batcher thread."""
+
+    _DONE = object()
+
+    def __init__(self, decode):
+        self.decode = decode
+        self._events: queue.Queue = queue.Queue()
+        self.job: Job | None = None
+        self.tokens: list[int] = []
+        self._emitted = ""
+
+    def put_token(self, token: int) -> None:
+        self._events.put(token)
+
+    def attach(self, job: Job) -> None:
+        self.job = job
+        job.future.add_done_callback(lambda _: self._events.put(self._DONE))
+
+    def deltas(self) -> Iterator[str]:
+        """Yields text as it is generated; ends when the job ends (its outcome is in `job.future`)."""
+        job = self.job
+        try:
+            while True:
+                remaining = job.deadline - time.monotonic() + 5.0
+                try:
+                    event = self._events.get(timeout=max(remaining, 0.01))
+                except queue.Empty:
+                    raise deadline_error() from None
+                if event is self._DONE:
+                    tail = self._delta(final=True)
+                    if tail:
+                        yield tail
+                    return
+                self.tokens.append(event)
+                delta = self._delta(final=False)
+                if delta:
+                    yield delta
+        except GeneratorExit:
+            job.payload.cancelled.set()  # the client went away: stop generating for it
+            raise
+
+    def _delta(self, final: bool) -> str:
+        text = self.decode(self.tokens)
+        if not final and text.endswith("\ufffd"):
+            return ""  # a multi-byte character is still incomplete
+        delta, self._emitted = text[len(self._emitted):], text
+        return delta
