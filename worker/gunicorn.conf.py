@@ -9,6 +9,7 @@ import tempfile
 from qwen_worker.config import WorkerConfig
 
 _config = WorkerConfig.from_env()  # fails fast, before any process starts, on a bad setting
+# Nothing else of the app is imported here: prometheus_client must first see PROMETHEUS_MULTIPROC_DIR.
 
 bind = f"{_config.host}:{_config.port}"
 workers = _config.workers  # each process loads its own model copy: one per instance is the norm

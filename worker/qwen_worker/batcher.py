@@ -75,10 +75,13 @@ class Batcher:
         self._stopping = False
 
     # ---- request side -------------------------------------------------------------------------
-    def submit(self, job: Job) -> Job:
+    def check_accepting(self) -> None:
         if not self.health.accepting():
             self.metrics.rejected("not_ready")
             raise ApiError(503, "not_ready", "the model is not ready", retry_after=self.config.retry_after_s)
+
+    def submit(self, job: Job) -> Job:
+        self.check_accepting()
         with self._cond:
             if len(self._queue) >= self.config.queue_capacity:
                 self.metrics.rejected("queue_full")

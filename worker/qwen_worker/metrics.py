@@ -43,8 +43,9 @@ class WorkerMetrics:
                                   registry=r)
         self.model_failures = Counter("qaio_model_failures_total", "Model batches that failed", ["reason"],
                                       registry=r)
+        # One series per live process (pid label) when gunicorn runs several: each loads its own model.
         self.ready = Gauge("qaio_ready", "1 when this worker process is ready", registry=r,
-                           multiprocess_mode="livemin")
+                           multiprocess_mode="liveall")
         self.model_info = Gauge("qaio_model_info", "The model this worker serves",
                                 ["model", "instance", "device", "dtype", "demo_model"], registry=r,
                                 multiprocess_mode="livemax")

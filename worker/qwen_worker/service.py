@@ -74,8 +74,14 @@ class WorkerService:
     def deadline(self, deadline_ms: int) -> float:
         return time.monotonic() + deadline_ms / 1000
 
+    @property
+    def prompter(self):
+        """The model's prompt builder; 503 not_ready until the model is loaded."""
+        self.batcher.check_accepting()
+        return self.model.prompter
+
     def submit_sentiment(self, text: str, lang: str, deadline: float, task: str = "sentiment") -> Job:
-        ids = self.model.prompter.sentiment_ids(text, lang)
+        ids = self.prompter.sentiment_ids(text, lang)
         return self.batcher.submit(Job(SENTIMENT, task, ids, deadline))
 
     def submit_generation(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,
@@ -91,10 +97,10 @@ class WorkerService:
         return job
 
     def chat_ids(self, messages: list[Message]) -> list[int]:
-        return self.model.prompter.chat_ids(messages)
+        return self.prompter.chat_ids(messages)
 
     def analyze_ids(self, text: str, label: str) -> list[int]:
-        return self.model.prompter.analyze_ids(text, label)
+        return self.prompter.analyze_ids(text, label)
 
 
 class TokenStream:

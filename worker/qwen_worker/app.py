@@ -1,0 +1,71 @@
+"""The Flask app factory of the worker."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any, Mapping
+
+from flask import Flask, g, request
+
+from . import logs, metrics
+from .config import WorkerConfig
+from .errors import register_error_handlers
+from .service import WorkerService
+
+log = logging.getLogger("qaio")
+access_log = logging.getLogger("qaio.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def create_app(config: WorkerConfig | Mapping[str, Any] | None = None, service: WorkerService | None = None) -> Flask:
+    """Build the worker app; `config` is a WorkerConfig or overrides of the environment's settings."""
+    if not isinstance(config, WorkerConfig):
+        config = WorkerConfig.from_env(**dict(config or {}))
+    logs.configure(config.log_level)
+    log.info("configuration", extra={"config": config.as_log_dict()})
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.json.ensure_ascii = False  # Chinese stays readable in responses
+    service = service or WorkerService(config)
+    app.extensions["qaio"] = service
+
+    register_error_handlers(app)
+    _install_request_tracking(app, config)
+    metrics.install(app, service.metrics, gpu_index=_gpu_index(service))
+
+    from .api import health, openai_compat, tasks
+    for blueprint in (health.bp, tasks.bp, openai_compat.bp):
+        app.register_blueprint(blueprint)
+
+    service.start()
+    return app
+
+
+def _gpu_index(service: WorkerService) -> int | None:
+    device = service.model.device
+    return (device.index or 0) if device.type == "cuda" else None
+
+
+def _install_request_tracking(app: Flask, config: WorkerConfig) -> None:
+    @app.before_request
+    def _start():
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
+        g.started = time.monotonic()
+        g.log_fields = {}
+
+    @app.after_request
+    def _finish(response):
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        response.headers["X-Instance"] = config.instance_id
+        if request.path.startswith("/v1/"):
+            access_log.info("request", extra={
+                "request_id": g.get("request_id"), "method": request.method, "path": request.path,
+                "status": response.status_code, "instance": config.instance_id,
+                "duration_ms": round((time.monotonic() - g.get("started", time.monotonic())) * 1000, 2),
+                **g.get("log_fields", {})})
+        return response

@@ -1,0 +1,115 @@
+"""The product's API on an in-process app: sentiment, chat (plain and streamed) and analyze."""
+import json
+
+import pytest
+
+ENVELOPE = {"request_id", "instance", "model", "demo_model", "timing"}
+
+
+def sse_events(response):
+    frames = [f for f in response.get_data(as_text=True).split("\n\n") if f]
+    assert all(f.startswith("data: ") for f in frames)
+    return [json.loads(f[len("data: "):]) for f in frames]
+
+
+def check_envelope(body):
+    assert ENVELOPE <= set(body)
+    assert body["instance"] == "test-worker" and body["model"] == "tiny" and body["demo_model"] is True
+    assert set(body["timing"]) == {"queue_ms", "compute_ms", "batch_size"}
+    assert body["timing"]["compute_ms"] > 0 and body["timing"]["queue_ms"] >= 0
+
+
+@pytest.mark.parametrize("text, lang, expected_lang", [
+    ("很快，好吃，味道足，量大", "auto", "zh"), ("Great food, fast delivery", "auto", "en"),
+    ("Great food", "zh", "zh"),
+])
+def test_sentiment(client, text, lang, expected_lang):
+    response = client.post("/v1/sentiment", json={"text": text, "lang": lang})
+    assert response.status_code == 200
+    body = response.get_json()
+    check_envelope(body)
+    sentiment = body["sentiment"]
+    assert body["lang"] == expected_lang
+    assert sentiment["label"] in ("positive", "negative", "neutral")
+    assert sentiment["label_zh"] == {"positive": "正面", "negative": "负面", "neutral": "中性"}[sentiment["label"]]
+    assert sentiment["confidence"] == max(sentiment["scores"].values())
+    assert sum(sentiment["scores"].values()) == pytest.approx(1, abs=1e-4)
+    assert sentiment["level"] in ("high", "medium", "low")
+
+
+def test_chat_with_text_and_with_messages(client):
+    by_text = client.post("/v1/chat", json={"text": "你好", "max_tokens": 6, "temperature": 0}).get_json()
+    by_messages = client.post("/v1/chat", json={"messages": [{"role": "user", "content": "你好"}],
+                                                "max_tokens": 6, "temperature": 0}).get_json()
+    check_envelope(by_text)
+    assert by_text["reply"] == by_messages["reply"] and by_text["reply"]
+    assert by_text["finish_reason"] == "length"
+    usage = by_text["usage"]
+    assert usage["completion_tokens"] == 6 and usage["total_tokens"] == usage["prompt_tokens"] + 6
+
+
+def test_greedy_chat_is_deterministic_and_a_system_prompt_changes_it(client):
+    ask = {"messages": [{"role": "user", "content": "讲个笑话"}], "max_tokens": 8, "temperature": 0}
+    first, second = (client.post("/v1/chat", json=ask).get_json()["reply"] for _ in range(2))
+    assert first == second
+    ask["messages"].insert(0, {"role": "system", "content": "You are a pirate."})
+    assert client.post("/v1/chat", json=ask).get_json()["reply"] != first
+
+
+def test_streamed_chat_sends_deltas_then_a_final_event(client):
+    plain = client.post("/v1/chat", json={"text": "hello", "max_tokens": 10, "temperature": 0}).get_json()
+    response = client.post("/v1/chat", json={"text": "hello", "max_tokens": 10, "temperature": 0, "stream": True})
+    assert response.status_code == 200
+    assert response.mimetype == "text/event-stream" and response.headers["X-Accel-Buffering"] == "no"
+    events = sse_events(response)
+    final = events[-1]
+    assert final["done"] is True and final["finish_reason"] == "length"
+    check_envelope(final)
+    assert "".join(e["delta"] for e in events[:-1]) == plain["reply"]
+    assert final["usage"]["completion_tokens"] == 10
+
+
+def test_analyze_returns_sentiment_and_a_reply(client):
+    body = client.post("/v1/analyze", json={"text": "太难吃了，再也不点了", "max_tokens": 5}).get_json()
+    check_envelope(body)
+    assert body["sentiment"]["label"] in ("positive", "negative", "neutral")
+    assert body["reply"] and body["usage"]["completion_tokens"] == 5 and body["lang"] == "zh"
+
+
+def test_request_id_round_trip(client):
+    response = client.post("/v1/sentiment", json={"text": "好"}, headers={"X-Request-ID": "abc-123.x"})
+    assert response.headers["X-Request-ID"] == "abc-123.x" and response.get_json()["request_id"] == "abc-123.x"
+    generated = client.post("/v1/sentiment", json={"text": "好"}, headers={"X-Request-ID": "bad id <script>"})
+    assert len(generated.headers["X-Request-ID"]) == 32
+    assert generated.get_json()["request_id"] == generated.headers["X-Request-ID"]
+    error = client.post("/v1/sentiment", json={}, headers={"X-Request-ID": "err-1"})
+    assert error.get_json()["error"]["request_id"] == "err-1"
+
+
+def test_one_json_log_line_per_request(client, caplog):
+    caplog.set_level("INFO", logger="qaio.access")
+    client.post("/v1/sentiment", json={"text": "好吃"}, headers={"X-Request-ID": "log-me"})
+    records = [r for r in caplog.records if r.name == "qaio.access" and getattr(r, "request_id", "") == "log-me"]
+    assert len(records) == 1
+    fields = records[0].__dict__
+    assert fields["task"] == "sentiment" and fields["input_chars"] == 2 and fields["status"] == 200
+    assert fields["instance"] == "test-worker" and fields["batch_size"] >= 1
+    assert fields["queue_ms"] >= 0 and fields["compute_ms"] > 0
+
+
+def test_models_lists_the_served_model(client):
+    body = client.get("/v1/models").get_json()
+    assert body["object"] == "list" and [m["id"] for m in body["data"]] == ["tiny"]
+
+
+def test_metrics_exposes_the_worker_series(client):
+    client.post("/v1/sentiment", json={"text": "好吃"})
+    client.post("/v1/chat", json={"text": "hi", "max_tokens": 2})
+    text = client.get("/metrics").get_data(as_text=True)
+    for name in ("flask_http_request_duration_seconds_bucket", "flask_http_request_total",
+                 'qaio_queue_wait_seconds_bucket{le="0.005",task="sentiment"}',
+                 'qaio_compute_seconds_count{task="chat"}', "qaio_queue_depth", 'qaio_batch_size_bucket',
+                 'qaio_generated_tokens_total{task="chat"}', "qaio_prompt_tokens_total", "qaio_ready 1.0",
+                 'qaio_model_info{demo_model="true",device="cpu",dtype="float32",instance="test-worker",model="tiny"}'):
+        assert name in text, name
+    assert "qaio_gpu_utilization_percent" not in text  # no GPU here

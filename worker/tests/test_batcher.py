@@ -1,0 +1,116 @@
+"""Batching, admission and deadlines, on in-process apps serving the real tiny model."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from qwen_worker.batcher import SENTIMENT, Job
+from qwen_worker.errors import ApiError
+from qwen_worker.prompts import Message
+from qwen_worker.service import TokenStream
+
+
+def occupy(service, max_tokens=3000):
+    """Start a long generation and return its job once it is really running (first token out)."""
+    first_token = threading.Event()
+    stream = TokenStream(service.model.decode)
+    stream.put_token = lambda token: first_token.set()
+    job = service.submit_generation(service.chat_ids([Message("user", "tell me a long story")]), max_tokens, 0.0,
+                                    1.0, service.deadline(60_000), task="chat", stream=stream)
+    assert first_token.wait(30)
+    return job
+
+
+def release(job):
+    job.payload.cancelled.set()
+    assert job.wait().finish_reason == "cancelled"
+
+
+def sentiment_body(text):
+    return {"text": text, "lang": "zh"}
+
+
+def test_concurrent_requests_share_batches_and_match_serial_answers(make_app):
+    app = make_app(batch_wait_ms=300.0, max_batch_size=8)
+    texts = [f"第{i}家店，味道{'很好' if i % 2 else '很差'}" for i in range(8)]
+
+    def post(text):
+        return app.test_client().post("/v1/sentiment", json=sentiment_body(text)).get_json()
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(post, texts))
+    assert max(r["timing"]["batch_size"] for r in together) > 1
+    for text, batched in zip(texts, together):
+        alone = post(text)
+        assert alone["timing"]["batch_size"] == 1
+        for label, p in alone["sentiment"]["scores"].items():
+            assert batched["sentiment"]["scores"][label] == pytest.approx(p, abs=1e-5)
+
+
+def test_full_queue_answers_503_with_retry_after_at_once(make_app):
+    app = make_app(max_batch_size=1, queue_capacity=1, retry_after_s=3)
+    service = app.extensions["qaio"]
+    long_job = occupy(service)
+    client = app.test_client()
+    waiting = ThreadPoolExecutor(1).submit(client.post, "/v1/sentiment", json=sentiment_body("排队中"))
+    for _ in range(200):
+        if service.batcher.depth() == 1:
+            break
+        time.sleep(0.01)
+    assert service.batcher.depth() == 1
+    refused = client.post("/v1/sentiment", json=sentiment_body("太多了"))
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "3"
+    assert refused.get_json()["error"]["code"] == "queue_full"
+    release(long_job)
+    assert waiting.result(timeout=30).status_code == 200  # the queued one is still served
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'qaio_rejections_total{reason="queue_full"} 1.0' in metrics
+
+
+def test_deadline_passed_in_the_queue_drops_the_request_before_compute(make_app):
+    app = make_app(max_batch_size=1)
+    service = app.extensions["qaio"]
+    long_job = occupy(service)
+    job = service.submit_sentiment("等太久了", "zh", service.deadline(50))
+    time.sleep(0.2)
+    release(long_job)
+    with pytest.raises(ApiError) as err:
+        job.wait()
+    assert err.value.status == 504 and err.value.code == "deadline_exceeded"
+    assert job.started_at is None, "an expired request must never reach the model"
+    assert 'qaio_rejections_total{reason="deadline_in_queue"} 1.0' in app.test_client().get("/metrics").get_data(
+        as_text=True)
+
+
+def test_deadline_stops_generation_inside_the_loop(client):
+    response = client.post("/v1/chat", json={"text": "write forever", "max_tokens": 1000, "temperature": 0,
+                                             "deadline_ms": 300})
+    assert response.status_code == 504
+    assert response.get_json()["error"]["code"] == "deadline_exceeded"
+
+
+def test_deadline_ends_a_stream_with_finish_reason_deadline(client):
+    response = client.post("/v1/chat", json={"text": "write forever", "max_tokens": 1000, "temperature": 0,
+                                             "stream": True}, headers={"X-Deadline-Ms": "300"})
+    events = [line for line in response.get_data(as_text=True).split("\n\n") if line]
+    final = __import__("json").loads(events[-1][len("data: "):])
+    assert final["finish_reason"] == "deadline"
+    assert 0 < final["usage"]["completion_tokens"] < 1000
+
+
+def test_model_failures_in_a_row_drain_readiness_but_the_worker_keeps_serving(make_app):
+    app = make_app(failure_threshold=2, failure_cooldown_s=300)
+    service, client = app.extensions["qaio"], app.test_client()
+    out_of_vocabulary = [10 ** 9]  # a real failure inside the model: embedding index out of range
+    for _ in range(2):
+        job = service.batcher.submit(Job(SENTIMENT, "sentiment", out_of_vocabulary, service.deadline(5000)))
+        with pytest.raises(ApiError) as err:
+            job.wait()
+        assert (err.value.status, err.value.code) == (503, "model_error")
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.get_json()["status"] == "cooling_down"
+    assert ready.headers["Retry-After"]
+    assert client.post("/v1/sentiment", json=sentiment_body("还能用吗")).status_code == 200
+    assert 'qaio_model_failures_total{reason="model_error"} 2.0' in client.get("/metrics").get_data(as_text=True)

@@ -1,0 +1,66 @@
+"""A real gunicorn process started with the project's gunicorn.conf.py, spoken to over HTTP."""
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+import requests
+
+
+def test_openai_sdk_works_unchanged(gunicorn_server):
+    server = gunicorn_server()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+    completion = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "你好"}], max_tokens=7, temperature=0)
+    reply = completion.choices[0].message.content
+    assert reply and completion.choices[0].finish_reason == "length"
+    assert completion.usage.completion_tokens == 7
+
+    chunks = list(client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "你好"}], max_tokens=7, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 7
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=[], max_tokens=3)
+    assert "messages" in str(err.value)
+
+
+def test_request_id_and_sse_over_a_real_socket(gunicorn_server):
+    server = gunicorn_server()
+    response = requests.post(server.url + "/v1/chat", json={"text": "hi", "max_tokens": 4, "stream": True},
+                             headers={"X-Request-ID": "sock-1"}, stream=True, timeout=60)
+    assert response.headers["X-Request-ID"] == "sock-1"
+    lines = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert lines[-1].startswith("data: ") and '"done": true' in lines[-1]
+
+
+def wait_for_ready_processes(server, count, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = requests.get(server.url + "/metrics", timeout=10).text
+        if len(re.findall(r'^qaio_ready\{pid="\d+"\} 1\.0$', text, re.M)) == count:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"fewer than {count} ready processes")
+
+
+def test_metrics_add_up_across_gunicorn_processes(gunicorn_server):
+    server = gunicorn_server(QAIO_WORKERS="2", QAIO_THREADS="8")
+    wait_for_ready_processes(server, 2)
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(
+            lambda i: requests.post(server.url + "/v1/sentiment", json={"text": f"第{i}条"}, timeout=60).status_code,
+            range(40)))
+    assert statuses == [200] * 40
+    for _ in range(10):  # every scrape, whichever process answers it, sees all processes' requests
+        text = requests.get(server.url + "/metrics", timeout=10).text
+        count = re.search(r'^qaio_queue_wait_seconds_count\{task="sentiment"\} (\S+)$', text, re.M)
+        assert count and float(count.group(1)) == 40.0, text[-3000:]
+    assert re.search(r'^qaio_model_info\{.*model="tiny".*\} 1\.0$', text, re.M)
