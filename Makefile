@@ -6,16 +6,14 @@ PY := $(VENV)/bin/python
 MODELS ?= models
 TINY_MODEL := $(MODELS)/tiny
 SHAPE_MODEL := $(MODELS)/qwen2.5-0.5b-shape
-# The model `make run-worker` serves: a hub id, a local directory, or (default) the offline demo model.
-QAIO_MODEL ?= $(TINY_MODEL)
-QAIO_PORT ?= 8001
-export QAIO_MODEL QAIO_PORT
 
-.PHONY: help install test run-worker demo-models model-tiny model-0.5b clean
+.PHONY: help install test run run-detached stop run-worker demo-models model-tiny model-0.5b clean
 
 help:
 	@echo "make install      create $(VENV) and install the worker with its test tools"
 	@echo "make test         run every test (builds the tiny demo model on the fly)"
+	@echo "make run          the local stack: workers + nginx on http://127.0.0.1:8080 (Ctrl-C stops it)"
+	@echo "make stop         stop a stack started by make run"
 	@echo "make run-worker   serve QAIO_MODEL (default: offline demo model) on 127.0.0.1:\$$QAIO_PORT (8001)"
 	@echo "make demo-models  build both offline random-weight models under $(MODELS)/"
 	@echo "make clean        remove $(VENV) and $(MODELS)/"
@@ -30,7 +28,7 @@ install: $(PY)
 	$(PY) -m pip install --quiet -e 'worker[test]'
 
 test: $(PY)
-	$(PY) -m pytest worker/tests -q
+	$(PY) -m pytest -q
 
 model-tiny: $(TINY_MODEL)/qaio_demo_model.json
 $(TINY_MODEL)/qaio_demo_model.json:
@@ -42,9 +40,19 @@ $(SHAPE_MODEL)/qaio_demo_model.json:
 
 demo-models: model-tiny model-0.5b
 
+run: $(PY)
+	@scripts/stack.sh up
+
+run-detached: $(PY)
+	@scripts/stack.sh up --detach
+
+stop:
+	@scripts/stack.sh down
+
+# One worker, no nginx: QAIO_MODEL (default: the offline tiny demo model) on 127.0.0.1:$QAIO_PORT (8001).
 run-worker: $(PY)
-	@if [ "$(QAIO_MODEL)" = "$(TINY_MODEL)" ]; then $(MAKE) --no-print-directory model-tiny; fi
-	exec $(VENV)/bin/gunicorn -c worker/gunicorn.conf.py 'qwen_worker:create_app()'
+	@if [ -z "$${QAIO_MODEL:-}" ]; then $(MAKE) --no-print-directory model-tiny; fi
+	QAIO_MODEL="$${QAIO_MODEL:-$(TINY_MODEL)}" exec $(VENV)/bin/gunicorn -c worker/gunicorn.conf.py 'qwen_worker:create_app()'
 
 clean:
 	rm -rf $(VENV) $(MODELS)

@@ -57,11 +57,17 @@ def _install_request_tracking(app: Flask, config: WorkerConfig) -> None:
         g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         g.started = time.monotonic()
         g.log_fields = {}
+        g.cacheable = False  # set by views whose answer is a pure function of the request body
 
     @app.after_request
     def _finish(response):
         response.headers["X-Request-ID"] = g.get("request_id", "")
         response.headers["X-Instance"] = config.instance_id
+        if g.get("cacheable") and response.status_code == 200 and config.cache_ttl_s > 0:
+            response.headers["X-Accel-Expires"] = str(config.cache_ttl_s)
+        else:
+            response.headers["X-Accel-Expires"] = "0"
+            response.headers["Cache-Control"] = "no-store"
         if request.path.startswith("/v1/"):
             access_log.info("request", extra={
                 "request_id": g.get("request_id"), "method": request.method, "path": request.path,

@@ -52,6 +52,9 @@ class WorkerConfig:
     max_tokens_limit: int = _setting(1024, "Largest max_tokens a client may ask for", minimum=1)
     default_temperature: float = _setting(0.7, "temperature when a chat request gives none (0: greedy)", minimum=0)
     default_top_p: float = _setting(0.9, "top_p when a chat request gives none", minimum=0)
+    # Caching by the front door (nginx honours X-Accel-Expires)
+    cache_ttl_s: int = _setting(600, "How long nginx may cache a deterministic answer (sentiment, greedy chat); 0: never",
+                                minimum=0)
     # Health
     failure_threshold: int = _setting(3, "Model failures in a row that make /readyz answer 503", minimum=1)
     failure_cooldown_s: float = _setting(30.0, "How long /readyz stays 503 after that", minimum=0)

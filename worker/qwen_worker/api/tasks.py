@@ -50,6 +50,7 @@ def _sentiment(body: dict, task: str, default_deadline_ms: int):
 def sentiment():
     body = v.json_body()
     _, lang, job, result = _sentiment(body, "sentiment", service().config.sentiment_deadline_ms)
+    g.cacheable = True
     return jsonify(envelope([job], sentiment=result, lang=lang))
 
 
@@ -69,6 +70,7 @@ def chat():
         return sse(_chat_events(tokens, job))
     job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat")
     row = finished_row(job)
+    g.cacheable = params["temperature"] == 0
     return jsonify(envelope([job], reply=svc.model.decode(row.tokens), finish_reason=row.finish_reason,
                             usage=usage(row)))
 
@@ -94,6 +96,7 @@ def analyze():
     # Both steps share the request's one deadline, which the sentiment job carries.
     chat_job = svc.submit_generation(prompt, **params, deadline=sentiment_job.deadline, task="analyze")
     row = finished_row(chat_job)
+    g.cacheable = params["temperature"] == 0
     return jsonify(envelope([sentiment_job, chat_job], sentiment=result, lang=lang,
                             reply=svc.model.decode(row.tokens), finish_reason=row.finish_reason,
                             usage=usage(row)))

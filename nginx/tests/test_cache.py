@@ -1,0 +1,76 @@
+"""Caching of deterministic answers only, keyed on the body, and unbuffered streams."""
+import json
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+
+@pytest.fixture()
+def proxy(workers, nginx):
+    return nginx(workers, QAIO_NGINX_SENTIMENT_RATE="1000r/s", QAIO_NGINX_CHAT_RATE="1000r/s")
+
+
+def post(proxy, path, body):
+    return requests.post(proxy.url + path, json=body, timeout=60)
+
+
+def test_same_sentiment_twice_is_a_miss_then_a_hit_with_the_same_body(proxy):
+    first, second = (post(proxy, "/v1/sentiment", {"text": "缓存测试，味道不错"}) for _ in range(2))
+    assert (first.headers["X-Cache-Status"], second.headers["X-Cache-Status"]) == ("MISS", "HIT")
+    assert first.content == second.content
+    assert first.headers["X-Request-ID"] != second.headers["X-Request-ID"]  # the edge's id is per request
+    assert post(proxy, "/v1/sentiment", {"text": "缓存测试，味道很差"}).headers["X-Cache-Status"] == "MISS"
+
+
+def test_greedy_chat_is_cached_sampled_chat_never(proxy):
+    greedy = {"text": "cache me", "max_tokens": 4, "temperature": 0}
+    assert [post(proxy, "/v1/chat", greedy).headers["X-Cache-Status"] for _ in range(2)] == ["MISS", "HIT"]
+    sampled = {"text": "never cache me", "max_tokens": 4, "temperature": 0.8}
+    statuses = [post(proxy, "/v1/chat", sampled).headers.get("X-Cache-Status") for _ in range(3)]
+    assert "HIT" not in statuses
+    default_temperature = {"text": "no temperature given", "max_tokens": 4}  # the default 0.7 samples
+    assert "HIT" not in [post(proxy, "/v1/chat", default_temperature).headers.get("X-Cache-Status") for _ in range(2)]
+
+
+def test_the_worker_decides_errors_are_never_cached(proxy):
+    bad = {"text": "x", "temperature": 0, "top_p": 0}
+    responses = [post(proxy, "/v1/chat", bad) for _ in range(2)]
+    assert [r.status_code for r in responses] == [400, 400]
+    assert "HIT" not in [r.headers.get("X-Cache-Status") for r in responses]
+
+
+def test_a_burst_of_identical_requests_computes_once(proxy, workers):
+    body = {"text": f"同时到达的相同请求 {time.time()}"}
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: post(proxy, "/v1/sentiment", body), range(6)))
+    assert all(r.status_code == 200 for r in responses)
+    assert len({r.content for r in responses}) == 1
+    assert [r.headers["X-Cache-Status"] for r in responses].count("MISS") == 1
+
+
+def generated_chat_tokens(workers) -> float:
+    total = 0.0
+    for worker in workers:
+        text = requests.get(worker.url + "/metrics", timeout=10).text
+        match = re.search(r'^qaio_generated_tokens_total\{task="chat"\} (\S+)$', text, re.M)
+        total += float(match.group(1)) if match else 0.0
+    return total
+
+
+def test_streams_pass_unbuffered_and_a_client_leaving_stops_generation(proxy, workers):
+    """The first event reaches the client while the model is still generating: leaving then stops it early."""
+    before = generated_chat_tokens(workers)
+    stream = requests.post(proxy.url + "/v1/chat", json={"text": "a very long story", "max_tokens": 1000,
+                                                         "temperature": 0, "stream": True}, stream=True, timeout=60)
+    assert stream.headers["Content-Type"].startswith("text/event-stream")
+    first = next(line for line in stream.iter_lines(decode_unicode=True) if line)
+    assert "delta" in json.loads(first[len("data: "):])
+    stream.close()
+    deadline = time.monotonic() + 30
+    while generated_chat_tokens(workers) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    produced = generated_chat_tokens(workers) - before
+    assert 0 < produced < 1000, produced

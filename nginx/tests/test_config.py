@@ -1,0 +1,68 @@
+"""The rendered configuration: valid for nginx, clean for gixy, the settings really applied."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qwen_worker.testing import RENDER_NGINX
+
+
+def render(tmp_path: Path, **settings) -> Path:
+    env = {**os.environ, **settings}
+    out = subprocess.run([str(RENDER_NGINX), str(tmp_path)], env=env, check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+VARIANTS = {
+    "defaults": {},
+    "ip_hash": {"QAIO_NGINX_STRATEGY": "ip_hash"},
+    "weighted round robin": {"QAIO_NGINX_STRATEGY": "round_robin", "QAIO_NGINX_WEIGHTS": "1,3",
+                             "QAIO_NGINX_UPSTREAMS": "127.0.0.1:9001,127.0.0.1:9002"},
+    "four workers": {"QAIO_NGINX_UPSTREAMS": "127.0.0.1:9001,127.0.0.1:9002,127.0.0.1:9003,127.0.0.1:9004"},
+}
+
+
+@pytest.mark.parametrize("settings", VARIANTS.values(), ids=VARIANTS.keys())
+def test_rendered_config_passes_nginx_t_and_gixy(tmp_path, settings):
+    conf = render(tmp_path, **settings)
+    checked = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "err.log")],
+                             capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    gixy = subprocess.run([str(Path(sys.executable).parent / "gixy"), str(conf)], capture_output=True, text=True)
+    assert gixy.returncode == 0, gixy.stdout + gixy.stderr
+    assert "Total issues:" in gixy.stdout and "High: 0" in gixy.stdout and "Medium: 0" in gixy.stdout
+    assert "Low: 0" in gixy.stdout
+
+
+def test_settings_reach_the_config(tmp_path):
+    conf = render(tmp_path, QAIO_NGINX_STRATEGY="round_robin", QAIO_NGINX_WEIGHTS="2,5",
+                  QAIO_NGINX_UPSTREAMS="10.0.0.1:8001,10.0.0.2:8001", QAIO_NGINX_MAX_FAILS="4",
+                  QAIO_NGINX_FAIL_TIMEOUT="7s", QAIO_NGINX_CHAT_RATE="9r/s", QAIO_NGINX_MAX_BODY="32k")
+    text = (conf.parent / "conf.d" / "qaio.conf").read_text()
+    assert "server 10.0.0.1:8001 weight=2 max_fails=4 fail_timeout=7s;" in text
+    assert "server 10.0.0.2:8001 weight=5 max_fails=4 fail_timeout=7s;" in text
+    assert "least_conn;" not in text and "ip_hash;" not in text
+    assert "rate=9r/s" in text and "client_max_body_size 32k;" in text and "client_body_buffer_size 32k;" in text
+    proxy = (conf.parent / "conf.d" / "qaio-proxy.inc").read_text()
+    assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in proxy
+    assert "${" not in text + proxy, "every template variable must be substituted"
+    assert "$request_body" in proxy and "$upstream_addr" in (conf.parent / "conf.d" / "qaio-headers.inc").read_text()
+
+
+def test_a_resolver_makes_upstream_names_re_resolved(tmp_path):
+    conf = render(tmp_path, QAIO_NGINX_RESOLVER="10.96.0.10", QAIO_NGINX_UPSTREAMS="workers.qaio.svc:8001")
+    text = (conf.parent / "conf.d" / "qaio.conf").read_text()
+    assert "resolver 10.96.0.10 valid=10s ipv6=off;" in text
+    assert "server workers.qaio.svc:8001 weight=1 max_fails=3 fail_timeout=10s resolve;" in text
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"QAIO_NGINX_STRATEGY": "random"}, "QAIO_NGINX_STRATEGY"),
+    ({"QAIO_NGINX_UPSTREAMS": ","}, "QAIO_NGINX_UPSTREAMS"),
+])
+def test_bad_settings_stop_rendering_with_a_message(tmp_path, settings, message):
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        render(tmp_path, **settings)
+    assert message in err.value.stderr

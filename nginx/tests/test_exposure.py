@@ -1,0 +1,59 @@
+"""What the front door exposes, and the JSON contract of errors nginx makes itself."""
+import pytest
+import requests
+
+
+@pytest.fixture()
+def proxy(workers, nginx):
+    return nginx(workers)
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/readyz", "/healthz", "/nope", "/v1/../metrics"])
+def test_internal_and_unknown_paths_are_json_404(proxy, path):
+    response = requests.get(proxy.url + path, timeout=10)
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert "qaio_" not in response.text
+
+
+def test_nginx_health_is_for_probes(proxy):
+    assert requests.get(proxy.url + "/nginx-health", timeout=10).json() == {"status": "ok"}
+
+
+def test_body_over_the_limit_is_json_413(proxy):
+    response = requests.post(proxy.url + "/v1/sentiment", data=b'{"text": "' + b"a" * 70000 + b'"}',
+                             headers={"Content-Type": "application/json", "X-Request-ID": "big-1"}, timeout=10)
+    assert response.status_code == 413
+    assert response.json()["error"] == {"code": "payload_too_large", "message": "the body is larger than 64k",
+                                        "request_id": "big-1"}
+
+
+def test_worker_errors_pass_through_unchanged(proxy):
+    response = requests.post(proxy.url + "/v1/sentiment", json={"text": ""}, timeout=10)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "empty_text"
+    assert response.headers["X-Served-By"]
+
+
+def test_request_id_is_made_at_the_edge_or_kept(proxy):
+    kept = requests.post(proxy.url + "/v1/sentiment", json={"text": "编号"}, headers={"X-Request-ID": "edge-7"},
+                         timeout=30)
+    assert kept.headers["X-Request-ID"] == "edge-7" and kept.json()["request_id"] == "edge-7"
+    made = requests.post(proxy.url + "/v1/sentiment", json={"text": "编号2"}, timeout=30)
+    assert len(made.headers["X-Request-ID"]) == 32 and made.json()["request_id"] == made.headers["X-Request-ID"]
+
+
+def test_json_access_log_line(proxy):
+    requests.post(proxy.url + "/v1/sentiment", json={"text": "日志"}, headers={"X-Request-ID": "log-42"}, timeout=30)
+    line = next(line for line in proxy.access_log.read_text().splitlines() if '"log-42"' in line)
+    entry = __import__("json").loads(line)
+    assert entry["status"] == 200 and entry["upstream"].startswith("127.0.0.1:")
+    assert entry["cache"] in ("MISS", "HIT") and float(entry["upstream_time"]) >= 0
+
+
+def test_no_live_worker_is_a_json_502(nginx):
+    from qwen_worker.testing import free_port
+
+    proxy = nginx([f"127.0.0.1:{free_port()}"])
+    response = requests.post(proxy.url + "/v1/sentiment", json={"text": "有人吗"}, timeout=30)
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "no_upstream" and response.headers["Retry-After"]

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# The local stack on 127.0.0.1: N gunicorn model workers behind a real nginx, no containers.
+#
+#   scripts/stack.sh up            start, wait until ready, print the URL; Ctrl-C stops everything
+#   scripts/stack.sh up --detach   start, wait until ready, return (stop later with `down`)
+#   scripts/stack.sh down          stop a stack started from this checkout
+#   scripts/stack.sh status        what runs, and each worker's readiness
+#
+# Settings (environment): QAIO_STACK_WORKERS (default: one per GPU, else 2), QAIO_STACK_BASE_PORT
+# (8001; worker i listens on base+i), QAIO_STACK_DIR (run/), QAIO_STACK_READY_TIMEOUT_S (600),
+# QAIO_DEMO_SHAPE (tiny or qwen2.5-0.5b, for the demo fallback), QAIO_MODEL (skip the lookup and
+# serve this), every QAIO_* worker setting and every QAIO_NGINX_* front-door setting.
+set -eu
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+run_dir=${QAIO_STACK_DIR:-$root/run}
+python=${QAIO_PYTHON:-$root/.venv/bin/python}
+gunicorn=$(dirname "$python")/gunicorn
+
+gpu_count() {
+  if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true; else echo 0; fi
+}
+
+ensure_nginx() {
+  command -v nginx >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "nginx is missing; installing Debian's nginx-light..." >&2
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+  else
+    echo "nginx is missing: install it (e.g. sudo apt-get install nginx-light) and run again" >&2
+    exit 1
+  fi
+}
+
+wait_ready() {  # url pid log
+  local deadline=$(( $(date +%s) + ${QAIO_STACK_READY_TIMEOUT_S:-600} ))
+  until curl -sf -o /dev/null "$1"; do
+    if ! kill -0 "$2" 2>/dev/null; then
+      echo "process $2 exited before $1 was ready; last lines of $3:" >&2
+      tail -n 30 "$3" >&2
+      return 1
+    fi
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      echo "timed out waiting for $1 (see $3)" >&2
+      return 1
+    fi
+    sleep 0.5
+  done
+}
+
+up() {
+  local detach=${1:-}
+  if [ -f "$run_dir/nginx/nginx.pid" ] && kill -0 "$(cat "$run_dir/nginx/nginx.pid")" 2>/dev/null; then
+    echo "a stack is already running from $run_dir; stop it with: scripts/stack.sh down" >&2
+    exit 1
+  fi
+  ensure_nginx
+  mkdir -p "$run_dir/logs"
+  local gpus workers base model
+  gpus=$(gpu_count)
+  workers=${QAIO_STACK_WORKERS:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}
+  base=${QAIO_STACK_BASE_PORT:-8001}
+  model=$("$python" -m qwen_worker.model_source --model "${QAIO_MODEL:-}" \
+            --demo-dir "$root/models/${QAIO_DEMO_SHAPE:-tiny}" --demo-shape "${QAIO_DEMO_SHAPE:-tiny}")
+  if [ "$gpus" -eq 0 ] && [ -z "${QAIO_TORCH_THREADS:-}" ]; then
+    # Workers share the CPU: give each its slice instead of all of them fighting for every core.
+    export QAIO_TORCH_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
+  fi
+
+  local upstreams="" i port
+  for ((i = 0; i < workers; i++)); do
+    port=$((base + i))
+    upstreams="${upstreams:+$upstreams,}127.0.0.1:$port"
+    (
+      export QAIO_MODEL="$model" QAIO_PORT="$port" QAIO_HOST=127.0.0.1 QAIO_INSTANCE_ID="worker-$i"
+      if [ "$gpus" -gt 0 ]; then export CUDA_VISIBLE_DEVICES="$((i % gpus))" QAIO_DEVICE=cuda:0; fi
+      exec setsid "$gunicorn" -c "$root/worker/gunicorn.conf.py" 'qwen_worker:create_app()'
+    ) >"$run_dir/logs/worker-$i.log" 2>&1 &
+    echo $! >"$run_dir/worker-$i.pid"
+  done
+
+  export QAIO_NGINX_UPSTREAMS="${QAIO_NGINX_UPSTREAMS:-$upstreams}"
+  "$root/nginx/render-config.sh" "$run_dir/nginx" >/dev/null
+  nginx -p "$run_dir/nginx" -c "$run_dir/nginx/nginx.conf" -e "$run_dir/nginx/logs/error.log"
+
+  trap 'down; exit 130' INT TERM
+  for ((i = 0; i < workers; i++)); do
+    wait_ready "http://127.0.0.1:$((base + i))/readyz" "$(cat "$run_dir/worker-$i.pid")" \
+      "$run_dir/logs/worker-$i.log" || { down; exit 1; }
+  done
+  local listen=${QAIO_NGINX_LISTEN:-127.0.0.1:8080}
+  case "$listen" in *:*) ;; *) listen="127.0.0.1:$listen" ;; esac
+  local url="http://$listen"
+  wait_ready "$url/nginx-health" "$(cat "$run_dir/nginx/nginx.pid")" "$run_dir/nginx/logs/error.log" || { down; exit 1; }
+
+  local ready
+  ready=$(curl -s "http://127.0.0.1:$base/readyz")
+  echo "Qwen All-in-One is up: $url  ($workers workers on ports $base..$((base + workers - 1)))"
+  echo "model: $model"
+  case "$ready" in *'"demo_model":true'*)
+    echo "WARNING: DEMO MODEL with random weights: answers are meaningless (\"demo_model\": true)" ;;
+  esac
+  echo "logs: $run_dir/logs/, $run_dir/nginx/logs/"
+  if [ "$detach" = "--detach" ]; then
+    trap - INT TERM
+    echo "stop it with: make stop"
+    return 0
+  fi
+  echo "Ctrl-C (or make stop) stops everything"
+  while [ -f "$run_dir/nginx/nginx.pid" ]; do sleep 1; done
+  down
+}
+
+stop_pid() {  # pid file, signal target is the process group (setsid) of a worker
+  local pid
+  pid=$(cat "$1" 2>/dev/null) || return 0
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  fi
+  rm -f "$1"
+}
+
+down() {
+  if [ -f "$run_dir/nginx/nginx.pid" ]; then
+    nginx -p "$run_dir/nginx" -c "$run_dir/nginx/nginx.conf" -e "$run_dir/nginx/logs/error.log" -s quit \
+      2>/dev/null || true
+    for _ in $(seq 50); do [ -f "$run_dir/nginx/nginx.pid" ] || break; sleep 0.1; done
+    rm -f "$run_dir/nginx/nginx.pid"
+  fi
+  local f
+  for f in "$run_dir"/worker-*.pid; do [ -e "$f" ] && stop_pid "$f"; done
+  echo "stack stopped"
+}
+
+status() {
+  local f i
+  for f in "$run_dir"/worker-*.pid; do
+    [ -e "$f" ] || { echo "no workers"; break; }
+    i=$(basename "$f" .pid)
+    if kill -0 "$(cat "$f")" 2>/dev/null; then echo "$i: running (pid $(cat "$f"))"; else echo "$i: dead"; fi
+  done
+  if [ -f "$run_dir/nginx/nginx.pid" ]; then echo "nginx: running (pid $(cat "$run_dir/nginx/nginx.pid"))"; else echo "nginx: stopped"; fi
+}
+
+case "${1:-}" in
+  up) up "${2:-}" ;;
+  down) down ;;
+  status) status ;;
+  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
+esac

@@ -1,0 +1,118 @@
+"""Real processes for tests and benchmarks: gunicorn workers and nginx, started by the project's own files."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GUNICORN_CONF = REPO / "worker" / "gunicorn.conf.py"
+RENDER_NGINX = REPO / "nginx" / "render-config.sh"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_status(url: str, timeout: float = 2.0) -> int | None:
+    """The status of a GET, or None while nothing answers (refused, or accepted but still booting)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}; last of {log}:\n{log.read_text()[-3000:]}")
+        if http_status(url) == 200:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} was not ready at {url} within {timeout} s")
+
+
+def _stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class GunicornServer:
+    """One worker instance: gunicorn with worker/gunicorn.conf.py, in its own process group."""
+
+    def __init__(self, model: str, port: int | None = None, log_path: str | None = None, **env: str):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.address = f"127.0.0.1:{self.port}"
+        environment = {**os.environ, "QAIO_MODEL": model, "QAIO_PORT": str(self.port),
+                       "QAIO_INSTANCE_ID": f"worker-{self.port}", **env}
+        environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        # A file, never an unread pipe: once a pipe's buffer fills, every logging call blocks the worker.
+        self.log_path = Path(log_path or tempfile.mkstemp(prefix=f"qaio-worker-{self.port}-", suffix=".log")[1])
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "qwen_worker:create_app()"],
+                env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 300) -> "GunicornServer":
+        wait_for(self.url + "/readyz", self.proc, timeout, "gunicorn", self.log_path)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the whole instance, as a crash would."""
+        _stop_group(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        _stop_group(self.proc)
+
+
+class NginxServer:
+    """A real nginx with the configuration rendered by nginx/render-config.sh from QAIO_NGINX_* settings."""
+
+    def __init__(self, upstreams: list[str], port: int | None = None, prefix: str | None = None, **settings: str):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.prefix = prefix or tempfile.mkdtemp(prefix="qaio-nginx-")
+        env = {**os.environ, "QAIO_NGINX_LISTEN": f"127.0.0.1:{self.port}",
+               "QAIO_NGINX_UPSTREAMS": ",".join(upstreams), **settings}
+        rendered = subprocess.run([str(RENDER_NGINX), self.prefix], env=env, check=True, capture_output=True, text=True)
+        self.conf = rendered.stdout.strip().splitlines()[-1]
+        error_log = Path(self.prefix) / "logs" / "error.log"
+        self.proc = subprocess.Popen(
+            ["nginx", "-p", self.prefix, "-c", self.conf, "-e", str(error_log), "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for(self.url + "/nginx-health", self.proc, 30, "nginx", error_log)
+
+    @property
+    def access_log(self) -> Path:
+        return Path(self.prefix) / "logs" / "access.log"
+
+    def stop(self) -> None:
+        _stop_group(self.proc, signal.SIGQUIT)
+
+
+# Several instances sharing one machine's cores: one torch thread each keeps them from fighting.
+SHARED_CPU_WORKER_ENV = {"QAIO_TORCH_THREADS": "1", "QAIO_BATCH_WAIT_MS": "5", "QAIO_THREADS": "16"}
+
+
+def served_by(headers) -> str:
+    """The worker that finally answered through nginx (X-Served-By lists every one tried)."""
+    return headers["X-Served-By"].split(",")[-1].strip()
