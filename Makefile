@@ -7,10 +7,11 @@ MODELS ?= models
 TINY_MODEL := $(MODELS)/tiny
 SHAPE_MODEL := $(MODELS)/qwen2.5-0.5b-shape
 
-.PHONY: help install test run run-detached stop run-worker demo-models model-tiny model-0.5b clean
+.PHONY: help install system-deps test run run-detached stop run-worker demo-models model-tiny model-0.5b clean
 
 help:
 	@echo "make install      create $(VENV) and install the worker with its test tools"
+	@echo "make system-deps  install Debian's nginx, Chromium and chromedriver when missing (root/sudo)"
 	@echo "make test         run every test (builds the tiny demo model on the fly)"
 	@echo "make run          the local stack: workers + nginx on http://127.0.0.1:8080 (Ctrl-C stops it)"
 	@echo "make stop         stop a stack started by make run"
@@ -26,6 +27,9 @@ $(PY):
 install: $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e 'worker[test]'
+
+system-deps:
+	scripts/install-system-deps.sh
 
 test: $(PY)
 	$(PY) -m pytest -q

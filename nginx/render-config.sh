@@ -7,6 +7,7 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 prefix=${1:-$here/../run/nginx}
 mkdir -p "$prefix"
+chmod a+x "$prefix"
 prefix=$(cd "$prefix" && pwd)
 
 export QAIO_NGINX_PREFIX="$prefix"
@@ -18,11 +19,27 @@ export QAIO_NGINX_PREFIX="$prefix"
 export QAIO_NGINX_CONF_DIR QAIO_NGINX_CACHE_DIR QAIO_NGINX_HTML_DIR QAIO_NGINX_ACCESS_LOG QAIO_NGINX_MIME_TYPES
 . "$here/qaio-env.envsh"
 
-# nginx started as root hands its workers to an unprivileged user, who must own the writable dirs.
-if [ "$(id -u)" = 0 ]; then
-  QAIO_NGINX_USER_LINE="user nobody $(id -gn nobody);"
-else
+# Every directory from / down to $1 lets others through (o+x).
+world_reachable() {
+  dir=$1
+  while [ "$dir" != "/" ]; do
+    [ -n "$(find "$dir" -maxdepth 0 -perm -o+x 2>/dev/null)" ] || return 1
+    dir=$(dirname "$dir")
+  done
+}
+
+# nginx started as root hands its workers to nobody, who must reach the prefix and the web page. A
+# checkout under a private home (/root is 0700) cannot give that: the workers then stay root.
+if [ "$(id -u)" != 0 ]; then
   QAIO_NGINX_USER_LINE="# not started as root: workers keep this user"
+  nginx_user=""
+elif world_reachable "$prefix" && world_reachable "$QAIO_NGINX_HTML_DIR"; then
+  QAIO_NGINX_USER_LINE="user nobody $(id -gn nobody);"
+  nginx_user=nobody
+else
+  echo "note: nobody cannot reach $prefix or $QAIO_NGINX_HTML_DIR; nginx workers run as root" >&2
+  QAIO_NGINX_USER_LINE="user root;"
+  nginx_user=""
 fi
 export QAIO_NGINX_USER_LINE
 
@@ -34,8 +51,7 @@ for template in "$here"/templates/*.template; do
   envsubst "$vars" < "$template" > "$QAIO_NGINX_CONF_DIR/$name"
 done
 envsubst "$vars" < "$here/local/nginx.conf.template" > "$prefix/nginx.conf"
-if [ "$(id -u)" = 0 ]; then
-  chmod a+x "$prefix"
-  chown -R nobody "$QAIO_NGINX_CACHE_DIR" "$prefix/tmp"
+if [ -n "$nginx_user" ]; then
+  chown -R "$nginx_user" "$QAIO_NGINX_CACHE_DIR" "$prefix/tmp"
 fi
 echo "$prefix/nginx.conf"
