@@ -34,6 +34,10 @@ class WorkerConfig:
     port: int = _setting(8001, "Port gunicorn binds to", minimum=1)
     workers: int = _setting(1, "gunicorn processes; each loads its own model copy", minimum=1)
     threads: int = _setting(32, "Connection threads per process (requests waiting on the batcher hold one)", minimum=1)
+    cpu_linear: str = _setting("auto", "Linear-layer kernels on CPU: `onednn` (weights prepacked once), `default` "
+                                       "(torch's F.linear), `auto` (onednn for float32 on CPU when available)",
+                               choices=("auto", "onednn", "default"))
+    prefix_cache: bool = _setting(True, "Compute the fixed sentiment prompt prefix's KV cache once and reuse it")
     # Batching and admission
     max_batch_size: int = _setting(16, "Most requests run together in one forward pass / generation", minimum=1)
     batch_wait_ms: float = _setting(10.0, "How long the batcher waits for more requests to fill a batch", minimum=0)

@@ -30,25 +30,35 @@ class GenerationRow:
 
 
 class RowSampling(LogitsProcessor):
-    """Greedy rows keep only their argmax; sampled rows get their own temperature and nucleus."""
+    """Greedy rows keep only their argmax; sampled rows get their own temperature and nucleus.
+
+    The vocabulary is 151,936 wide, so the sort behind top_p runs only for rows that need it, and an
+    all-greedy batch passes through untouched (generate then takes the argmax itself).
+    """
 
     def __init__(self, rows: Sequence[GenerationRow], device: torch.device):
         self.temperature = torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=device)
         self.top_p = torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=device)
         self.greedy = self.temperature <= 0
+        self.all_greedy = bool(self.greedy.all())
+        self.nucleus_rows = torch.nonzero(~self.greedy & (self.top_p < 1)).flatten()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.all_greedy:
+            return scores
         scores = scores.float()
         greedy_mask = torch.full_like(scores, float("-inf"))
         greedy_mask.scatter_(1, scores.argmax(dim=-1, keepdim=True), 0.0)
         scaled = scores / torch.where(self.greedy, 1.0, self.temperature).unsqueeze(1)
-        sorted_scores, sorted_idx = scaled.sort(dim=-1, descending=True)
-        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        # Drop a token once the mass before it already reaches top_p; the first token always stays.
-        drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= self.top_p.unsqueeze(1)
-        drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
-        sampled = scaled.masked_fill(drop, float("-inf"))
-        return torch.where(self.greedy.unsqueeze(1), greedy_mask, sampled)
+        if len(self.nucleus_rows):
+            rows = scaled[self.nucleus_rows]
+            sorted_scores, sorted_idx = rows.sort(dim=-1, descending=True)
+            probs = sorted_scores.softmax(dim=-1)
+            # Drop a token once the mass before it already reaches top_p; the first token always stays.
+            drop_sorted = (probs.cumsum(dim=-1) - probs) >= self.top_p[self.nucleus_rows].unsqueeze(1)
+            drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
+            scaled[self.nucleus_rows] = rows.masked_fill(drop, float("-inf"))
+        return torch.where(self.greedy.unsqueeze(1), greedy_mask, scaled)
 
 
 class RowStopping(StoppingCriteria):

@@ -8,9 +8,11 @@ import time
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, LogitsProcessorList,
+                          StoppingCriteriaList)
 
 from .config import WorkerConfig
+from .cpu_linear import onednn_available, pack_linears
 from .generation import GenerationRow, RowSampling, RowStopping
 from .prompts import LABELS, ChatMLPrompter
 
@@ -55,6 +57,8 @@ class ModelService:
         self.prompter: ChatMLPrompter | None = None
         self.demo_info: dict | None = None
         self.load_seconds: float | None = None
+        # Fixed prompt prefix (token ids) -> its per-layer (key, value) tensors, batch size 1.
+        self.prefix_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     @property
     def is_demo(self) -> bool:
@@ -73,6 +77,10 @@ class ModelService:
         # dtype is always explicit: transformers otherwise takes it from config.json (bf16 for Qwen).
         model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
         model.to(self.device).eval()
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.packed_linears = 0
+        if self._use_onednn_linear():
+            self.packed_linears = pack_linears(model)
         self.eos_token_ids = self._eos_ids(model)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else min(self.eos_token_ids)
@@ -82,7 +90,18 @@ class ModelService:
             bos_token_id=model.config.bos_token_id)
         self.model = model
         self.prompter = ChatMLPrompter(self.tokenizer)
+        if self.config.prefix_cache:
+            for prefix in self.prompter.sentiment_prefix_ids.values():
+                self.prefix_kv[tuple(prefix)] = self._compute_prefix_kv(prefix)
         self.load_seconds = time.monotonic() - started
+
+    def _use_onednn_linear(self) -> bool:
+        setting = self.config.cpu_linear
+        if setting == "default" or self.device.type != "cpu" or self.dtype != torch.float32:
+            return False
+        if setting == "onednn" and not onednn_available():
+            raise RuntimeError("QAIO_CPU_LINEAR=onednn but this torch has no oneDNN linear")
+        return onednn_available()
 
     def _eos_ids(self, model) -> set[int]:
         ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
@@ -99,9 +118,6 @@ class ModelService:
         self.score_sentiment([prompter.sentiment_ids("warm-up", "en")])
         self.generate([GenerationRow(prompter.chat_ids([]), max_new_tokens=2)])
 
-    def count_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
     def _left_pad(self, sequences: Sequence[Sequence[int]]):
         width = max(len(s) for s in sequences)
         ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
@@ -112,15 +128,52 @@ class ModelService:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.inference_mode()
+    def _compute_prefix_kv(self, prefix: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = self.model(input_ids=torch.tensor([list(prefix)], device=self.device), use_cache=True)
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+
+    def _cached_prefix(self, prompt: Sequence[int]) -> tuple[int, ...] | None:
+        for prefix in self.prefix_kv:
+            if len(prompt) > len(prefix) and tuple(prompt[:len(prefix)]) == prefix:
+                return prefix
+        return None
+
+    @torch.inference_mode()
     def score_sentiment(self, prompts: Sequence[Sequence[int]]) -> list[dict[str, float]]:
-        """Label probabilities from one left-padded forward pass over the last position only."""
-        ids, mask = self._left_pad(prompts)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         use_cache=False, logits_to_keep=1)
-        label_logits = out.logits[:, -1, list(self.prompter.label_token_ids)].float()
-        probs = label_logits.softmax(dim=-1).cpu().tolist()
+        """Label probabilities: softmax over the label tokens' logits at the last position.
+
+        Prompts starting with a cached prefix run only their own tokens on top of the prefix's KV
+        cache, one forward pass per prefix; the rest run whole, left-padded, in one pass.
+        """
+        groups: dict[tuple[int, ...] | None, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(self._cached_prefix(prompt), []).append(i)
+        logits = torch.empty((len(prompts), len(LABELS)), dtype=torch.float32)
+        for prefix, rows in groups.items():
+            batch = [prompts[i] for i in rows]
+            logits[rows] = self._label_logits(batch, prefix).float().cpu()
+        probs = logits.softmax(dim=-1).tolist()
         return [dict(zip(LABELS, row)) for row in probs]
+
+    def _label_logits(self, prompts: Sequence[Sequence[int]], prefix: tuple[int, ...] | None) -> torch.Tensor:
+        labels = list(self.prompter.label_token_ids)
+        if prefix is None:
+            ids, mask = self._left_pad(prompts)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                             use_cache=False, logits_to_keep=1)
+            return out.logits[:, -1, labels]
+        # Suffixes are left-padded, so padding sits between the prefix and each text: the mask hides
+        # it and positions continue from the prefix, which makes this equal to the full computation.
+        ids, suffix_mask = self._left_pad([p[len(prefix):] for p in prompts])
+        batch = len(prompts)
+        mask = torch.cat([torch.ones((batch, len(prefix)), dtype=torch.long, device=self.device), suffix_mask], 1)
+        positions = len(prefix) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                              for k, v in self.prefix_kv[prefix]])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1, labels]
 
     @torch.inference_mode()
     def generate(self, rows: Sequence[GenerationRow]) -> None:
@@ -143,4 +196,6 @@ class ModelService:
 
     def describe(self) -> dict:
         return {"model": self.config.model_name, "source": self.config.model, "device": str(self.device),
-                "dtype": str(self.dtype).replace("torch.", ""), "demo_model": self.is_demo}
+                "dtype": str(self.dtype).replace("torch.", ""), "demo_model": self.is_demo,
+                "cpu_linear": "onednn" if self.packed_linears else "default",
+                "prefix_cache": bool(self.prefix_kv)}

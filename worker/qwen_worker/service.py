@@ -53,7 +53,7 @@ class WorkerService:
             self.batcher.start()
             self.health.mark_ready()
             self.metrics.ready.set(1)
-            log.info("model ready", extra={**info, "parameters": self.model.count_parameters(),
+            log.info("model ready", extra={**info, "parameters": self.model.parameter_count,
                                            "load_seconds": round(self.model.load_seconds, 2)})
             if self.model.is_demo:
                 log.warning("DEMO MODEL: %s serves RANDOM WEIGHTS; its answers are meaningless",

@@ -1,0 +1,1 @@
+"""Benchmarks of the serving stack; `make bench` runs them and writes docs/benchmarks.md."""
