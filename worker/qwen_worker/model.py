@@ -57,6 +57,8 @@ class ModelService:
         self.prompter: ChatMLPrompter | None = None
         self.demo_info: dict | None = None
         self.load_seconds: float | None = None
+        self.parameter_count: int | None = None
+        self.packed_linears = 0  # nn.Linear layers running on oneDNN
         # Fixed prompt prefix (token ids) -> its per-layer (key, value) tensors, batch size 1.
         self.prefix_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
@@ -78,7 +80,6 @@ class ModelService:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
         model.to(self.device).eval()
         self.parameter_count = sum(p.numel() for p in model.parameters())
-        self.packed_linears = 0
         if self._use_onednn_linear():
             self.packed_linears = pack_linears(model)
         self.eos_token_ids = self._eos_ids(model)
