@@ -7,7 +7,7 @@ MODELS ?= models
 TINY_MODEL := $(MODELS)/tiny
 SHAPE_MODEL := $(MODELS)/qwen2.5-0.5b-shape
 
-.PHONY: help install system-deps test run run-detached stop run-worker demo-models model-tiny model-0.5b clean
+.PHONY: help install system-deps test bench run run-detached stop run-worker demo-models model-tiny model-0.5b clean
 
 help:
 	@echo "make install      create $(VENV) and install the worker with its test tools"
@@ -16,6 +16,7 @@ help:
 	@echo "make run          the local stack: workers + nginx on http://127.0.0.1:8080 (Ctrl-C stops it)"
 	@echo "make stop         stop a stack started by make run"
 	@echo "make run-worker   serve QAIO_MODEL (default: offline demo model) on 127.0.0.1:\$$QAIO_PORT (8001)"
+	@echo "make bench        benchmark this worker against the old design: docs/benchmarks.md"
 	@echo "make demo-models  build both offline random-weight models under $(MODELS)/"
 	@echo "make clean        remove $(VENV) and $(MODELS)/"
 
@@ -26,7 +27,7 @@ $(PY):
 # torch first and pinned: an unpinned torch would pull the multi-GB CUDA build on a CPU machine.
 install: $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e 'worker[test]'
+	$(PY) -m pip install --quiet -e 'worker[test,bench]'
 
 system-deps:
 	scripts/install-system-deps.sh
@@ -43,6 +44,10 @@ $(SHAPE_MODEL)/qaio_demo_model.json:
 	$(PY) -m qwen_worker.demo_model --shape qwen2.5-0.5b --out $(SHAPE_MODEL)
 
 demo-models: model-tiny model-0.5b
+
+# One run on the Qwen2.5-0.5B-shape model: docs/benchmarks.md, .json and .png (about 10 minutes here).
+bench: $(PY) model-tiny model-0.5b
+	$(PY) -m bench.run
 
 run: $(PY)
 	@scripts/stack.sh up

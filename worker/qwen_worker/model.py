@@ -20,7 +20,29 @@ log = logging.getLogger(__name__)
 
 DEMO_MARKER = "qaio_demo_model.json"  # written by demo_model into every model it builds
 
+# A sentiment sub-batch is cut when padding would exceed this share of its real tokens, once it
+# already holds enough tokens to keep the matrix multiplies efficient.
+MAX_PADDING_SHARE = 0.3
+MIN_BUCKET_TOKENS = 64
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices grouped so that left-padding each group to its longest member wastes little compute."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        padded = (len(current) + 1) * lengths[i]  # sorted: the newcomer is the longest
+        if current and real >= MIN_BUCKET_TOKENS and padded > (1 + MAX_PADDING_SHARE) * (real + lengths[i]):
+            buckets.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    if current:
+        buckets.append(current)
+    return buckets
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -144,15 +166,17 @@ class ModelService:
         """Label probabilities: softmax over the label tokens' logits at the last position.
 
         Prompts starting with a cached prefix run only their own tokens on top of the prefix's KV
-        cache, one forward pass per prefix; the rest run whole, left-padded, in one pass.
+        cache; the rest run whole. Within each, rows of similar length share a left-padded pass.
         """
         groups: dict[tuple[int, ...] | None, list[int]] = {}
         for i, prompt in enumerate(prompts):
             groups.setdefault(self._cached_prefix(prompt), []).append(i)
         logits = torch.empty((len(prompts), len(LABELS)), dtype=torch.float32)
         for prefix, rows in groups.items():
-            batch = [prompts[i] for i in rows]
-            logits[rows] = self._label_logits(batch, prefix).float().cpu()
+            skip = len(prefix) if prefix else 0
+            for bucket in length_buckets([len(prompts[i]) - skip for i in rows]):
+                members = [rows[j] for j in bucket]
+                logits[members] = self._label_logits([prompts[i] for i in members], prefix).float().cpu()
         probs = logits.softmax(dim=-1).tolist()
         return [dict(zip(LABELS, row)) for row in probs]
 

@@ -58,7 +58,8 @@ def _stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30)
 class GunicornServer:
     """One worker instance: gunicorn with worker/gunicorn.conf.py, in its own process group."""
 
-    def __init__(self, model: str, port: int | None = None, log_path: str | None = None, **env: str):
+    def __init__(self, model: str, port: int | None = None, log_path: str | None = None,
+                 app: str = "qwen_worker:create_app()", **env: str):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.address = f"127.0.0.1:{self.port}"
@@ -69,7 +70,7 @@ class GunicornServer:
         self.log_path = Path(log_path or tempfile.mkstemp(prefix=f"qaio-worker-{self.port}-", suffix=".log")[1])
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), "qwen_worker:create_app()"],
+                [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), app],
                 env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 300) -> "GunicornServer":

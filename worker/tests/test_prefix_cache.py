@@ -34,3 +34,17 @@ def test_prefix_reuse_equals_full_computation_in_mixed_padded_batches(pair):
     for prompt, got, expected in zip(prompts, batched, full.score_sentiment(prompts)):
         assert got == pytest.approx(expected, abs=1e-5)
         assert reused.score_sentiment([prompt])[0] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [[5] * 10, [3, 60, 10, 12, 9, 40, 15, 11, 8, 100, 14, 13, 16, 7, 20, 25], [1], []])
+def test_length_buckets_cover_every_row_once_and_bound_padding(lengths):
+    from qwen_worker.model import MAX_PADDING_SHARE, MIN_BUCKET_TOKENS, length_buckets
+
+    buckets = length_buckets(lengths)
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    for bucket in buckets:
+        real = sum(lengths[i] for i in bucket)
+        padded = len(bucket) * max(lengths[i] for i in bucket)
+        without_last = real - max(lengths[i] for i in bucket)
+        # A bucket only grows past the padding bound while it is still too small to stand alone.
+        assert padded <= (1 + MAX_PADDING_SHARE) * real or without_last < MIN_BUCKET_TOKENS

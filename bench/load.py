@@ -1,0 +1,88 @@
+"""A closed-loop HTTP load: c clients, each sending its next request when the last one is answered."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+
+import requests
+
+from .stats import summary_ms
+
+
+@dataclass
+class Outcome:
+    latency: float
+    ttft: float | None = None
+    tokens: int = 0
+    ok: bool = True
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    wall_s: float
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        ok = [o for o in self.outcomes if o.ok]
+        result = {"concurrency": self.concurrency, "requests": len(self.outcomes), "errors": len(self.outcomes) - len(ok),
+                  "wall_s": self.wall_s, "requests_per_s": len(ok) / self.wall_s, "latency_ms": summary_ms(
+                      [o.latency for o in ok])}
+        if any(o.ttft is not None for o in ok):
+            result["ttft_ms"] = summary_ms([o.ttft for o in ok if o.ttft is not None])
+            result["output_tokens_per_s"] = sum(o.tokens for o in ok) / self.wall_s
+        return result
+
+
+def sentiment_call(session: requests.Session, url: str, text: str) -> Outcome:
+    started = time.perf_counter()
+    response = session.post(url + "/v1/sentiment", json={"text": text}, timeout=600)
+    return Outcome(time.perf_counter() - started, ok=response.status_code == 200)
+
+
+def chat_call(session: requests.Session, url: str, text: str, max_tokens: int) -> Outcome:
+    """A streamed greedy chat: time to the first delta, total time, tokens from the final event."""
+    started = time.perf_counter()
+    ttft, tokens, ok = None, 0, False
+    body = {"text": text, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with session.post(url + "/v1/chat", json=body, stream=True, timeout=600) as response:
+        for line in response.iter_lines(decode_unicode=True):
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[len("data: "):])
+            if "delta" in event and ttft is None:
+                ttft = time.perf_counter() - started
+            if event.get("done"):
+                tokens, ok = event["usage"]["completion_tokens"], response.status_code == 200
+    return Outcome(time.perf_counter() - started, ttft, tokens, ok)
+
+
+def run_level(call, texts: list[str], concurrency: int) -> LevelResult:
+    """Send every text once with `concurrency` clients; texts are taken in order."""
+    pending = list(reversed(texts))
+    lock = threading.Lock()
+    outcomes: list[Outcome] = []
+
+    def client():
+        with requests.Session() as session:
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    text = pending.pop()
+                try:
+                    outcome = call(session, text)
+                except requests.RequestException:
+                    outcome = Outcome(0.0, ok=False)
+                with lock:
+                    outcomes.append(outcome)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return LevelResult(concurrency, time.perf_counter() - started, outcomes)
