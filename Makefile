@@ -7,7 +7,7 @@ MODELS ?= models
 TINY_MODEL := $(MODELS)/tiny
 SHAPE_MODEL := $(MODELS)/qwen2.5-0.5b-shape
 
-.PHONY: help install system-deps test bench run run-detached stop run-worker demo-models model-tiny model-0.5b clean
+.PHONY: help install system-deps test bench loadtest run run-detached stop run-worker demo-models model-tiny model-0.5b clean
 
 help:
 	@echo "make install      create $(VENV) and install the worker with its test tools"
@@ -17,6 +17,7 @@ help:
 	@echo "make stop         stop a stack started by make run"
 	@echo "make run-worker   serve QAIO_MODEL (default: offline demo model) on 127.0.0.1:\$$QAIO_PORT (8001)"
 	@echo "make bench        benchmark this worker against the old design: docs/benchmarks.md"
+	@echo "make loadtest     stepped k6 load test against the running stack: docs/loadtest.md"
 	@echo "make demo-models  build both offline random-weight models under $(MODELS)/"
 	@echo "make clean        remove $(VENV) and $(MODELS)/"
 
@@ -44,6 +45,10 @@ $(SHAPE_MODEL)/qaio_demo_model.json:
 	$(PY) -m qwen_worker.demo_model --shape qwen2.5-0.5b --out $(SHAPE_MODEL)
 
 demo-models: model-tiny model-0.5b
+
+# Stepped k6 load (2/8/16/20 users, 30 s each) against the running stack (make run-detached first).
+loadtest: $(PY)
+	$(PY) -m loadtest.run
 
 # One run on the Qwen2.5-0.5B-shape model: docs/benchmarks.md, .json and .png (about 10 minutes here).
 bench: $(PY) model-tiny model-0.5b

@@ -124,7 +124,8 @@ class Batcher:
                 return None
             kind = self._queue[0].kind
             batch: list[Job] = []
-            gather_until = time.monotonic() + self.config.batch_wait_ms / 1000
+            wait_ms = self.config.batch_wait_ms if kind == SENTIMENT else self.config.chat_batch_wait_ms
+            gather_until = time.monotonic() + wait_ms / 1000
             while True:
                 self._take(kind, batch)
                 remaining = gather_until - time.monotonic()

@@ -40,7 +40,11 @@ class WorkerConfig:
     prefix_cache: bool = _setting(True, "Compute the fixed sentiment prompt prefix's KV cache once and reuse it")
     # Batching and admission
     max_batch_size: int = _setting(16, "Most requests run together in one forward pass / generation", minimum=1)
-    batch_wait_ms: float = _setting(10.0, "How long the batcher waits for more requests to fill a batch", minimum=0)
+    batch_wait_ms: float = _setting(10.0, "How long the batcher waits for more sentiment requests to fill a batch",
+                                    minimum=0)
+    # A generation lasts seconds and a late arrival waits for all of it: worth waiting longer to fill.
+    chat_batch_wait_ms: float = _setting(50.0, "How long the batcher waits for more chat/analyze requests to fill "
+                                               "a generation batch", minimum=0)
     queue_capacity: int = _setting(64, "Requests that may wait for the model; more are refused with 503", minimum=1)
     retry_after_s: int = _setting(1, "Retry-After seconds sent with 503 answers", minimum=0)
     # Deadlines (a client may lower them with `deadline_ms` in the body or the X-Deadline-Ms header)

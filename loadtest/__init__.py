@@ -1,0 +1,1 @@
+"""Load tests of the running stack: k6 (qaio.js) and locust (locustfile.py); `make loadtest` runs run.py."""

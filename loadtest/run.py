@@ -1,0 +1,141 @@
+"""`make loadtest`: a stepped k6 load test against the running stack, with a report.
+
+At each level (default 2, 8, 16, 20 concurrent users, 30 s each) it runs loadtest/qaio.js and records
+P50/P90/P99, error rate, requests per second and cache hit ratio, and each worker's resident memory
+before and after. Writes docs/loadtest.md, docs/loadtest.json and docs/loadtest.png; exits non-zero
+when a level broke a threshold. Loopback only: it refuses a URL that is not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from qwen_worker.testing import REPO, http_status
+
+SCRIPT = REPO / "loadtest" / "qaio.js"
+REVIEWS = REPO.parent / "shared" / "data" / "waimai_10k.csv"
+
+
+def worker_rss_mb(run_dir: Path) -> dict[str, float]:
+    """Resident memory of each worker instance (gunicorn master and its processes) from the stack's pid files."""
+    result = {}
+    for pid_file in sorted(run_dir.glob("worker-*.pid")):
+        master = pid_file.read_text().strip()
+        pids = [master] + subprocess.run(["pgrep", "-P", master], capture_output=True, text=True).stdout.split()
+        total = 0.0
+        for pid in pids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0) / 1024
+        result[pid_file.stem] = round(total, 1)
+    return result
+
+
+def served_model(url: str) -> str:
+    """The model the stack serves, as its answers report it (nginx does not expose /readyz)."""
+    request = urllib.request.Request(url + "/v1/sentiment", data=json.dumps({"text": "模型"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        body = json.loads(response.read())
+    return body["model"] + (" (demo model: random weights)" if body.get("demo_model") else "")
+
+
+def run_level(url: str, users: int, duration: str, out: Path, extra_env: dict) -> dict:
+    summary_path = out / f"k6-{users}.json"
+    env = {**os.environ, "QAIO_URL": url, "QAIO_REVIEWS": str(REVIEWS), "QAIO_SUMMARY": str(summary_path),
+           **extra_env}
+    k6 = Path(sys.executable).parent / "k6"
+    done = subprocess.run([str(k6), "run", "--quiet", "--vus", str(users), "--duration", duration, str(SCRIPT)],
+                          env=env, capture_output=True, text=True)
+    data = json.loads(summary_path.read_text())
+    metrics = data["metrics"]
+    duration_values = metrics["http_req_duration"]["values"]
+    return {"users": users, "passed": done.returncode == 0,
+            "requests": metrics["http_reqs"]["values"]["count"], "rps": metrics["http_reqs"]["values"]["rate"],
+            "error_rate": metrics["http_req_failed"]["values"]["rate"],
+            "p50_ms": duration_values["p(50)"], "p90_ms": duration_values["p(90)"], "p99_ms": duration_values["p(99)"],
+            "cache_hit_ratio": metrics.get("cache_hits", {}).get("values", {}).get("rate", 0.0),
+            "thresholds_failed": sorted(name for name, metric in metrics.items()
+                                        for ok in metric.get("thresholds", {}).values() if not ok["ok"]),
+            "k6_output": done.stdout[-500:] + done.stderr[-1500:]}
+
+
+def write_report(results: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = results["levels"]
+    lines = ["# Load test", "",
+             f"Written by `make loadtest` on {results['date']} against {results['url']} "
+             f"({results['model']}, {results['workers']} workers): k6, closed loop, {results['duration']} per level, "
+             "70 % sentiment, 20 % chat, 10 % analyze, texts from a pool of 500 reviews of waimai_10k.csv.", "",
+             "| users | requests | RPS | P50 ms | P90 ms | P99 ms | errors | cache hits | worker RSS before → after (MB) | thresholds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for level in levels:
+        rss = ", ".join(f"{level['rss_before'].get(k, 0):.0f} → {v:.0f}" for k, v in level["rss_after"].items())
+        verdict = "pass" if level["passed"] else "FAIL: " + ", ".join(level["thresholds_failed"])
+        lines.append(f"| {level['users']} | {level['requests']} | {level['rps']:.2f} | {level['p50_ms']:.0f} | "
+                     f"{level['p90_ms']:.0f} | {level['p99_ms']:.0f} | {level['error_rate']:.2%} | "
+                     f"{level['cache_hit_ratio']:.1%} | {rss} | {verdict} |")
+    lines += ["", "![latency and throughput by load](loadtest.png)", "", "Raw numbers: `loadtest.json`.", ""]
+    (out / "loadtest.md").write_text("\n".join(lines), encoding="utf-8")
+    fig, left = plt.subplots(figsize=(7, 4))
+    users = [lvl["users"] for lvl in levels]
+    for key, style in (("p50_ms", "-o"), ("p90_ms", "--o"), ("p99_ms", ":o")):
+        left.plot(users, [lvl[key] / 1000 for lvl in levels], style, label=key.replace("_ms", ""))
+    left.set_xlabel("concurrent users")
+    left.set_ylabel("latency (s)")
+    right = left.twinx()
+    right.bar(users, [lvl["rps"] for lvl in levels], width=1.2, alpha=0.25, color="#3a7", label="RPS")
+    right.set_ylabel("requests/s")
+    left.legend(loc="upper left")
+    left.set_title("Load test through nginx")
+    fig.tight_layout()
+    fig.savefig(out / "loadtest.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--url", default=os.environ.get("QAIO_LOADTEST_URL", "http://127.0.0.1:8080"))
+    parser.add_argument("--levels", default="2,8,16,20")
+    parser.add_argument("--duration", default="30s")
+    parser.add_argument("--run-dir", type=Path, default=Path(os.environ.get("QAIO_STACK_DIR", REPO / "run")))
+    parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--chat-tokens", default="32")
+    args = parser.parse_args(argv)
+    if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        parser.error("load goes to loopback only")
+    if http_status(args.url + "/nginx-health", timeout=5) != 200:
+        print(f"no stack answers at {args.url}: start one with `make run-detached` first", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {"url": args.url, "duration": args.duration, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "workers": len(list(args.run_dir.glob("worker-*.pid"))), "levels": [],
+               "model": served_model(args.url)}
+    for users in (int(u) for u in args.levels.split(",")):
+        before = worker_rss_mb(args.run_dir)
+        level = run_level(args.url, users, args.duration, args.out, {"QAIO_CHAT_TOKENS": args.chat_tokens})
+        level.update(rss_before=before, rss_after=worker_rss_mb(args.run_dir))
+        results["levels"].append(level)
+        print(f"{users:3d} users: {level['rps']:.2f} RPS, p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms, "
+              f"errors {level['error_rate']:.2%}, {'pass' if level['passed'] else 'FAIL'}", flush=True)
+    (args.out / "loadtest.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_report(results, args.out)
+    print(f"wrote {args.out / 'loadtest.md'}")
+    return 0 if all(level["passed"] for level in results["levels"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
