@@ -21,9 +21,19 @@ def _rate(level: dict, kind: str) -> float:
     return level["requests_per_s"] if kind == "sentiment" else level["output_tokens_per_s"]
 
 
+def _comparison(results: dict, kind: str) -> list[str]:
+    """Table rows: this worker against the old design at each concurrency, with the throughput ratio."""
+    rows = []
+    for ours, old in zip(results["worker"][kind], results["baseline"][kind]):
+        ratio = _rate(ours, kind) / _rate(old, kind)
+        rows.append(f"| {ours['concurrency']} | " + " | ".join(_row(ours, kind)) + " | "
+                    + " | ".join(_row(old, kind)) + f" | {ratio:.1f}× |")
+    return rows
+
+
 def write(results: dict, out: Path) -> None:
     m, hw, raw, roof = results["machine"], results["hardware"], results["raw"], results["roofline"]
-    worker, baseline = results["worker"], results["baseline"]
+    worker = results["worker"]
     lines = [
         "# Benchmarks",
         "",
@@ -52,11 +62,8 @@ def write(results: dict, out: Path) -> None:
         "",
         "| concurrency | this worker | p50 ms | p95 ms | old design | p50 ms | p95 ms | ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_comparison(results, "sentiment"),
     ]
-    for ours, old in zip(worker["sentiment"], baseline["sentiment"]):
-        ratio = _rate(ours, "sentiment") / _rate(old, "sentiment")
-        lines.append(f"| {ours['concurrency']} | " + " | ".join(_row(ours, "sentiment")) + " | "
-                     + " | ".join(_row(old, "sentiment")) + f" | {ratio:.1f}× |")
     top = worker["sentiment"][-1]["requests_per_s"]
     lines += [
         "",
@@ -70,11 +77,8 @@ def write(results: dict, out: Path) -> None:
         "",
         "| concurrency | this worker | TTFT p50 ms | p50 ms | p95 ms | old design | TTFT p50 ms | p50 ms | p95 ms | ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_comparison(results, "chat"),
     ]
-    for ours, old in zip(worker["chat"], baseline["chat"]):
-        ratio = _rate(ours, "chat") / _rate(old, "chat")
-        lines.append(f"| {ours['concurrency']} | " + " | ".join(_row(ours, "chat")) + " | "
-                     + " | ".join(_row(old, "chat")) + f" | {ratio:.1f}× |")
     top = worker["chat"][-1]["output_tokens_per_s"]
     lines += [
         "",

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ApiError
 from .generation import GenerationRow
@@ -34,6 +34,7 @@ class Job:
     payload: Any  # sentiment: prompt ids; generate: GenerationRow
     deadline: float  # time.monotonic()
     future: Future = dataclasses.field(default_factory=Future)
+    withdraw: Callable[["Job"], bool] | None = None  # takes a still-queued job out of the queue
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     started_at: float | None = None
     finished_at: float | None = None
@@ -51,10 +52,18 @@ class Job:
         return ((self.finished_at or time.monotonic()) - self.started_at) * 1000
 
     def wait(self) -> Any:
-        """The job's result; ApiError when it failed. Waits a little past the deadline for the batcher to stop it."""
-        remaining = max(0.0, self.deadline - time.monotonic())
+        """The job's result; ApiError when it failed or its deadline passed.
+
+        Still queued at the deadline: withdrawn and answered at once. Already running: a generation is
+        stopped by its stopping criterion, so a short grace suffices.
+        """
         try:
-            return self.future.result(timeout=remaining + 5.0)
+            return self.future.result(timeout=max(0.0, self.deadline - time.monotonic()))
+        except TimeoutError:
+            if self.withdraw is not None and self.withdraw(self):
+                raise deadline_error() from None
+        try:
+            return self.future.result(timeout=5.0)
         except TimeoutError:
             raise deadline_error() from None
 
@@ -87,10 +96,22 @@ class Batcher:
                 self.metrics.rejected("queue_full")
                 raise ApiError(503, "queue_full", "too many requests are waiting for the model",
                                retry_after=self.config.retry_after_s)
+            job.withdraw = self._withdraw
             self._queue.append(job)
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify()
         return job
+
+    def _withdraw(self, job: Job) -> bool:
+        """Take a job out of the queue if it is still there (its deadline passed before it ran)."""
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                return False
+            self.metrics.queue_depth.set(len(self._queue))
+        self.metrics.rejected("deadline_in_queue")
+        return True
 
     def depth(self) -> int:
         with self._cond:
@@ -168,7 +189,7 @@ class Batcher:
                 results: list[Any] = self.model.score_sentiment([job.payload for job in batch])
             else:
                 rows: list[GenerationRow] = [job.payload for job in batch]
-                self.model.generate(rows)
+                self.model.generate(rows, between_steps=self._sentiment_between_steps)
                 results = rows
         except Exception as exc:  # a model failure fails this batch, never the process
             self._fail(batch, exc)
@@ -179,6 +200,18 @@ class Batcher:
         for job, result in zip(batch, results):
             job.finished_at = finished
             job.future.set_result(result)
+
+    def _sentiment_between_steps(self) -> None:
+        """Run the sentiment requests waiting now (no gathering) inside a running generation."""
+        with self._cond:
+            if not any(job.kind == SENTIMENT for job in self._queue):
+                return
+            batch: list[Job] = []
+            self._take(SENTIMENT, batch)
+            self.metrics.queue_depth.set(len(self._queue))
+        batch = self._drop_expired(batch)
+        if batch:
+            self._execute(batch)
 
     def _fail(self, batch: list[Job], exc: Exception) -> None:
         finished = time.monotonic()

@@ -68,10 +68,12 @@ class RowStopping(StoppingCriteria):
     (generate pads it from then on), so each row's real tokens are collected here.
     """
 
-    def __init__(self, rows: Sequence[GenerationRow], eos_token_ids: set[int], clock=time.monotonic):
+    def __init__(self, rows: Sequence[GenerationRow], eos_token_ids: set[int], clock=time.monotonic,
+                 between_steps: Callable[[], None] | None = None):
         self.rows = rows
         self.eos = eos_token_ids
         self.clock = clock
+        self.between_steps = between_steps  # other work the batcher may slip in after each step
         self.done = [False] * len(rows)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
@@ -94,4 +96,6 @@ class RowStopping(StoppingCriteria):
                 elif now >= row.deadline:
                     row.finish_reason = "deadline"
             self.done[i] = row.finish_reason is not None
+        if self.between_steps is not None and not all(self.done):
+            self.between_steps()
         return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)

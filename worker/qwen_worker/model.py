@@ -201,10 +201,13 @@ class ModelService:
         return out.logits[:, -1, labels]
 
     @torch.inference_mode()
-    def generate(self, rows: Sequence[GenerationRow]) -> None:
-        """Generate for all rows in one batch; fills each row's tokens and finish_reason."""
+    def generate(self, rows: Sequence[GenerationRow], between_steps=None) -> None:
+        """Generate for all rows in one batch; fills each row's tokens and finish_reason.
+
+        `between_steps`, if given, is called after every decode step (other forward passes may run there).
+        """
         ids, mask = self._left_pad([r.prompt_ids for r in rows])
-        stopping = RowStopping(rows, self.eos_token_ids)
+        stopping = RowStopping(rows, self.eos_token_ids, between_steps=between_steps)
         self.model.generate(
             input_ids=ids, attention_mask=mask,
             max_new_tokens=max(r.max_new_tokens for r in rows),

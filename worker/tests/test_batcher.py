@@ -48,18 +48,22 @@ def test_concurrent_requests_share_batches_and_match_serial_answers(make_app):
             assert batched["sentiment"]["scores"][label] == pytest.approx(p, abs=1e-5)
 
 
+CHAT = {"text": "排队中", "max_tokens": 2, "temperature": 0}
+
+
 def test_full_queue_answers_503_with_retry_after_at_once(make_app):
     app = make_app(max_batch_size=1, queue_capacity=1, retry_after_s=3)
     service = app.extensions["qaio"]
     long_job = occupy(service)
     client = app.test_client()
-    waiting = ThreadPoolExecutor(1).submit(client.post, "/v1/sentiment", json=sentiment_body("排队中"))
+    # A chat cannot join the running generation (batch size 1), so it waits in the queue.
+    waiting = ThreadPoolExecutor(1).submit(client.post, "/v1/chat", json=CHAT)
     for _ in range(200):
         if service.batcher.depth() == 1:
             break
         time.sleep(0.01)
     assert service.batcher.depth() == 1
-    refused = client.post("/v1/sentiment", json=sentiment_body("太多了"))
+    refused = client.post("/v1/chat", json=CHAT)
     assert refused.status_code == 503
     assert refused.headers["Retry-After"] == "3"
     assert refused.get_json()["error"]["code"] == "queue_full"
@@ -69,19 +73,34 @@ def test_full_queue_answers_503_with_retry_after_at_once(make_app):
     assert 'qaio_rejections_total{reason="queue_full"} 1.0' in metrics
 
 
-def test_deadline_passed_in_the_queue_drops_the_request_before_compute(make_app):
+def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(make_app):
     app = make_app(max_batch_size=1)
     service = app.extensions["qaio"]
     long_job = occupy(service)
-    job = service.submit_sentiment("等太久了", "zh", service.deadline(50))
-    time.sleep(0.2)
-    release(long_job)
+    prompt = service.chat_ids([Message("user", "等太久了")])
+    job = service.submit_generation(prompt, 5, 0.0, 1.0, service.deadline(100), task="chat")
     with pytest.raises(ApiError) as err:
         job.wait()
     assert err.value.status == 504 and err.value.code == "deadline_exceeded"
-    assert job.started_at is None, "an expired request must never reach the model"
+    assert not long_job.future.done(), "the 504 must not wait for the running generation"
+    assert job.started_at is None and service.batcher.depth() == 0, "withdrawn from the queue, never computed"
+    release(long_job)
     assert 'qaio_rejections_total{reason="deadline_in_queue"} 1.0' in app.test_client().get("/metrics").get_data(
         as_text=True)
+
+
+def test_sentiment_runs_between_the_steps_of_a_running_generation(make_app):
+    app = make_app(max_batch_size=4)
+    service = app.extensions["qaio"]
+    long_job = occupy(service)
+    jobs = [service.submit_sentiment(text, "zh", service.deadline(30_000)) for text in ("插队一", "插队二")]
+    results = [job.wait() for job in jobs]
+    assert not long_job.future.done(), "sentiment must not wait for the whole generation"
+    assert all(abs(sum(r.values()) - 1) < 1e-4 for r in results)
+    release(long_job)
+    # ...and gives the answer it gives when it runs on its own.
+    alone = service.submit_sentiment("插队一", "zh", service.deadline(30_000)).wait()
+    assert alone == pytest.approx(results[0], abs=1e-5)
 
 
 def test_deadline_stops_generation_inside_the_loop(client):
