@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -49,8 +50,8 @@ def served_model(url: str) -> str:
     return body["model"] + (" (demo model: random weights)" if body.get("demo_model") else "")
 
 
-def run_level(url: str, users: int, duration: str, out: Path, extra_env: dict) -> dict:
-    summary_path = out / f"k6-{users}.json"
+def run_level(url: str, users: int, duration: str, work: Path, extra_env: dict) -> dict:
+    summary_path = work / f"k6-{users}.json"  # k6's full summary; the report keeps what it needs
     env = {**os.environ, "QAIO_URL": url, "QAIO_REVIEWS": str(REVIEWS), "QAIO_SUMMARY": str(summary_path),
            **extra_env}
     k6 = Path(sys.executable).parent / "k6"
@@ -124,13 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     results = {"url": args.url, "duration": args.duration, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "workers": len(list(args.run_dir.glob("worker-*.pid"))), "levels": [],
                "model": served_model(args.url)}
-    for users in (int(u) for u in args.levels.split(",")):
-        before = worker_rss_mb(args.run_dir)
-        level = run_level(args.url, users, args.duration, args.out, {"QAIO_CHAT_TOKENS": args.chat_tokens})
-        level.update(rss_before=before, rss_after=worker_rss_mb(args.run_dir))
-        results["levels"].append(level)
-        print(f"{users:3d} users: {level['rps']:.2f} RPS, p50 {level['p50_ms']:.0f} ms, p99 {level['p99_ms']:.0f} ms, "
-              f"errors {level['error_rate']:.2%}, {'pass' if level['passed'] else 'FAIL'}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="qaio-k6-") as work:
+        for users in (int(u) for u in args.levels.split(",")):
+            before = worker_rss_mb(args.run_dir)
+            level = run_level(args.url, users, args.duration, Path(work), {"QAIO_CHAT_TOKENS": args.chat_tokens})
+            level.update(rss_before=before, rss_after=worker_rss_mb(args.run_dir))
+            results["levels"].append(level)
+            print(f"{users:3d} users: {level['rps']:.2f} RPS, p50 {level['p50_ms']:.0f} ms, "
+                  f"p99 {level['p99_ms']:.0f} ms, errors {level['error_rate']:.2%}, "
+                  f"{'pass' if level['passed'] else 'FAIL'}", flush=True)
     (args.out / "loadtest.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     write_report(results, args.out)
     print(f"wrote {args.out / 'loadtest.md'}")
