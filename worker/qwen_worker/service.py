@@ -113,7 +113,7 @@ class TokenStream:
         self._events: queue.Queue = queue.Queue()
         self.job: Job | None = None
         self.tokens: list[int] = []
-        self._emitted = ""
+        self._pending_from = 0  # tokens before this index are already sent as text
 
     def put_token(self, token: int) -> None:
         self._events.put(token)
@@ -127,10 +127,14 @@ class TokenStream:
         job = self.job
         try:
             while True:
-                remaining = job.deadline - time.monotonic() + 5.0
+                timeout = job.deadline - time.monotonic()
+                if job.started_at is not None:
+                    timeout += 5.0  # running: its stopping criterion ends it at the deadline
                 try:
-                    event = self._events.get(timeout=max(remaining, 0.01))
+                    event = self._events.get(timeout=max(timeout, 0.01))
                 except queue.Empty:
+                    if job.started_at is None and job.withdraw is not None and not job.withdraw(job):
+                        continue  # the batcher took it just now
                     raise deadline_error() from None
                 if event is self._DONE:
                     tail = self._delta(final=True)
@@ -146,8 +150,10 @@ class TokenStream:
             raise
 
     def _delta(self, final: bool) -> str:
-        text = self.decode(self.tokens)
+        # Byte-level BPE decodes token by token without context, so only the tokens not yet sent need
+        # decoding; they wait while they end inside a multi-byte character.
+        text = self.decode(self.tokens[self._pending_from:])
         if not final and text.endswith("\ufffd"):
-            return ""  # a multi-byte character is still incomplete
-        delta, self._emitted = text[len(self._emitted):], text
-        return delta
+            return ""
+        self._pending_from = len(self.tokens)
+        return text

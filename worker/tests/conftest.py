@@ -1,9 +1,13 @@
 """Worker fixtures: in-process apps on the tiny model (the model itself comes from the root conftest)."""
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from qwen_worker import create_app
+from qwen_worker.prompts import Message
+from qwen_worker.service import TokenStream
 
 
 def wait_ready(app, timeout: float = 120) -> None:
@@ -38,3 +42,33 @@ def app(make_app):
 @pytest.fixture()
 def client(app):
     return app.test_client()
+
+
+class GenerationBlocker:
+    """Keeps a worker's batcher busy with a long generation, to put requests behind it."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def occupy(self, service, max_tokens: int = 3000):
+        """Start a long generation and return its job once it is really running (first token out)."""
+        first_token = threading.Event()
+        stream = TokenStream(service.model.decode)
+        stream.put_token = lambda token: first_token.set()
+        job = service.submit_generation(service.chat_ids([Message("user", "tell me a long story")]), max_tokens,
+                                        0.0, 1.0, service.deadline(60_000), task="chat", stream=stream)
+        self.jobs.append(job)
+        assert first_token.wait(30)
+        return job
+
+    def release(self, job) -> None:
+        job.payload.cancelled.set()
+        assert job.wait().finish_reason == "cancelled"
+
+
+@pytest.fixture()
+def blocker():
+    keeper = GenerationBlocker()
+    yield keeper
+    for job in keeper.jobs:
+        job.payload.cancelled.set()

@@ -1,5 +1,4 @@
 """Batching, admission and deadlines, on in-process apps serving the real tiny model."""
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -8,23 +7,6 @@ import pytest
 from qwen_worker.batcher import SENTIMENT, Job
 from qwen_worker.errors import ApiError
 from qwen_worker.prompts import Message
-from qwen_worker.service import TokenStream
-
-
-def occupy(service, max_tokens=3000):
-    """Start a long generation and return its job once it is really running (first token out)."""
-    first_token = threading.Event()
-    stream = TokenStream(service.model.decode)
-    stream.put_token = lambda token: first_token.set()
-    job = service.submit_generation(service.chat_ids([Message("user", "tell me a long story")]), max_tokens, 0.0,
-                                    1.0, service.deadline(60_000), task="chat", stream=stream)
-    assert first_token.wait(30)
-    return job
-
-
-def release(job):
-    job.payload.cancelled.set()
-    assert job.wait().finish_reason == "cancelled"
 
 
 def sentiment_body(text):
@@ -51,10 +33,10 @@ def test_concurrent_requests_share_batches_and_match_serial_answers(make_app):
 CHAT = {"text": "排队中", "max_tokens": 2, "temperature": 0}
 
 
-def test_full_queue_answers_503_with_retry_after_at_once(make_app):
+def test_full_queue_answers_503_with_retry_after_at_once(make_app, blocker):
     app = make_app(max_batch_size=1, queue_capacity=1, retry_after_s=3)
     service = app.extensions["qaio"]
-    long_job = occupy(service)
+    long_job = blocker.occupy(service)
     client = app.test_client()
     # A chat cannot join the running generation (batch size 1), so it waits in the queue.
     waiting = ThreadPoolExecutor(1).submit(client.post, "/v1/chat", json=CHAT)
@@ -67,16 +49,16 @@ def test_full_queue_answers_503_with_retry_after_at_once(make_app):
     assert refused.status_code == 503
     assert refused.headers["Retry-After"] == "3"
     assert refused.get_json()["error"]["code"] == "queue_full"
-    release(long_job)
+    blocker.release(long_job)
     assert waiting.result(timeout=30).status_code == 200  # the queued one is still served
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'qaio_rejections_total{reason="queue_full"} 1.0' in metrics
 
 
-def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(make_app):
+def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(make_app, blocker):
     app = make_app(max_batch_size=1)
     service = app.extensions["qaio"]
-    long_job = occupy(service)
+    long_job = blocker.occupy(service)
     prompt = service.chat_ids([Message("user", "等太久了")])
     job = service.submit_generation(prompt, 5, 0.0, 1.0, service.deadline(100), task="chat")
     with pytest.raises(ApiError) as err:
@@ -84,20 +66,20 @@ def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(mak
     assert err.value.status == 504 and err.value.code == "deadline_exceeded"
     assert not long_job.future.done(), "the 504 must not wait for the running generation"
     assert job.started_at is None and service.batcher.depth() == 0, "withdrawn from the queue, never computed"
-    release(long_job)
+    blocker.release(long_job)
     assert 'qaio_rejections_total{reason="deadline_in_queue"} 1.0' in app.test_client().get("/metrics").get_data(
         as_text=True)
 
 
-def test_sentiment_runs_between_the_steps_of_a_running_generation(make_app):
+def test_sentiment_runs_between_the_steps_of_a_running_generation(make_app, blocker):
     app = make_app(max_batch_size=4)
     service = app.extensions["qaio"]
-    long_job = occupy(service)
+    long_job = blocker.occupy(service)
     jobs = [service.submit_sentiment(text, "zh", service.deadline(30_000)) for text in ("插队一", "插队二")]
     results = [job.wait() for job in jobs]
     assert not long_job.future.done(), "sentiment must not wait for the whole generation"
     assert all(abs(sum(r.values()) - 1) < 1e-4 for r in results)
-    release(long_job)
+    blocker.release(long_job)
     # ...and gives the answer it gives when it runs on its own.
     alone = service.submit_sentiment("插队一", "zh", service.deadline(30_000)).wait()
     assert alone == pytest.approx(results[0], abs=1e-5)
