@@ -61,8 +61,12 @@ up() {
   gpus=$(gpu_count)
   workers=${QAIO_STACK_WORKERS:-$([ "$gpus" -gt 0 ] && echo "$gpus" || echo 2)}
   base=${QAIO_STACK_BASE_PORT:-8001}
-  model=$("$python" -m qwen_worker.model_source --model "${QAIO_MODEL:-}" \
-            --demo-dir "$root/models/${QAIO_DEMO_SHAPE:-tiny}" --demo-shape "${QAIO_DEMO_SHAPE:-tiny}")
+  local shape=${QAIO_DEMO_SHAPE:-tiny} demo_dir
+  case "$shape" in  # the directories `make model-tiny` and `make model-0.5b` build
+    qwen2.5-0.5b) demo_dir="$root/models/qwen2.5-0.5b-shape" ;;
+    *) demo_dir="$root/models/$shape" ;;
+  esac
+  model=$("$python" -m qwen_worker.model_source --model "${QAIO_MODEL:-}" --demo-dir "$demo_dir" --demo-shape "$shape")
   if [ "$gpus" -eq 0 ] && [ -z "${QAIO_TORCH_THREADS:-}" ]; then
     # Workers share the CPU: give each its slice instead of all of them fighting for every core.
     export QAIO_TORCH_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
