@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 SENTIMENT = "sentiment"
 GENERATE = "generate"
+RUNNING_GRACE_S = 5.0
 
 
 @dataclasses.dataclass
@@ -51,21 +52,29 @@ class Job:
             return 0.0
         return ((self.finished_at or time.monotonic()) - self.started_at) * 1000
 
-    def wait(self) -> Any:
-        """The job's result; ApiError when it failed or its deadline passed.
+    def wait_budget(self) -> float:
+        """Seconds to keep waiting: until the deadline, plus a grace once running, since a running
+        generation is stopped by its stopping criterion at the deadline."""
+        budget = self.deadline - time.monotonic()
+        if self.started_at is not None:
+            budget += RUNNING_GRACE_S
+        return max(budget, 0.01)  # a job the batcher is about to start is polled, not spun on
 
-        Still queued at the deadline: withdrawn and answered at once. Already running: a generation is
-        stopped by its stopping criterion, so a short grace suffices.
-        """
-        try:
-            return self.future.result(timeout=max(0.0, self.deadline - time.monotonic()))
-        except TimeoutError:
-            if self.withdraw is not None and self.withdraw(self):
-                raise deadline_error() from None
-        try:
-            return self.future.result(timeout=5.0)
-        except TimeoutError:
-            raise deadline_error() from None
+    def give_up(self) -> bool:
+        """At the end of the wait budget: True to answer 504 now (a queued job is withdrawn first);
+        False when the batcher took the job this instant, so its budget now includes the grace."""
+        if self.started_at is None and self.withdraw is not None and not self.withdraw(self):
+            return False
+        return True
+
+    def wait(self) -> Any:
+        """The job's result; ApiError when it failed or its deadline passed."""
+        while True:
+            try:
+                return self.future.result(timeout=self.wait_budget())
+            except TimeoutError:
+                if self.give_up():
+                    raise deadline_error() from None
 
 
 def deadline_error() -> ApiError:

@@ -127,15 +127,12 @@ class TokenStream:
         job = self.job
         try:
             while True:
-                timeout = job.deadline - time.monotonic()
-                if job.started_at is not None:
-                    timeout += 5.0  # running: its stopping criterion ends it at the deadline
                 try:
-                    event = self._events.get(timeout=max(timeout, 0.01))
+                    event = self._events.get(timeout=job.wait_budget())
                 except queue.Empty:
-                    if job.started_at is None and job.withdraw is not None and not job.withdraw(job):
-                        continue  # the batcher took it just now
-                    raise deadline_error() from None
+                    if job.give_up():
+                        raise deadline_error() from None
+                    continue
                 if event is self._DONE:
                     tail = self._delta(final=True)
                     if tail:
