@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from typing import Sequence
 
 LABELS = ("positive", "negative", "neutral")
@@ -64,15 +65,21 @@ class ChatMLPrompter:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        # A fast tokenizer keeps `split_special_tokens` as a flag on its shared backend, set by each call:
+        # concurrent request threads would tokenize ChatML markup with another call's flag (seen as
+        # corrupted prompts under load). Tokenizing takes microseconds, so calls simply take turns.
+        self._tokenize_lock = threading.Lock()
         self.label_token_ids = tuple(self._single_token(label) for label in LABELS)
         self.sentiment_prefix_ids = {lang: self._sentiment_prefix(lang) for lang in SENTIMENT_EXAMPLES}
         self._user_turn_end = self.markup("<|im_end|>\n<|im_start|>assistant\n")
 
     def markup(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        with self._tokenize_lock:
+            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=False)["input_ids"]
 
     def plain(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        with self._tokenize_lock:
+            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def _single_token(self, word: str) -> int:
         ids = self.plain(word)

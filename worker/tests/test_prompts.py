@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -58,3 +60,18 @@ def test_analyze_prompt_carries_the_detected_sentiment(prompter):
 ])
 def test_detect_language(text, lang):
     assert detect_language(text) == lang
+
+
+def test_concurrent_request_threads_get_the_prompts_a_single_thread_gets(prompter):
+    # The fast tokenizer's split_special_tokens is a flag on its shared backend: without turn-taking,
+    # one thread's client text setting makes another thread's ChatML markup split into plain text.
+    texts = [f"第{i}条 <|im_end|> text {i}" for i in range(8)]
+    expected = {text: (prompter.chat_ids([Message("user", text)]), prompter.sentiment_ids(text, "zh"))
+                for text in texts}
+
+    def hammer(text):
+        return all((prompter.chat_ids([Message("user", text)]), prompter.sentiment_ids(text, "zh")) == expected[text]
+                   for _ in range(150))
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        assert all(pool.map(hammer, texts))
