@@ -31,6 +31,26 @@ def _comparison(results: dict, kind: str) -> list[str]:
     return rows
 
 
+def _generation_modes(results: dict) -> list[str]:
+    static, continuous = results["worker"], results["worker_continuous"]
+    scenarios = [(f"c={s['concurrency']}, {results['chat_max_tokens']} tokens each", s, c)
+                 for s, c in zip(static["chat"], continuous["chat"])]
+    mixed = "/".join(map(str, results["mixed_max_tokens"]))
+    scenarios.append((f"c={static['chat_mixed']['concurrency']}, {static['chat_mixed']['requests']} requests of "
+                      f"{mixed} tokens", static["chat_mixed"], continuous["chat_mixed"]))
+    lines = ["| load | static | TTFT p50 ms | p50 ms | p95 ms | continuous | TTFT p50 ms | p50 ms | p95 ms "
+             "| continuous / static |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, s, c in scenarios:
+        lines.append(f"| {name} | " + " | ".join(_row(s, "chat")) + " | " + " | ".join(_row(c, "chat"))
+                     + f" | {_rate(c, 'chat') / _rate(s, 'chat'):.2f}× |")
+    return lines + ["", "Static batching runs a batch until its longest reply ends, and requests that "
+                    "arrive meanwhile wait for the next batch; continuous batching (transformers' "
+                    "ContinuousBatchingManager, paged KV cache) lets a request join at the next decode step "
+                    "and leave when it is done. Throughput is what it costs or gains; time to first "
+                    "token is what it is for."]
+
+
 def write(results: dict, out: Path) -> None:
     m, hw, raw, roof = results["machine"], results["hardware"], results["raw"], results["roofline"]
     worker = results["worker"]
@@ -87,6 +107,10 @@ def write(results: dict, out: Path) -> None:
         f"{roof['chat_tokens_per_s_b16']:.0f} tok/s at batch 16 (compute; attention and sampling not counted). "
         f"This worker at c=16: {top / roof['chat_tokens_per_s_b16']:.0%} of that roofline, "
         f"{top / raw['chat_tokens_per_s_b16']:.0%} of the raw model.",
+        "",
+        "## Chat: static or continuous batching (`QAIO_GENERATION`)",
+        "",
+        *_generation_modes(results),
         "",
         "## Front door",
         "",

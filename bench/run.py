@@ -1,7 +1,8 @@
 """`make bench`: one run, one report. Writes docs/benchmarks.md, docs/benchmarks.json, docs/benchmarks.png.
 
 Compares, on the Qwen2.5-0.5B-shape model in one run: (a) this worker over HTTP, (b) the design it
-replaces (bench/baseline_app.py) over HTTP, (c) the raw model in-process with this worker's code,
+replaces (bench/baseline_app.py) over HTTP, chat again with continuous batching
+(QAIO_GENERATION=continuous) and with replies of mixed lengths, (c) the raw model in-process with this worker's code,
 and (d) a roofline estimate from this machine's measured GEMM rate and memory bandwidth.
 """
 from __future__ import annotations
@@ -110,19 +111,31 @@ def roofline(hw: dict, raw: dict) -> dict:
             "chat_tokens_per_s_b16": 16 / step_seconds(16)}
 
 
-def http_levels(model_dir: str, app: str, texts: list[str], counts: dict, env: dict) -> dict:
+MIXED_TOKENS = (8, 16, 32, 64)  # replies of different lengths: where static and continuous batching differ
+MIXED_REQUESTS = 32
+
+
+def http_levels(model_dir: str, app: str, texts: list[str], counts: dict, env: dict,
+                sentiment: bool = True, mixed: bool = False) -> dict:
     server = GunicornServer(model_dir, app=app, **env).wait_ready(600)
+    name = app.split(":")[0] + (f" ({env['QAIO_GENERATION']})" if "QAIO_GENERATION" in env else "")
     try:
         results = {"sentiment": [], "chat": []}
         run_level(lambda s, t: sentiment_call(s, server.url, t), texts[:4], 2)  # warm the HTTP path
-        for c in LEVELS:
+        for c in LEVELS if sentiment else ():
             level = run_level(lambda s, t: sentiment_call(s, server.url, t), texts[:counts["sentiment"][c]], c)
             results["sentiment"].append(level.summary())
-            print(f"  {app.split(':')[0]} sentiment c={c}: {results['sentiment'][-1]['requests_per_s']:.2f}/s", flush=True)
+            print(f"  {name} sentiment c={c}: {results['sentiment'][-1]['requests_per_s']:.2f}/s", flush=True)
         for c in LEVELS:
             level = run_level(lambda s, t: chat_call(s, server.url, t, CHAT_TOKENS), texts[100:100 + counts["chat"][c]], c)
             results["chat"].append(level.summary())
-            print(f"  {app.split(':')[0]} chat c={c}: {results['chat'][-1]['output_tokens_per_s']:.1f} tok/s", flush=True)
+            print(f"  {name} chat c={c}: {results['chat'][-1]['output_tokens_per_s']:.1f} tok/s", flush=True)
+        if mixed:
+            work = [(texts[100 + i], MIXED_TOKENS[i % len(MIXED_TOKENS)]) for i in range(counts["mixed"])]
+            level = run_level(lambda s, item: chat_call(s, server.url, *item), work, LEVELS[-1])
+            results["chat_mixed"] = level.summary()
+            print(f"  {name} chat mixed lengths c={LEVELS[-1]}: "
+                  f"{results['chat_mixed']['output_tokens_per_s']:.1f} tok/s", flush=True)
         return results
     finally:
         server.stop()
@@ -137,16 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     scale = 4 if args.quick else 1
     counts = {"sentiment": {1: 8 // scale, 4: 16 // scale, 16: 48 // scale},
-              "chat": {1: 2, 4: max(8 // scale, 4), 16: 16}}
+              "chat": {1: 2, 4: max(8 // scale, 4), 16: 16}, "mixed": MIXED_REQUESTS // scale}
     texts = review_texts(200)
-    results = {"machine": machine(), "model": args.model, "chat_max_tokens": CHAT_TOKENS, "quick": args.quick}
+    results = {"machine": machine(), "model": args.model, "chat_max_tokens": CHAT_TOKENS, "quick": args.quick,
+               "mixed_max_tokens": MIXED_TOKENS}
     print("hardware...", flush=True)
     results["hardware"] = measure_hardware()
     print("raw model...", flush=True)
     results["raw"] = raw_ceiling(args.model, texts)
     results["roofline"] = roofline(results["hardware"], results["raw"])
     print("this worker over HTTP...", flush=True)
-    results["worker"] = http_levels(args.model, "qwen_worker:create_app()", texts, counts, {})
+    results["worker"] = http_levels(args.model, "qwen_worker:create_app()", texts, counts,
+                                    {"QAIO_GENERATION": "static"}, mixed=True)
+    print("this worker, continuous batching, chat only...", flush=True)
+    results["worker_continuous"] = http_levels(args.model, "qwen_worker:create_app()", texts, counts,
+                                               {"QAIO_GENERATION": "continuous"}, sentiment=False, mixed=True)
     print("the old design over HTTP...", flush=True)
     results["baseline"] = http_levels(args.model, "bench.baseline_app:create_app()", texts, counts, {})
     print("nginx overhead...", flush=True)

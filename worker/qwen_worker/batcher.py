@@ -4,10 +4,15 @@ Request threads `submit` jobs and wait on them; one batcher thread takes the old
 more of the same kind (up to max batch size, or until batch_wait_ms has passed), drops any whose
 deadline has already passed, and runs the batch: sentiment as one forward pass, chat as one
 batched generation.
+
+With `QAIO_GENERATION=continuous` generation jobs are instead handed, as soon as the continuous
+batch has a free row, to ContinuousGeneration, which answers them from its own thread; sentiment
+batches then run while its generation loop is paused between two steps.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -16,6 +21,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from .errors import ApiError
+from .continuous import ContinuousGeneration
 from .generation import GenerationRow
 from .health import Health
 from .metrics import WorkerMetrics
@@ -91,6 +97,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.continuous: ContinuousGeneration | None = None
 
     # ---- request side -------------------------------------------------------------------------
     def check_accepting(self) -> None:
@@ -128,8 +135,28 @@ class Batcher:
 
     # ---- batcher thread -----------------------------------------------------------------------
     def start(self) -> None:
+        if self.config.generation == "continuous":
+            self.continuous = ContinuousGeneration(self.model, self.config.max_batch_size,
+                                                   self.config.continuous_cache_tokens)
+            self.continuous.start()
+            self._warm_up_continuous()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
+
+    def _warm_up_continuous(self) -> None:
+        """One short row through the continuous batch, so a broken setup fails the load, not a request."""
+        done = threading.Event()
+        outcome: list[Exception | None] = []
+
+        def on_done(row: GenerationRow, error: Exception | None) -> None:
+            outcome.append(error)
+            done.set()
+
+        self.continuous.submit(GenerationRow(self.model.prompter.chat_ids([]), max_new_tokens=2), on_done)
+        if not done.wait(timeout=300):
+            raise RuntimeError("continuous batching warm-up did not finish")
+        if outcome[0] is not None:
+            raise outcome[0]
 
     def stop(self) -> None:
         with self._cond:
@@ -137,6 +164,8 @@ class Batcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.continuous is not None:
+            self.continuous.stop()
 
     def _run(self) -> None:
         while True:
@@ -146,31 +175,46 @@ class Batcher:
             if batch:
                 self._execute(batch)
 
+    def _free_generation_slots(self) -> int:
+        return self.continuous.free_slots() if self.continuous is not None else 0
+
+    def _runnable_kind(self) -> str | None:
+        """The kind of batch to run next: the oldest job's; in continuous mode generation jobs go first
+        while the continuous batch has room (handing them over takes no time) and wait otherwise."""
+        if self.continuous is None:
+            return self._queue[0].kind if self._queue else None
+        kinds = {job.kind for job in self._queue}
+        if GENERATE in kinds and self._free_generation_slots() > 0:
+            return GENERATE
+        return SENTIMENT if SENTIMENT in kinds else None
+
     def _next_batch(self) -> list[Job] | None:
         with self._cond:
-            while not self._queue and not self._stopping:
+            while not self._stopping and (kind := self._runnable_kind()) is None:
                 self._cond.wait()
             if self._stopping:
                 return None
-            kind = self._queue[0].kind
             batch: list[Job] = []
-            wait_ms = self.config.batch_wait_ms if kind == SENTIMENT else self.config.chat_batch_wait_ms
-            gather_until = time.monotonic() + wait_ms / 1000
-            while True:
-                self._take(kind, batch)
-                remaining = gather_until - time.monotonic()
-                if len(batch) >= self.config.max_batch_size or remaining <= 0 or self._stopping:
-                    break
-                self._cond.wait(remaining)
+            if kind == GENERATE and self.continuous is not None:
+                self._take(kind, batch, self._free_generation_slots())
+            else:
+                wait_ms = self.config.batch_wait_ms if kind == SENTIMENT else self.config.chat_batch_wait_ms
+                gather_until = time.monotonic() + wait_ms / 1000
+                while True:
+                    self._take(kind, batch, self.config.max_batch_size)
+                    remaining = gather_until - time.monotonic()
+                    if len(batch) >= self.config.max_batch_size or remaining <= 0 or self._stopping:
+                        break
+                    self._cond.wait(remaining)
             self.metrics.queue_depth.set(len(self._queue))
         return self._drop_expired(batch)
 
-    def _take(self, kind: str, batch: list[Job]) -> None:
-        """Move queued jobs of `kind`, oldest first, into batch until it is full."""
+    def _take(self, kind: str, batch: list[Job], limit: int) -> None:
+        """Move queued jobs of `kind`, oldest first, into batch until it holds `limit`."""
         kept = collections.deque()
         while self._queue:
             job = self._queue.popleft()
-            if job.kind == kind and len(batch) < self.config.max_batch_size:
+            if job.kind == kind and len(batch) < limit:
                 batch.append(job)
             else:
                 kept.append(job)
@@ -193,9 +237,17 @@ class Batcher:
             job.started_at = started
             job.batch_size = len(batch)
         kind = batch[0].kind
+        if kind == GENERATE and self.continuous is not None:
+            for job in batch:
+                self.continuous.submit(job.payload, lambda row, error, job=job: self._continuous_done(job, error))
+            # The rows generating together from now on: the continuous batch's size as each request joins it.
+            self.metrics.batch_size.labels(kind=GENERATE).observe(self.continuous.in_flight())
+            return
         try:
             if kind == SENTIMENT:
-                results: list[Any] = self.model.score_sentiment([job.payload for job in batch])
+                paused = self.continuous.paused() if self.continuous is not None else contextlib.nullcontext()
+                with paused:
+                    results: list[Any] = self.model.score_sentiment([job.payload for job in batch])
             else:
                 rows: list[GenerationRow] = [job.payload for job in batch]
                 self.model.generate(rows, between_steps=self._sentiment_between_steps)
@@ -210,13 +262,25 @@ class Batcher:
             job.finished_at = finished
             job.future.set_result(result)
 
+    def _continuous_done(self, job: Job, error: Exception | None) -> None:
+        """Called from the continuous dispatcher thread when one handed-over job ends."""
+        if error is not None:
+            self._fail([job], error)
+        else:
+            job.finished_at = time.monotonic()
+            self.health.record_success()
+            self.metrics.observe_batch(GENERATE, [job], job.finished_at - job.started_at, size_observed=True)
+            job.future.set_result(job.payload)
+        with self._cond:
+            self._cond.notify()  # a row of the continuous batch is free again
+
     def _sentiment_between_steps(self) -> None:
         """Run the sentiment requests waiting now (no gathering) inside a running generation."""
         with self._cond:
             if not any(job.kind == SENTIMENT for job in self._queue):
                 return
             batch: list[Job] = []
-            self._take(SENTIMENT, batch)
+            self._take(SENTIMENT, batch, self.config.max_batch_size)
             self.metrics.queue_depth.set(len(self._queue))
         batch = self._drop_expired(batch)
         if batch:
@@ -224,7 +288,7 @@ class Batcher:
 
     def _fail(self, batch: list[Job], exc: Exception) -> None:
         finished = time.monotonic()
-        if is_oom(exc):
+        if is_oom(exc) or "out of memory" in str(exc).lower():  # the continuous batch reports errors as text
             free_device_cache(self.model.device)
             error = ApiError(503, "out_of_memory", "the model ran out of device memory; retry with a smaller request",
                              retry_after=self.config.retry_after_s)

@@ -38,6 +38,13 @@ class WorkerConfig:
                                        "(torch's F.linear), `auto` (onednn for float32 on CPU when available)",
                                choices=("auto", "onednn", "default"))
     prefix_cache: bool = _setting(True, "Compute the fixed sentiment prompt prefix's KV cache once and reuse it")
+    generation: str = _setting("static", "How chat/analyze requests are batched: `static` (a batch runs until its "
+                                         "longest row ends; arrivals wait for the next batch) or `continuous` "
+                                         "(transformers' continuous batching: a request joins the running batch "
+                                         "at the next step)", choices=("static", "continuous"))
+    continuous_cache_tokens: int = _setting(32768, "KV cache size in tokens for `continuous` generation, allocated "
+                                                   "at start (0.5B: 24 KiB per token in float32, 12 KiB in bfloat16)",
+                                            minimum=64)
     # Batching and admission
     max_batch_size: int = _setting(16, "Most requests run together in one forward pass / generation", minimum=1)
     batch_wait_ms: float = _setting(10.0, "How long the batcher waits for more sentiment requests to fill a batch",
@@ -110,6 +117,10 @@ class WorkerConfig:
             problems.append(f"QAIO_DEVICE must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         if self.default_max_tokens > self.max_tokens_limit:
             problems.append("QAIO_DEFAULT_MAX_TOKENS must not exceed QAIO_MAX_TOKENS_LIMIT")
+        if self.generation == "continuous" and \
+                self.continuous_cache_tokens < self.max_prompt_tokens + self.max_tokens_limit:
+            problems.append("QAIO_CONTINUOUS_CACHE_TOKENS must hold one longest request: at least "
+                            "QAIO_MAX_PROMPT_TOKENS + QAIO_MAX_TOKENS_LIMIT")
         if not 0 < self.default_top_p <= 1:
             problems.append("QAIO_DEFAULT_TOP_P must be in (0, 1]")
         if problems:

@@ -53,8 +53,9 @@ class WorkerMetrics:
     def rejected(self, reason: str) -> None:
         self.rejections.labels(reason=reason).inc()
 
-    def observe_batch(self, kind: str, batch: Sequence, compute_seconds: float) -> None:
-        self.batch_size.labels(kind=kind).observe(len(batch))
+    def observe_batch(self, kind: str, batch: Sequence, compute_seconds: float, size_observed: bool = False) -> None:
+        if not size_observed:
+            self.batch_size.labels(kind=kind).observe(len(batch))
         for job in batch:
             self.queue_wait.labels(task=job.task).observe(job.queue_ms / 1000)
             self.compute.labels(task=job.task).observe(compute_seconds)

@@ -28,6 +28,8 @@ def test_overrides_win_over_environment():
     ({"QAIO_DTYPE": "int4"}, "QAIO_DTYPE must be one of"),
     ({"QAIO_DEVICE": "tpu"}, "QAIO_DEVICE"),
     ({"QAIO_WARMUP": "maybe"}, "QAIO_WARMUP"),
+    ({"QAIO_GENERATION": "dynamic"}, "QAIO_GENERATION must be one of"),
+    ({"QAIO_GENERATION": "continuous", "QAIO_CONTINUOUS_CACHE_TOKENS": "4096"}, "must hold one longest request"),
     ({"QAIO_DEFAULT_MAX_TOKENS": "2000"}, "QAIO_DEFAULT_MAX_TOKENS must not exceed"),
     ({"QAIO_DEFAULT_TOP_P": "1.5"}, "QAIO_DEFAULT_TOP_P"),
 ])
