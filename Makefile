@@ -7,7 +7,7 @@ MODELS ?= models
 TINY_MODEL := $(MODELS)/tiny
 SHAPE_MODEL := $(MODELS)/qwen2.5-0.5b-shape
 
-.PHONY: help install system-deps test bench loadtest run run-detached stop run-worker demo-models model-tiny model-0.5b clean
+.PHONY: help install system-deps test bench loadtest run run-detached stop run-worker demo-models model-tiny model-0.5b compose-test clean
 
 help:
 	@echo "make install      create $(VENV) and install the worker with its test tools"
@@ -18,6 +18,7 @@ help:
 	@echo "make run-worker   serve QAIO_MODEL (default: offline demo model) on 127.0.0.1:\$$QAIO_PORT (8001)"
 	@echo "make bench        benchmark this worker against the old design: docs/benchmarks.md"
 	@echo "make loadtest     stepped k6 load test against the running stack: docs/loadtest.md"
+	@echo "make compose-test build the images and check the CPU compose stack with podman (root, ~10 min)"
 	@echo "make demo-models  build both offline random-weight models under $(MODELS)/"
 	@echo "make clean        remove $(VENV) and $(MODELS)/"
 
@@ -28,7 +29,9 @@ $(PY):
 # torch first and pinned: an unpinned torch would pull the multi-GB CUDA build on a CPU machine.
 install: $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e 'worker[test,bench]'
+	$(PY) -m pip install --quiet -e 'worker[test,bench,deploy]'
+	$(PYTHON) -m venv $(VENV)/checkov
+	$(VENV)/checkov/bin/pip install --quiet checkov==3.3.9
 
 system-deps:
 	scripts/install-system-deps.sh
@@ -67,6 +70,10 @@ stop:
 run-worker: $(PY)
 	@if [ -z "$${QAIO_MODEL:-}" ]; then $(MAKE) --no-print-directory model-tiny; fi
 	QAIO_MODEL="$${QAIO_MODEL:-$(TINY_MODEL)}" exec $(VENV)/bin/gunicorn -c worker/gunicorn.conf.py 'qwen_worker:create_app()'
+
+# Builds both images and runs the CPU compose file with podman on the demo model (see README).
+compose-test: $(PY) model-tiny
+	deploy/podman/compose-test.sh
 
 clean:
 	rm -rf $(VENV) $(MODELS)

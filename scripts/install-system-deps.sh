@@ -1,5 +1,6 @@
 #!/bin/sh
-# Debian packages the stack and its tests need: nginx, envsubst, curl, Chromium and its driver.
+# Debian packages the stack and its tests need: nginx, envsubst, curl, Chromium and its driver,
+# Prometheus (the autoscaler query test) and kubectl (kustomize builds of k8s/).
 # Installs only what is missing; needs root (or sudo).
 set -eu
 missing=""
@@ -8,6 +9,8 @@ command -v envsubst >/dev/null 2>&1 || missing="$missing gettext-base"
 command -v curl >/dev/null 2>&1 || missing="$missing curl"
 command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
 command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
+command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+command -v kubectl >/dev/null 2>&1 || missing="$missing kubernetes-client"
 [ -n "$missing" ] || exit 0
 sudo=""
 [ "$(id -u)" = 0 ] || sudo=sudo

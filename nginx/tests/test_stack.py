@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from qwen_worker.testing import REPO, free_port, http_status
+from qwen_worker.testing import REPO, free_port_range, http_status
 
 
 def readme_curl_commands() -> list[str]:
@@ -25,7 +25,8 @@ def readme_curl_commands() -> list[str]:
 
 @pytest.fixture()
 def stack(tiny_model_dir, tmp_path):
-    base, port = free_port(), free_port()
+    base = free_port_range(3)  # workers on base and base+1 (stack.sh), nginx on base+2
+    port = base + 2
     env = {**os.environ, "QAIO_MODEL": tiny_model_dir, "QAIO_STACK_DIR": str(tmp_path / "run"),
            "QAIO_STACK_BASE_PORT": str(base), "QAIO_NGINX_LISTEN": f"127.0.0.1:{port}",
            "QAIO_PYTHON": os.environ.get("QAIO_PYTHON", str(REPO / ".venv" / "bin" / "python"))}
