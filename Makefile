@@ -11,7 +11,7 @@ SHAPE_MODEL := $(MODELS)/qwen2.5-0.5b-shape
 
 help:
 	@echo "make install      create $(VENV) and install the worker with its test tools"
-	@echo "make system-deps  install Debian's nginx, Chromium and chromedriver when missing (root/sudo)"
+	@echo "make system-deps  install Debian packages when missing: nginx, Chromium, Prometheus, kubectl (root/sudo)"
 	@echo "make test         run every test (builds the tiny demo model on the fly)"
 	@echo "make run          the local stack: workers + nginx on http://127.0.0.1:8080 (Ctrl-C stops it)"
 	@echo "make stop         stop a stack started by make run"
