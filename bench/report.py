@@ -21,14 +21,15 @@ def _rate(level: dict, kind: str) -> float:
     return level["requests_per_s"] if kind == "sentiment" else level["output_tokens_per_s"]
 
 
+def _paired_row(label, left: dict, right: dict, kind: str, ratio: str) -> str:
+    """One table row: a level measured two ways, side by side, then their throughput ratio."""
+    return f"| {label} | " + " | ".join(_row(left, kind)) + " | " + " | ".join(_row(right, kind)) + f" | {ratio} |"
+
+
 def _comparison(results: dict, kind: str) -> list[str]:
     """Table rows: this worker against the old design at each concurrency, with the throughput ratio."""
-    rows = []
-    for ours, old in zip(results["worker"][kind], results["baseline"][kind]):
-        ratio = _rate(ours, kind) / _rate(old, kind)
-        rows.append(f"| {ours['concurrency']} | " + " | ".join(_row(ours, kind)) + " | "
-                    + " | ".join(_row(old, kind)) + f" | {ratio:.1f}× |")
-    return rows
+    return [_paired_row(ours["concurrency"], ours, old, kind, f"{_rate(ours, kind) / _rate(old, kind):.1f}×")
+            for ours, old in zip(results["worker"][kind], results["baseline"][kind])]
 
 
 def _generation_modes(results: dict) -> list[str]:
@@ -41,9 +42,8 @@ def _generation_modes(results: dict) -> list[str]:
     lines = ["| load | static | TTFT p50 ms | p50 ms | p95 ms | continuous | TTFT p50 ms | p50 ms | p95 ms "
              "| continuous / static |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, s, c in scenarios:
-        lines.append(f"| {name} | " + " | ".join(_row(s, "chat")) + " | " + " | ".join(_row(c, "chat"))
-                     + f" | {_rate(c, 'chat') / _rate(s, 'chat'):.2f}× |")
+    lines += [_paired_row(name, s, c, "chat", f"{_rate(c, 'chat') / _rate(s, 'chat'):.2f}×")
+              for name, s, c in scenarios]
     return lines + ["", "Static batching runs a batch until its longest reply ends, and requests that "
                     "arrive meanwhile wait for the next batch; continuous batching (transformers' "
                     "ContinuousBatchingManager, paged KV cache) lets a request join at the next decode step "

@@ -138,14 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("at least one worker")
     names = [f"worker-{i}" for i in range(count)]
     if args.prometheus:
-        document = prometheus_config(names)
-        header = HEADER.format(args=" ".join(sys.argv[1:] if argv is None else argv),
-                               usage="Prometheus scrape targets for the compose stack.")
+        document, usage = prometheus_config(names), "Prometheus scrape targets for the compose stack."
     else:
         document = compose(names, gpu_ids)
         usage = ("docker compose up -d  (needs the NVIDIA container toolkit)" if gpu_ids is not None
                  else "docker compose -f compose.cpu.yml up -d  (no GPU needed)")
-        header = HEADER.format(args=" ".join(sys.argv[1:] if argv is None else argv), usage=usage)
+    header = HEADER.format(args=" ".join(sys.argv[1:] if argv is None else argv), usage=usage)
     sys.stdout.write(header + yaml.safe_dump(document, sort_keys=False, allow_unicode=True, width=120))
     return 0
 

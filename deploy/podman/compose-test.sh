@@ -27,7 +27,6 @@ if [ -d "$wheels" ]; then  # local wheels (the CPU torch): no index for torch is
 fi
 # shellcheck disable=SC2086  # build_args is a list of words
 podman build $build_args -f worker/Dockerfile -t qaio-worker:latest .
-# shellcheck disable=SC2086
 podman build --format docker -f nginx/Dockerfile -t qaio-nginx:latest .
 echo "== images built in $(( $(date +%s) - started )) s"
 

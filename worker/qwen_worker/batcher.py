@@ -288,13 +288,14 @@ class Batcher:
 
     def _fail(self, batch: list[Job], exc: Exception) -> None:
         finished = time.monotonic()
-        if is_oom(exc) or "out of memory" in str(exc).lower():  # the continuous batch reports errors as text
+        if is_oom(exc):
             free_device_cache(self.model.device)
             error = ApiError(503, "out_of_memory", "the model ran out of device memory; retry with a smaller request",
                              retry_after=self.config.retry_after_s)
             reason = "out_of_memory"
         else:
-            log.exception("model failure in a batch of %d", len(batch))
+            # exc_info from the exception itself: continuous-batch failures arrive outside an except block.
+            log.error("model failure in a batch of %d", len(batch), exc_info=exc)
             error = ApiError(503, "model_error", "the model failed on this batch", retry_after=self.config.retry_after_s)
             reason = "model_error"
         self.metrics.model_failures.labels(reason=reason).inc()

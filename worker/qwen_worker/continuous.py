@@ -83,9 +83,6 @@ class ContinuousGeneration:
             self._dispatcher.join(timeout=10)
         self._fail_all(RowFailed("the worker is stopping"))
 
-    def running(self) -> bool:
-        return self.manager.is_running()
-
     # ---- rows ----------------------------------------------------------------------------------
     def in_flight(self) -> int:
         with self._lock:
@@ -102,7 +99,6 @@ class ContinuousGeneration:
         greedy = row.temperature <= 0
         added = self.manager.add_request(
             row.prompt_ids, request_id=request_id, max_new_tokens=row.max_new_tokens, streaming=True,
-            eos_token_id=sorted(self.model_service.eos_token_ids),
             temperature=1.0 if greedy else float(row.temperature),
             top_p=GREEDY_TOP_P if greedy else float(row.top_p))
         if added is None:  # the manager refuses rows once its loop is stopping or dead

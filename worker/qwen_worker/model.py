@@ -59,7 +59,8 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
+    """A CUDA out-of-memory error, raised here or reported as text by the continuous batch."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def free_device_cache(device: torch.device) -> None:
