@@ -2,6 +2,8 @@
 import pytest
 import requests
 
+from qwen_worker.testing import free_port
+
 
 @pytest.fixture()
 def proxy(workers, nginx):
@@ -57,3 +59,12 @@ def test_no_live_worker_is_a_json_502(nginx):
     response = requests.post(proxy.url + "/v1/sentiment", json={"text": "有人吗"}, timeout=30)
     assert response.status_code == 502
     assert response.json()["error"]["code"] == "no_upstream" and response.headers["Retry-After"]
+
+
+def test_stub_status_answers_on_its_own_port_only(workers, nginx):
+    status_port = free_port()
+    server = nginx(workers, QAIO_NGINX_STATUS_LISTEN=f"127.0.0.1:{status_port}")
+    counters = requests.get(f"http://127.0.0.1:{status_port}/stub_status", timeout=10)
+    assert counters.status_code == 200 and counters.text.startswith("Active connections:")
+    assert requests.get(f"http://127.0.0.1:{status_port}/v1/sentiment", timeout=10).status_code == 404
+    assert requests.get(server.url + "/stub_status", timeout=10).status_code == 404
