@@ -18,13 +18,16 @@ from flask import Flask, Response, jsonify, request
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
 from qwen_worker.config import WorkerConfig
+from qwen_worker.model import resolve_device, resolve_dtype
 from qwen_worker.prompts import LABELS, ChatMLPrompter, Message, detect_language
 
 
 def create_app(config: WorkerConfig | None = None) -> Flask:
     config = config or WorkerConfig.from_env()
     tokenizer = AutoTokenizer.from_pretrained(config.model)
-    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32).eval()
+    # The old design on the device it would run on: float32 on a CPU, bfloat16 on a GPU.
+    device = resolve_device(config.device)
+    model = AutoModelForCausalLM.from_pretrained(config.model, dtype=resolve_dtype(config.dtype, device)).to(device).eval()
     prompter = ChatMLPrompter(tokenizer)
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id]
     one_at_a_time = threading.Lock()
@@ -32,7 +35,8 @@ def create_app(config: WorkerConfig | None = None) -> Flask:
 
     def generate(ids, max_new_tokens, streamer=None):
         with one_at_a_time, torch.inference_mode():
-            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+            out = model.generate(torch.tensor([ids], device=device),
+                                 attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
                                  pad_token_id=tokenizer.pad_token_id, streamer=streamer)
         return out[0, len(ids):].tolist()

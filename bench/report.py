@@ -32,23 +32,14 @@ def _comparison(results: dict, kind: str) -> list[str]:
             for ours, old in zip(results["worker"][kind], results["baseline"][kind])]
 
 
-def _generation_modes(results: dict) -> list[str]:
-    static, continuous = results["worker"], results["worker_continuous"]
-    scenarios = [(f"c={s['concurrency']}, {results['chat_max_tokens']} tokens each", s, c)
-                 for s, c in zip(static["chat"], continuous["chat"])]
-    mixed = "/".join(map(str, results["mixed_max_tokens"]))
-    scenarios.append((f"c={static['chat_mixed']['concurrency']}, {static['chat_mixed']['requests']} requests of "
-                      f"{mixed} tokens", static["chat_mixed"], continuous["chat_mixed"]))
-    lines = ["| load | static | TTFT p50 ms | p50 ms | p95 ms | continuous | TTFT p50 ms | p50 ms | p95 ms "
-             "| continuous / static |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [_paired_row(name, s, c, "chat", f"{_rate(c, 'chat') / _rate(s, 'chat'):.2f}×")
-              for name, s, c in scenarios]
-    return lines + ["", "Static batching runs a batch until its longest reply ends, and requests that "
-                    "arrive meanwhile wait for the next batch; continuous batching (transformers' "
-                    "ContinuousBatchingManager, paged KV cache) lets a request join at the next decode step "
-                    "and leave when it is done. Throughput is what it costs or gains; time to first "
-                    "token is what it is for."]
+def _mixed_lengths(results: dict) -> list[str]:
+    mixed = results["worker"]["chat_mixed"]
+    lengths = "/".join(map(str, results["mixed_max_tokens"]))
+    return ["| load | this worker | TTFT p50 ms | p50 ms | p95 ms |", "| --- | --- | --- | --- | --- |",
+            f"| c={mixed['concurrency']}, {mixed['requests']} requests of {lengths} tokens | "
+            + " | ".join(_row(mixed, "chat")) + " |",
+            "", "Every request joins the running batch at the next decode step and leaves it the step it "
+            "ends (continuous batching over KV slots), so a short reply never waits for a long one."]
 
 
 def write(results: dict, out: Path) -> None:
@@ -66,8 +57,9 @@ def write(results: dict, out: Path) -> None:
         f"{results['chat_max_tokens']} output tokens. These machines are shared and noisy: compare ratios "
         "within this run, not with other runs." + (" **Quick run: too few requests to quote.**" if results["quick"] else ""),
         "",
-        "- **this worker**: batching, sentiment by one forward pass over the label tokens with the fixed "
-        "prompt prefix's KV cache reused, oneDNN prepacked linears, per-row sampling and stopping.",
+        "- **this worker**: the engine (continuous batching over preallocated KV slots, attention over "
+        "length buckets), sentiment by one pass over the label tokens with the fixed prompt prefix's keys "
+        "and values reused, oneDNN prepacked linears, sampling for the whole batch at once.",
         "- **old design** (`bench/baseline_app.py`): one request at a time, sentiment by generating text "
         "(2 tokens: the least a real model needs) and parsing it, stock `generate`, default kernels.",
         "- **raw model**: this worker's model code in-process, batch 16, no HTTP, no queue.",
@@ -108,9 +100,9 @@ def write(results: dict, out: Path) -> None:
         f"This worker at c=16: {top / roof['chat_tokens_per_s_b16']:.0%} of that roofline, "
         f"{top / raw['chat_tokens_per_s_b16']:.0%} of the raw model.",
         "",
-        "## Chat: static or continuous batching (`QAIO_GENERATION`)",
+        "## Chat: replies of mixed lengths",
         "",
-        *_generation_modes(results),
+        *_mixed_lengths(results),
         "",
         "## Front door",
         "",

@@ -1,14 +1,14 @@
-"""`make bench`: one run, one report. Writes docs/benchmarks.md, docs/benchmarks.json, docs/benchmarks.png.
+"""`make bench`: one run, one report. On a CPU: docs/benchmarks.md, .json and .png; with a GPU present,
+the GPU set instead (bench/gpu.py: docs/benchmarks-gpu.md).
 
-Compares, on the Qwen2.5-0.5B-shape model in one run: (a) this worker over HTTP, (b) the design it
-replaces (bench/baseline_app.py) over HTTP, chat again with continuous batching
-(QAIO_GENERATION=continuous) and with replies of mixed lengths, (c) the raw model in-process with this worker's code,
-and (d) a roofline estimate from this machine's measured GEMM rate and memory bandwidth.
+Compares, on the Qwen2.5-0.5B-shape model in one run: (a) this worker over HTTP, chat also with
+replies of mixed lengths, (b) the design it replaces (bench/baseline_app.py) over HTTP, (c) the raw
+model in-process with this worker's engine, and (d) a roofline estimate from this machine's measured
+GEMM rate and memory bandwidth.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -18,23 +18,17 @@ from pathlib import Path
 import torch
 
 from qwen_worker.config import WorkerConfig
-from qwen_worker.generation import GenerationRow
+from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
 from qwen_worker.testing import REPO, GunicornServer
 
 from . import front_door, report
 from .load import chat_call, run_level, sentiment_call
+from .texts import review_texts
 
-DATA = REPO.parent / "shared" / "data" / "waimai_10k.csv"
 CHAT_TOKENS = 32
 LEVELS = (1, 4, 16)
-
-
-def review_texts(count: int) -> list[str]:
-    with open(DATA, encoding="utf-8") as fh:
-        rows = [row["review"] for row in csv.DictReader(fh)]
-    return [rows[(i * 37) % len(rows)] for i in range(count)]  # spread over the file, repeatable
 
 
 def machine() -> dict:
@@ -87,7 +81,7 @@ def raw_ceiling(model_dir: str, texts: list[str]) -> dict:
     for batch in (1, 16):
         rows = [GenerationRow(service.prompter.chat_ids([Message("user", t)]), CHAT_TOKENS) for t in texts[:batch]]
         started = time.perf_counter()
-        service.generate(rows)
+        service.engine.run(rows)
         result[f"chat_tokens_per_s_b{batch}"] = sum(len(r.tokens) for r in rows) / (time.perf_counter() - started)
     return result
 
@@ -118,7 +112,7 @@ MIXED_REQUESTS = 32
 def http_levels(model_dir: str, app: str, texts: list[str], counts: dict, env: dict,
                 sentiment: bool = True, mixed: bool = False) -> dict:
     server = GunicornServer(model_dir, app=app, **env).wait_ready(600)
-    name = app.split(":")[0] + (f" ({env['QAIO_GENERATION']})" if "QAIO_GENERATION" in env else "")
+    name = app.split(":")[0]
     try:
         results = {"sentiment": [], "chat": []}
         run_level(lambda s, t: sentiment_call(s, server.url, t), texts[:4], 2)  # warm the HTTP path
@@ -142,6 +136,10 @@ def http_levels(model_dir: str, app: str, texts: list[str], counts: dict, env: d
 
 
 def main(argv: list[str] | None = None) -> int:
+    if torch.cuda.is_available() and not os.environ.get("QAIO_BENCH_CPU"):
+        from . import gpu
+
+        return gpu.main(argv)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=str(REPO / "models" / "qwen2.5-0.5b-shape"))
     parser.add_argument("--tiny-model", default=str(REPO / "models" / "tiny"), help="for the nginx overhead")
@@ -160,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     results["raw"] = raw_ceiling(args.model, texts)
     results["roofline"] = roofline(results["hardware"], results["raw"])
     print("this worker over HTTP...", flush=True)
-    results["worker"] = http_levels(args.model, "qwen_worker:create_app()", texts, counts,
-                                    {"QAIO_GENERATION": "static"}, mixed=True)
-    print("this worker, continuous batching, chat only...", flush=True)
-    results["worker_continuous"] = http_levels(args.model, "qwen_worker:create_app()", texts, counts,
-                                               {"QAIO_GENERATION": "continuous"}, sentiment=False, mixed=True)
+    results["worker"] = http_levels(args.model, "qwen_worker:create_app()", texts, counts, {}, mixed=True)
     print("the old design over HTTP...", flush=True)
     results["baseline"] = http_levels(args.model, "bench.baseline_app:create_app()", texts, counts, {})
     print("nginx overhead...", flush=True)

@@ -34,9 +34,9 @@ def worker_service(name: str, gpu: int | None) -> dict:
             "QAIO_INSTANCE_ID": name,
             "QAIO_DEVICE": "cuda" if gpu is not None else "cpu",
             "QAIO_DTYPE": "${QAIO_DTYPE:-auto}",
-            "QAIO_GENERATION": "${QAIO_GENERATION:-static}",
-            "QAIO_MAX_BATCH_SIZE": "${QAIO_MAX_BATCH_SIZE:-16}",
-            "QAIO_QUEUE_CAPACITY": "${QAIO_QUEUE_CAPACITY:-64}",
+            # 0: sized for the device (256 KV slots on a GPU, 16 on a CPU; see README).
+            "QAIO_MAX_BATCH_SIZE": "${QAIO_MAX_BATCH_SIZE:-0}",
+            "QAIO_QUEUE_CAPACITY": "${QAIO_QUEUE_CAPACITY:-0}",
             "QAIO_LOG_LEVEL": "${QAIO_LOG_LEVEL:-INFO}",
             "HF_HUB_OFFLINE": "${HF_HUB_OFFLINE:-0}",
         },

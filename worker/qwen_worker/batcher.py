@@ -1,28 +1,24 @@
-"""Bounded request queue and the thread that turns it into model batches.
+"""Bounded request queue and the one thread that runs the engine.
 
-Request threads `submit` jobs and wait on them; one batcher thread takes the oldest job, gathers
-more of the same kind (up to max batch size, or until batch_wait_ms has passed), drops any whose
-deadline has already passed, and runs the batch: sentiment as one forward pass, chat as one
-batched generation.
-
-With `QAIO_GENERATION=continuous` generation jobs are instead handed, as soon as the continuous
-batch has a free row, to ContinuousGeneration, which answers them from its own thread; sentiment
-batches then run while its generation loop is paused between two steps.
+Request threads `submit` jobs and wait on them. The engine thread loops: it hands queued generation
+jobs to the engine while it has free KV slots (a job joins the running batch at the next step), runs
+the sentiment jobs waiting now as one scoring pass between two decode steps (an idle worker first
+waits batch_wait_ms to fill it), and then runs one engine step. Jobs whose deadline passes while
+queued are withdrawn and answered 504 at once.
 """
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import logging
+import sys
 import threading
 import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
 from .errors import ApiError
-from .continuous import ContinuousGeneration
-from .generation import GenerationRow
+from .engine.engine import StepFailed
 from .health import Health
 from .metrics import WorkerMetrics
 from .model import ModelService, free_device_cache, is_oom
@@ -32,6 +28,7 @@ log = logging.getLogger(__name__)
 SENTIMENT = "sentiment"
 GENERATE = "generate"
 RUNNING_GRACE_S = 5.0
+SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclasses.dataclass
@@ -64,7 +61,8 @@ class Job:
         budget = self.deadline - time.monotonic()
         if self.started_at is not None:
             budget += RUNNING_GRACE_S
-        return max(budget, 0.01)  # a job the batcher is about to start is polled, not spun on
+        # Polled, not spun on, when about to start; at most an hour per wait (an infinite timeout overflows).
+        return min(max(budget, 0.01), 3600.0)
 
     def give_up(self) -> bool:
         """At the end of the wait budget: True to answer 504 now (a queued job is withdrawn first);
@@ -97,7 +95,10 @@ class Batcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.continuous: ContinuousGeneration | None = None
+
+    @property
+    def engine(self):
+        return self.model.engine
 
     # ---- request side -------------------------------------------------------------------------
     def check_accepting(self) -> None:
@@ -133,30 +134,13 @@ class Batcher:
         with self._cond:
             return len(self._queue)
 
-    # ---- batcher thread -----------------------------------------------------------------------
+    # ---- engine thread ------------------------------------------------------------------------
     def start(self) -> None:
-        if self.config.generation == "continuous":
-            self.continuous = ContinuousGeneration(self.model, self.config.max_batch_size,
-                                                   self.config.continuous_cache_tokens)
-            self.continuous.start()
-            self._warm_up_continuous()
-        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        # The engine thread gives up the GIL at every device call; with hundreds of HTTP threads runnable,
+        # Python's default 5 ms switch interval would let each of those hand-backs cost up to 5 ms.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
-
-    def _warm_up_continuous(self) -> None:
-        """One short row through the continuous batch, so a broken setup fails the load, not a request."""
-        done = threading.Event()
-        outcome: list[Exception | None] = []
-
-        def on_done(row: GenerationRow, error: Exception | None) -> None:
-            outcome.append(error)
-            done.set()
-
-        self.continuous.submit(GenerationRow(self.model.prompter.chat_ids([]), max_new_tokens=2), on_done)
-        if not done.wait(timeout=300):
-            raise RuntimeError("continuous batching warm-up did not finish")
-        if outcome[0] is not None:
-            raise outcome[0]
 
     def stop(self) -> None:
         with self._cond:
@@ -164,53 +148,53 @@ class Batcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if self.continuous is not None:
-            self.continuous.stop()
 
     def _run(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            if batch:
-                self._execute(batch)
+        engine = self.engine
+        try:
+            while True:
+                work = self._next_work()
+                if work is None:
+                    return
+                generation, sentiment = work
+                for job in generation:
+                    self._start_generation(job)
+                if sentiment:
+                    self._execute_sentiment(sentiment)
+                if engine.has_work():
+                    self._step()
+                self.metrics.live_slots.set(engine.live())
+        finally:
+            engine.fail_all(ApiError(503, "not_ready", "the worker is stopping", retry_after=self.config.retry_after_s))
 
-    def _free_generation_slots(self) -> int:
-        return self.continuous.free_slots() if self.continuous is not None else 0
-
-    def _runnable_kind(self) -> str | None:
-        """The kind of batch to run next: the oldest job's; in continuous mode generation jobs go first
-        while the continuous batch has room (handing them over takes no time) and wait otherwise."""
-        if self.continuous is None:
-            return self._queue[0].kind if self._queue else None
-        kinds = {job.kind for job in self._queue}
-        if GENERATE in kinds and self._free_generation_slots() > 0:
-            return GENERATE
-        return SENTIMENT if SENTIMENT in kinds else None
-
-    def _next_batch(self) -> list[Job] | None:
+    def _next_work(self) -> tuple[list[Job], list[Job]] | None:
+        """Generation jobs for the free slots and the sentiment jobs to score now; None when stopping."""
+        engine = self.engine
         with self._cond:
-            while not self._stopping and (kind := self._runnable_kind()) is None:
+            while not self._stopping and not self._queue and not engine.has_work():
                 self._cond.wait()
             if self._stopping:
                 return None
-            batch: list[Job] = []
-            if kind == GENERATE and self.continuous is not None:
-                self._take(kind, batch, self._free_generation_slots())
-            else:
-                wait_ms = self.config.batch_wait_ms if kind == SENTIMENT else self.config.chat_batch_wait_ms
-                gather_until = time.monotonic() + wait_ms / 1000
+            generation: list[Job] = []
+            self._take(GENERATE, generation, engine.free_slots())
+            sentiment: list[Job] = []
+            if any(job.kind == SENTIMENT for job in self._queue):
+                # Idle: worth waiting a little to fill the pass. Busy: the decode steps must go on.
+                gather_until = time.monotonic() + self.config.batch_wait_ms / 1000
                 while True:
-                    self._take(kind, batch, self.config.max_batch_size)
+                    self._take(SENTIMENT, sentiment, self.config.max_batch_size)
                     remaining = gather_until - time.monotonic()
-                    if len(batch) >= self.config.max_batch_size or remaining <= 0 or self._stopping:
+                    if engine.has_work() or generation or len(sentiment) >= self.config.max_batch_size \
+                            or remaining <= 0 or self._stopping:
                         break
                     self._cond.wait(remaining)
             self.metrics.queue_depth.set(len(self._queue))
-        return self._drop_expired(batch)
+        return self._drop_expired(generation), self._drop_expired(sentiment)
 
     def _take(self, kind: str, batch: list[Job], limit: int) -> None:
         """Move queued jobs of `kind`, oldest first, into batch until it holds `limit`."""
+        if len(batch) >= limit:
+            return
         kept = collections.deque()
         while self._queue:
             job = self._queue.popleft()
@@ -231,75 +215,71 @@ class Batcher:
                 live.append(job)
         return live
 
-    def _execute(self, batch: list[Job]) -> None:
+    def _start_generation(self, job: Job) -> None:
+        job.started_at = time.monotonic()
+        try:
+            self.engine.add(job.payload, lambda row, error, job=job: self._generation_done(job, error))
+        except Exception as exc:  # a row the engine refuses fails alone
+            self._fail([job], exc)
+            return
+        job.batch_size = self.engine.live()  # the rows generating together as this one joins
+        self.metrics.batch_size.labels(kind=GENERATE).observe(job.batch_size)
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+        except StepFailed as failure:  # its rows were answered through _generation_done
+            self._after_failure(failure.cause, len(failure.rows))
+
+    def _generation_done(self, job: Job, error: Exception | None) -> None:
+        """Called on the engine thread when a generation ends."""
+        job.finished_at = time.monotonic()
+        if error is not None:
+            job.future.set_exception(self._api_error(error))
+            return
+        self.health.record_success()
+        self.metrics.observe_batch(GENERATE, [job], job.finished_at - job.started_at, size_observed=True)
+        job.future.set_result(job.payload)
+
+    def _execute_sentiment(self, batch: list[Job]) -> None:
         started = time.monotonic()
         for job in batch:
             job.started_at = started
             job.batch_size = len(batch)
-        kind = batch[0].kind
-        if kind == GENERATE and self.continuous is not None:
-            for job in batch:
-                self.continuous.submit(job.payload, lambda row, error, job=job: self._continuous_done(job, error))
-            # The rows generating together from now on: the continuous batch's size as each request joins it.
-            self.metrics.batch_size.labels(kind=GENERATE).observe(self.continuous.in_flight())
-            return
         try:
-            if kind == SENTIMENT:
-                paused = self.continuous.paused() if self.continuous is not None else contextlib.nullcontext()
-                with paused:
-                    results: list[Any] = self.model.score_sentiment([job.payload for job in batch])
-            else:
-                rows: list[GenerationRow] = [job.payload for job in batch]
-                self.model.generate(rows, between_steps=self._sentiment_between_steps)
-                results = rows
+            results = self.model.score_sentiment([job.payload for job in batch])
         except Exception as exc:  # a model failure fails this batch, never the process
             self._fail(batch, exc)
             return
         finished = time.monotonic()
         self.health.record_success()
-        self.metrics.observe_batch(kind, batch, finished - started)
+        self.metrics.observe_batch(SENTIMENT, batch, finished - started)
         for job, result in zip(batch, results):
             job.finished_at = finished
             job.future.set_result(result)
 
-    def _continuous_done(self, job: Job, error: Exception | None) -> None:
-        """Called from the continuous dispatcher thread when one handed-over job ends."""
-        if error is not None:
-            self._fail([job], error)
-        else:
-            job.finished_at = time.monotonic()
-            self.health.record_success()
-            self.metrics.observe_batch(GENERATE, [job], job.finished_at - job.started_at, size_observed=True)
-            job.future.set_result(job.payload)
-        with self._cond:
-            self._cond.notify()  # a row of the continuous batch is free again
+    def _api_error(self, exc: Exception) -> ApiError:
+        if isinstance(exc, ApiError):
+            return exc
+        if is_oom(exc):
+            return ApiError(503, "out_of_memory", "the model ran out of device memory; retry with a smaller request",
+                            retry_after=self.config.retry_after_s)
+        return ApiError(503, "model_error", "the model failed on this batch", retry_after=self.config.retry_after_s)
 
-    def _sentiment_between_steps(self) -> None:
-        """Run the sentiment requests waiting now (no gathering) inside a running generation."""
-        with self._cond:
-            if not any(job.kind == SENTIMENT for job in self._queue):
-                return
-            batch: list[Job] = []
-            self._take(SENTIMENT, batch, self.config.max_batch_size)
-            self.metrics.queue_depth.set(len(self._queue))
-        batch = self._drop_expired(batch)
-        if batch:
-            self._execute(batch)
-
-    def _fail(self, batch: list[Job], exc: Exception) -> None:
-        finished = time.monotonic()
+    def _after_failure(self, exc: Exception, size: int) -> None:
         if is_oom(exc):
             free_device_cache(self.model.device)
-            error = ApiError(503, "out_of_memory", "the model ran out of device memory; retry with a smaller request",
-                             retry_after=self.config.retry_after_s)
             reason = "out_of_memory"
         else:
-            # exc_info from the exception itself: continuous-batch failures arrive outside an except block.
-            log.error("model failure in a batch of %d", len(batch), exc_info=exc)
-            error = ApiError(503, "model_error", "the model failed on this batch", retry_after=self.config.retry_after_s)
+            log.error("model failure in a batch of %d", size, exc_info=exc)
             reason = "model_error"
         self.metrics.model_failures.labels(reason=reason).inc()
         self.health.record_failure()
+
+    def _fail(self, batch: list[Job], exc: Exception) -> None:
+        finished = time.monotonic()
+        self._after_failure(exc, len(batch))
+        error = self._api_error(exc)
         for job in batch:
             job.finished_at = finished
             job.future.set_exception(error)

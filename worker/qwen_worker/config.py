@@ -7,6 +7,8 @@ import re
 import socket
 from typing import Any, Mapping
 
+from .devices import cuda_expected
+
 ENV_PREFIX = "QAIO_"
 
 
@@ -33,26 +35,30 @@ class WorkerConfig:
     host: str = _setting("127.0.0.1", "Address gunicorn binds to")
     port: int = _setting(8001, "Port gunicorn binds to", minimum=1)
     workers: int = _setting(1, "gunicorn processes; each loads its own model copy", minimum=1)
-    threads: int = _setting(32, "Connection threads per process (requests waiting on the batcher hold one)", minimum=1)
+    threads: int = _setting(0, "Connection threads per process; every open request, streams included, holds one "
+                               "(0: QAIO_MAX_BATCH_SIZE + QAIO_QUEUE_CAPACITY)", minimum=0)
+    stream_coalesce_ms: float = _setting(20.0, "A stream sends the tokens of this many milliseconds as one event (the "
+                                              "first token goes at once)", minimum=0)
     cpu_linear: str = _setting("auto", "Linear-layer kernels on CPU: `onednn` (weights prepacked once), `default` "
                                        "(torch's F.linear), `auto` (onednn for float32 on CPU when available)",
                                choices=("auto", "onednn", "default"))
     prefix_cache: bool = _setting(True, "Compute the fixed sentiment prompt prefix's KV cache once and reuse it")
-    generation: str = _setting("static", "How chat/analyze requests are batched: `static` (a batch runs until its "
-                                         "longest row ends; arrivals wait for the next batch) or `continuous` "
-                                         "(transformers' continuous batching: a request joins the running batch "
-                                         "at the next step)", choices=("static", "continuous"))
-    continuous_cache_tokens: int = _setting(32768, "KV cache size in tokens for `continuous` generation, allocated "
-                                                   "at start (0.5B: 24 KiB per token in float32, 12 KiB in bfloat16)",
-                                            minimum=64)
+    cuda_graphs: str = _setting("auto", "Decode steps as CUDA graphs captured at start-up: `auto` (on a GPU), `on`, `off` "
+                                        "(eager, for debugging)", choices=("auto", "on", "off"))
+    compile: str = _setting("off", "`on`: torch.compile the engine's passes (experimental: it recompiles for each "
+                                   "shape bucket, and start-up took over 10 minutes on an H100), `off`",
+                            choices=("on", "off"))
+    prefill_chunk_tokens: int = _setting(0, "Prompt tokens prefilled per engine step; longer prompts go in chunks, so "
+                                            "running replies wait at most one chunk (0: 2048 on a GPU, 512 on a CPU)",
+                                         minimum=0)
     # Batching and admission
-    max_batch_size: int = _setting(16, "Most requests run together in one forward pass / generation", minimum=1)
-    batch_wait_ms: float = _setting(10.0, "How long the batcher waits for more sentiment requests to fill a batch",
+    max_batch_size: int = _setting(0, "Requests generating at once (KV slots, each as long as QAIO_MAX_PROMPT_TOKENS + "
+                                      "QAIO_MAX_TOKENS_LIMIT) and most sentiment texts per pass (0: 256 on a GPU, "
+                                      "16 on a CPU)", minimum=0)
+    batch_wait_ms: float = _setting(10.0, "How long an idle worker waits for more sentiment requests to fill a batch",
                                     minimum=0)
-    # A generation lasts seconds and a late arrival waits for all of it: worth waiting longer to fill.
-    chat_batch_wait_ms: float = _setting(50.0, "How long the batcher waits for more chat/analyze requests to fill "
-                                               "a generation batch", minimum=0)
-    queue_capacity: int = _setting(64, "Requests that may wait for the model; more are refused with 503", minimum=1)
+    queue_capacity: int = _setting(0, "Requests that may wait for a slot or a sentiment pass; more are refused with "
+                                      "503 (0: twice QAIO_MAX_BATCH_SIZE, at least 64)", minimum=0)
     retry_after_s: int = _setting(1, "Retry-After seconds sent with 503 answers", minimum=0)
     # Deadlines (a client may lower them with `deadline_ms` in the body or the X-Deadline-Ms header)
     sentiment_deadline_ms: int = _setting(15000, "Default deadline of a sentiment request", minimum=1)
@@ -117,15 +123,15 @@ class WorkerConfig:
             problems.append(f"QAIO_DEVICE must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         if self.default_max_tokens > self.max_tokens_limit:
             problems.append("QAIO_DEFAULT_MAX_TOKENS must not exceed QAIO_MAX_TOKENS_LIMIT")
-        if self.generation == "continuous" and \
-                self.continuous_cache_tokens < self.max_prompt_tokens + self.max_tokens_limit:
-            problems.append("QAIO_CONTINUOUS_CACHE_TOKENS must hold one longest request: at least "
-                            "QAIO_MAX_PROMPT_TOKENS + QAIO_MAX_TOKENS_LIMIT")
         if not 0 < self.default_top_p <= 1:
             problems.append("QAIO_DEFAULT_TOP_P must be in (0, 1]")
         if problems:
             raise ConfigError("; ".join(problems))
         fill = {}
+        # Sizes that depend on the device: a GPU holds hundreds of rows in one step, a CPU a handful.
+        batch = self.max_batch_size or (256 if cuda_expected(self.device) else 16)
+        queue = self.queue_capacity or max(64, 2 * batch)
+        fill.update(max_batch_size=batch, queue_capacity=queue, threads=self.threads or batch + queue)
         if not self.instance_id:
             fill["instance_id"] = socket.gethostname()
         if not self.model_name:

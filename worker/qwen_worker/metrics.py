@@ -18,7 +18,8 @@ from prometheus_flask_exporter import PrometheusMetrics
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
-BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.5, 1, 2)
 
 
 def multiprocess_mode() -> bool:
@@ -43,6 +44,14 @@ class WorkerMetrics:
                                   registry=r)
         self.model_failures = Counter("qaio_model_failures_total", "Model batches that failed", ["reason"],
                                       registry=r)
+        self.decode_step = Histogram("qaio_decode_step_seconds", "Time of one engine decode step (all live rows)",
+                                     ["path"], buckets=STEP_BUCKETS, registry=r)
+        self.live_slots = Gauge("qaio_live_slots", "KV slots held by generating requests", registry=r,
+                                multiprocess_mode="livesum")
+        self.slots = Gauge("qaio_slots", "KV slots of this worker (the most requests generating at once)",
+                           registry=r, multiprocess_mode="livesum")
+        self.cuda_graphs = Gauge("qaio_cuda_graphs", "Decode CUDA graphs captured at start-up", registry=r,
+                                 multiprocess_mode="livemax")
         # One series per live process (pid label) when gunicorn runs several: each loads its own model.
         self.ready = Gauge("qaio_ready", "1 when this worker process is ready", registry=r,
                            multiprocess_mode="liveall")
@@ -64,6 +73,10 @@ class WorkerMetrics:
                 self.prompt_tokens.labels(task=job.task).inc(len(job.payload.prompt_ids))
             else:
                 self.prompt_tokens.labels(task=job.task).inc(len(job.payload))
+
+    def observe_step(self, seconds: float, rows: int, path: str) -> None:
+        """One decode step: `path` is `graph` (a CUDA graph replayed) or `eager` (no graph for its shape)."""
+        self.decode_step.labels(path=path).observe(seconds)
 
     def set_model_info(self, info: dict, instance: str) -> None:
         self.model_info.labels(model=info["model"], instance=instance, device=info["device"],

@@ -1,4 +1,4 @@
-"""The one model of a worker process: loading, the sentiment forward pass and batched generation."""
+"""The one model of a worker process: loading, the sentiment prefix cache, and the engine that runs it."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,14 @@ import time
 from typing import Sequence
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, DynamicCache, GenerationConfig, LogitsProcessorList,
-                          StoppingCriteriaList)
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .config import WorkerConfig
 from .cpu_linear import onednn_available, pack_linears
-from .generation import GenerationRow, RowSampling, RowStopping
+from .engine import GenerationRow
+from .engine.engine import Engine
+from .engine.model_runner import ModelRunner
+from .engine.scheduler import Scheduler
 from .prompts import LABELS, ChatMLPrompter
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class ModelService:
         self.packed_linears = 0  # nn.Linear layers running on oneDNN
         # Fixed prompt prefix (token ids) -> its per-layer (key, value) tensors, batch size 1.
         self.prefix_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.engine: Engine | None = None
 
     @property
     def is_demo(self) -> bool:
@@ -103,21 +106,41 @@ class ModelService:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
         model.to(self.device).eval()
         self.parameter_count = sum(p.numel() for p in model.parameters())
-        if self._use_onednn_linear():
-            self.packed_linears = pack_linears(model)
         self.eos_token_ids = self._eos_ids(model)
-        pad = self.tokenizer.pad_token_id
-        self.pad_token_id = pad if pad is not None else min(self.eos_token_ids)
-        # Replace the hub's sampling defaults (top_k, repetition_penalty, ...): every request sets its own.
-        model.generation_config = GenerationConfig(
-            eos_token_id=sorted(self.eos_token_ids), pad_token_id=self.pad_token_id,
-            bos_token_id=model.config.bos_token_id)
         self.model = model
         self.prompter = ChatMLPrompter(self.tokenizer)
+        # The sentiment head: the output embedding rows of the three label tokens, taken before the
+        # linears are repacked for the CPU (a packed head has no plain weight left).
+        head = model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("an output layer with a bias is not supported")
+        label_head = head.weight.detach()[list(self.prompter.label_token_ids)].clone()
         if self.config.prefix_cache:
             for prefix in self.prompter.sentiment_prefix_ids.values():
                 self.prefix_kv[tuple(prefix)] = self._compute_prefix_kv(prefix)
+        if self._use_onednn_linear():
+            self.packed_linears = pack_linears(model)
+        self.engine = self._build_engine(model, label_head)
         self.load_seconds = time.monotonic() - started
+
+    def _build_engine(self, model, label_head: torch.Tensor) -> Engine:
+        cfg = self.config
+        max_tokens = cfg.max_prompt_tokens + cfg.max_tokens_limit
+        chunk = cfg.prefill_chunk_tokens or (2048 if self.device.type == "cuda" else 512)
+        on_gpu = self.device.type == "cuda"
+        use_graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and on_gpu)
+        compile = cfg.compile == "on"
+        runner = ModelRunner(model, slots=cfg.max_batch_size, max_tokens=max_tokens, prefill_chunk=chunk,
+                             use_graphs=use_graphs, label_head=label_head, compile=compile)
+        try:
+            runner.capture_graphs()
+        except Exception:
+            if not runner.compiled:
+                raise
+            log.exception("torch.compile failed; the engine runs eager passes instead")
+            runner.disable_compile()
+            runner.capture_graphs()
+        return Engine(runner, Scheduler(cfg.max_batch_size, max_tokens, chunk), self.eos_token_ids)
 
     def _use_onednn_linear(self) -> bool:
         setting = self.config.cpu_linear
@@ -137,23 +160,18 @@ class ModelService:
         return {i for i in ids if i is not None and i >= 0}
 
     def warmup(self) -> None:
-        """One real sentiment forward and a short generation, so the first request pays no lazy init."""
+        """Real sentiment passes and a short generation through the engine, so the first request pays
+        no lazy initialisation (and a broken setup fails the load, not a request)."""
         prompter = self.prompter
-        self.score_sentiment([prompter.sentiment_ids("warm-up", "en")])
-        self.generate([GenerationRow(prompter.chat_ids([]), max_new_tokens=2)])
+        self.score_sentiment([prompter.sentiment_ids("warm-up", "en"), prompter.sentiment_ids("预热", "zh")])
+        self.score_sentiment([prompter.sentiment_ids("warm-up", "en")] * min(4, self.engine.runner.slots))
+        self.engine.run([GenerationRow(prompter.chat_ids([]), max_new_tokens=2)
+                         for _ in range(min(2, self.engine.runner.slots))])
 
-    def _left_pad(self, sequences: Sequence[Sequence[int]]):
-        width = max(len(s) for s in sequences)
-        ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for i, seq in enumerate(sequences):
-            ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[i, width - len(seq):] = 1
-        return ids.to(self.device), mask.to(self.device)
-
-    @torch.inference_mode()
     def _compute_prefix_kv(self, prefix: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        out = self.model(input_ids=torch.tensor([list(prefix)], device=self.device), use_cache=True)
+        """The fixed sentiment prefix's per-layer (key, value) [1, kv_heads, len, head_dim], by the model itself."""
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor([list(prefix)], device=self.device), use_cache=True)
         return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
     def _cached_prefix(self, prompt: Sequence[int]) -> tuple[int, ...] | None:
@@ -162,12 +180,11 @@ class ModelService:
                 return prefix
         return None
 
-    @torch.inference_mode()
     def score_sentiment(self, prompts: Sequence[Sequence[int]]) -> list[dict[str, float]]:
-        """Label probabilities: softmax over the label tokens' logits at the last position.
+        """Label probabilities: softmax over the label tokens' logits after each prompt.
 
-        Prompts starting with a cached prefix run only their own tokens on top of the prefix's KV
-        cache; the rest run whole. Within each, rows of similar length share a left-padded pass.
+        Prompts starting with a cached prefix run only their own tokens on top of the prefix's keys and
+        values; the rest run whole. Each group is one padded, fixed-shape pass.
         """
         groups: dict[tuple[int, ...] | None, list[int]] = {}
         for i, prompt in enumerate(prompts):
@@ -175,56 +192,27 @@ class ModelService:
         logits = torch.empty((len(prompts), len(LABELS)), dtype=torch.float32)
         for prefix, rows in groups.items():
             skip = len(prefix) if prefix else 0
-            for bucket in length_buckets([len(prompts[i]) - skip for i in rows]):
-                members = [rows[j] for j in bucket]
-                logits[members] = self._label_logits([prompts[i] for i in members], prefix).float().cpu()
+            cached = self.prefix_kv[prefix] if prefix else None
+            # On a CPU every padded token costs compute, so similar lengths share a pass; on a GPU one
+            # pass is faster than several smaller ones (launches, not arithmetic, bound it there).
+            parts = length_buckets([len(prompts[i]) - skip for i in rows]) if self.device.type == "cpu" \
+                else [list(range(len(rows)))]
+            for part in parts:
+                members = [rows[j] for j in part]
+                logits[members] = self.engine.score(cached, [prompts[i][skip:] for i in members])
         probs = logits.softmax(dim=-1).tolist()
         return [dict(zip(LABELS, row)) for row in probs]
-
-    def _label_logits(self, prompts: Sequence[Sequence[int]], prefix: tuple[int, ...] | None) -> torch.Tensor:
-        labels = list(self.prompter.label_token_ids)
-        if prefix is None:
-            ids, mask = self._left_pad(prompts)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                             use_cache=False, logits_to_keep=1)
-            return out.logits[:, -1, labels]
-        # Suffixes are left-padded, so padding sits between the prefix and each text: the mask hides
-        # it and positions continue from the prefix, which makes this equal to the full computation.
-        ids, suffix_mask = self._left_pad([p[len(prefix):] for p in prompts])
-        batch = len(prompts)
-        mask = torch.cat([torch.ones((batch, len(prefix)), dtype=torch.long, device=self.device), suffix_mask], 1)
-        positions = len(prefix) + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
-                              for k, v in self.prefix_kv[prefix]])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, labels]
-
-    @torch.inference_mode()
-    def generate(self, rows: Sequence[GenerationRow], between_steps=None) -> None:
-        """Generate for all rows in one batch; fills each row's tokens and finish_reason.
-
-        `between_steps`, if given, is called after every decode step (other forward passes may run there).
-        """
-        ids, mask = self._left_pad([r.prompt_ids for r in rows])
-        stopping = RowStopping(rows, self.eos_token_ids, between_steps=between_steps)
-        self.model.generate(
-            input_ids=ids, attention_mask=mask,
-            max_new_tokens=max(r.max_new_tokens for r in rows),
-            do_sample=any(r.temperature > 0 for r in rows),
-            logits_processor=LogitsProcessorList([RowSampling(rows, self.device)]),
-            stopping_criteria=StoppingCriteriaList([stopping]),
-        )
-        for row in rows:
-            if row.finish_reason is None:  # generate stopped on its own length limit
-                row.finish_reason = "length"
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def describe(self) -> dict:
+        runner = self.engine.runner if self.engine is not None else None
         return {"model": self.config.model_name, "source": self.config.model, "device": str(self.device),
                 "dtype": str(self.dtype).replace("torch.", ""), "demo_model": self.is_demo,
                 "cpu_linear": "onednn" if self.packed_linears else "default",
-                "prefix_cache": bool(self.prefix_kv)}
+                "prefix_cache": bool(self.prefix_kv),
+                "slots": runner.slots if runner else None,
+                "cuda_graphs": len(runner.graphs) if runner else 0,
+                "compiled": runner.compiled if runner else False,
+                "graph_capture_seconds": round(runner.capture_seconds, 2) if runner else None}

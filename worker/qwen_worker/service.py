@@ -10,7 +10,7 @@ from typing import Iterator
 from .batcher import GENERATE, SENTIMENT, Batcher, Job, deadline_error
 from .config import WorkerConfig
 from .errors import ApiError
-from .generation import GenerationRow
+from .engine import GenerationRow
 from .health import Health
 from .metrics import WorkerMetrics
 from .model import ModelService
@@ -46,6 +46,10 @@ class WorkerService:
     def _load(self) -> None:
         try:
             self.model.load()
+            engine = self.model.engine
+            engine.observe_step = self.metrics.observe_step
+            self.metrics.slots.set(engine.runner.slots)
+            self.metrics.cuda_graphs.set(len(engine.runner.graphs))
             if self.config.warmup:
                 self.model.warmup()
             info = self.model.describe()
@@ -96,6 +100,9 @@ class WorkerService:
             stream.attach(job)
         return job
 
+    def token_stream(self) -> "TokenStream":
+        return TokenStream(self.model.decode, self.config.stream_coalesce_ms / 1000)
+
     def chat_ids(self, messages: list[Message]) -> list[int]:
         return self.prompter.chat_ids(messages)
 
@@ -104,12 +111,18 @@ class WorkerService:
 
 
 class TokenStream:
-    """Text deltas of one streaming generation, fed token by token from the batcher thread."""
+    """Text deltas of one streaming generation, fed token by token from the engine thread.
+
+    The first token goes out at once; later ones are sent at most every `coalesce_s` seconds, as one
+    delta of all tokens that arrived meanwhile: at thousands of tokens per second, an event (a thread
+    wake-up and a socket write) per token would cost the HTTP layer more than the model.
+    """
 
     _DONE = object()
 
-    def __init__(self, decode):
+    def __init__(self, decode, coalesce_s: float = 0.0):
         self.decode = decode
+        self.coalesce_s = coalesce_s
         self._events: queue.Queue = queue.Queue()
         self.job: Job | None = None
         self.tokens: list[int] = []
@@ -122,26 +135,42 @@ class TokenStream:
         self.job = job
         job.future.add_done_callback(lambda _: self._events.put(self._DONE))
 
+    def _next_events(self, send_after: float) -> list:
+        """The next event, then (once the coalescing window has passed) every event queued by then."""
+        job = self.job
+        while True:
+            try:
+                events = [self._events.get(timeout=job.wait_budget())]
+                break
+            except queue.Empty:
+                if job.give_up():
+                    raise deadline_error() from None
+        if self.coalesce_s and events[0] is not self._DONE:
+            delay = send_after - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            while True:
+                try:
+                    events.append(self._events.get_nowait())
+                except queue.Empty:
+                    break
+        return events
+
     def deltas(self) -> Iterator[str]:
         """Yields text as it is generated; ends when the job ends (its outcome is in `job.future`)."""
         job = self.job
+        send_after = 0.0
         try:
             while True:
-                try:
-                    event = self._events.get(timeout=job.wait_budget())
-                except queue.Empty:
-                    if job.give_up():
-                        raise deadline_error() from None
-                    continue
-                if event is self._DONE:
-                    tail = self._delta(final=True)
-                    if tail:
-                        yield tail
-                    return
-                self.tokens.append(event)
-                delta = self._delta(final=False)
+                events = self._next_events(send_after)
+                done = any(event is self._DONE for event in events)
+                self.tokens.extend(event for event in events if event is not self._DONE)
+                delta = self._delta(final=done)
                 if delta:
                     yield delta
+                    send_after = time.monotonic() + self.coalesce_s
+                if done:
+                    return
         except GeneratorExit:
             job.payload.cancelled.set()  # the client went away: stop generating for it
             raise

@@ -130,7 +130,7 @@ class NginxServer:
 
 
 # Several instances sharing one machine's cores: one torch thread each keeps them from fighting.
-SHARED_CPU_WORKER_ENV = {"QAIO_TORCH_THREADS": "1", "QAIO_BATCH_WAIT_MS": "5", "QAIO_CHAT_BATCH_WAIT_MS": "5",
+SHARED_CPU_WORKER_ENV = {"QAIO_TORCH_THREADS": "1", "QAIO_BATCH_WAIT_MS": "5",
                          "QAIO_THREADS": "16"}
 
 

@@ -33,12 +33,8 @@ def test_concurrent_requests_share_batches_and_match_serial_answers(make_app):
 CHAT = {"text": "排队中", "max_tokens": 2, "temperature": 0}
 
 
-GENERATION_MODES = pytest.mark.parametrize("generation", ["static", "continuous"])
-
-
-@GENERATION_MODES
-def test_full_queue_answers_503_with_retry_after_at_once(make_app, blocker, generation):
-    app = make_app(max_batch_size=1, queue_capacity=1, retry_after_s=3, generation=generation)
+def test_full_queue_answers_503_with_retry_after_at_once(make_app, blocker):
+    app = make_app(max_batch_size=1, queue_capacity=1, retry_after_s=3)
     service = app.extensions["qaio"]
     long_job = blocker.occupy(service)
     client = app.test_client()
@@ -59,9 +55,8 @@ def test_full_queue_answers_503_with_retry_after_at_once(make_app, blocker, gene
     assert 'qaio_rejections_total{reason="queue_full"} 1.0' in metrics
 
 
-@GENERATION_MODES
-def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(make_app, blocker, generation):
-    app = make_app(max_batch_size=1, generation=generation)
+def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(make_app, blocker):
+    app = make_app(max_batch_size=1)
     service = app.extensions["qaio"]
     long_job = blocker.occupy(service)
     prompt = service.chat_ids([Message("user", "等太久了")])
@@ -76,9 +71,8 @@ def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(mak
         as_text=True)
 
 
-@GENERATION_MODES
-def test_sentiment_runs_between_the_steps_of_a_running_generation(make_app, blocker, generation):
-    app = make_app(max_batch_size=4, generation=generation)
+def test_sentiment_runs_between_the_steps_of_a_running_generation(make_app, blocker):
+    app = make_app(max_batch_size=4)
     service = app.extensions["qaio"]
     long_job = blocker.occupy(service)
     jobs = [service.submit_sentiment(text, "zh", service.deadline(30_000)) for text in ("插队一", "插队二")]
@@ -91,18 +85,16 @@ def test_sentiment_runs_between_the_steps_of_a_running_generation(make_app, bloc
     assert alone == pytest.approx(results[0], abs=1e-5)
 
 
-@GENERATION_MODES
-def test_deadline_stops_generation_inside_the_loop(make_app, generation):
-    client = make_app(generation=generation).test_client()
+def test_deadline_stops_generation_inside_the_loop(make_app):
+    client = make_app().test_client()
     response = client.post("/v1/chat", json={"text": "write forever", "max_tokens": 1000, "temperature": 0,
                                              "deadline_ms": 300})
     assert response.status_code == 504
     assert response.get_json()["error"]["code"] == "deadline_exceeded"
 
 
-@GENERATION_MODES
-def test_deadline_ends_a_stream_with_finish_reason_deadline(make_app, generation):
-    client = make_app(generation=generation).test_client()
+def test_deadline_ends_a_stream_with_finish_reason_deadline(make_app):
+    client = make_app().test_client()
     response = client.post("/v1/chat", json={"text": "write forever", "max_tokens": 1000, "temperature": 0,
                                              "stream": True}, headers={"X-Deadline-Ms": "300"})
     events = [line for line in response.get_data(as_text=True).split("\n\n") if line]

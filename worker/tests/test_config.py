@@ -24,12 +24,12 @@ def test_overrides_win_over_environment():
 
 @pytest.mark.parametrize("env, fragment", [
     ({"QAIO_PORT": "eighty"}, "QAIO_PORT"),
-    ({"QAIO_MAX_BATCH_SIZE": "0"}, "QAIO_MAX_BATCH_SIZE must be >= 1"),
+    ({"QAIO_MAX_BATCH_SIZE": "-1"}, "QAIO_MAX_BATCH_SIZE must be >= 0"),
     ({"QAIO_DTYPE": "int4"}, "QAIO_DTYPE must be one of"),
     ({"QAIO_DEVICE": "tpu"}, "QAIO_DEVICE"),
     ({"QAIO_WARMUP": "maybe"}, "QAIO_WARMUP"),
-    ({"QAIO_GENERATION": "dynamic"}, "QAIO_GENERATION must be one of"),
-    ({"QAIO_GENERATION": "continuous", "QAIO_CONTINUOUS_CACHE_TOKENS": "4096"}, "must hold one longest request"),
+    ({"QAIO_CUDA_GRAPHS": "sometimes"}, "QAIO_CUDA_GRAPHS must be one of"),
+    ({"QAIO_COMPILE": "auto"}, "QAIO_COMPILE must be one of"),
     ({"QAIO_DEFAULT_MAX_TOKENS": "2000"}, "QAIO_DEFAULT_MAX_TOKENS must not exceed"),
     ({"QAIO_DEFAULT_TOP_P": "1.5"}, "QAIO_DEFAULT_TOP_P"),
 ])
@@ -52,3 +52,12 @@ def test_readme_documents_every_setting():
     readme = (__import__("pathlib").Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     missing = [name for name, _, _ in describe_settings() if f"`{name}`" not in readme]
     assert not missing, f"README's configuration table lacks {missing}"
+
+
+def test_sizes_follow_the_device_unless_set():
+    cpu = WorkerConfig.from_env({"QAIO_DEVICE": "cpu"})
+    assert (cpu.max_batch_size, cpu.queue_capacity, cpu.threads) == (16, 64, 80)
+    gpu = WorkerConfig.from_env({"QAIO_DEVICE": "cuda:1"})
+    assert (gpu.max_batch_size, gpu.queue_capacity, gpu.threads) == (256, 512, 768)
+    set_ = WorkerConfig.from_env({"QAIO_DEVICE": "cuda", "QAIO_MAX_BATCH_SIZE": "64", "QAIO_THREADS": "100"})
+    assert (set_.max_batch_size, set_.queue_capacity, set_.threads) == (64, 128, 100)

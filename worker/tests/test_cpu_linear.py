@@ -5,7 +5,7 @@ from torch import nn
 
 from qwen_worker.config import WorkerConfig
 from qwen_worker.cpu_linear import PackedLinear, onednn_available, pack_linears
-from qwen_worker.generation import GenerationRow
+from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
 
@@ -47,5 +47,5 @@ def test_the_model_gives_the_same_answers_on_either_kernel(models):
     rows = {k: [GenerationRow(m.prompter.chat_ids([Message("user", t)]), max_new_tokens=12) for t in ("你好", "hi")]
             for k, m in models.items()}
     for kernel, model in models.items():
-        model.generate(rows[kernel])
+        model.engine.run(rows[kernel])
     assert [r.tokens for r in rows["default"]] == [r.tokens for r in rows["onednn"]]

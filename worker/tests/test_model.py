@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from qwen_worker.config import WorkerConfig
-from qwen_worker.generation import GenerationRow
+from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService, resolve_dtype
 from qwen_worker.prompts import LABELS, Message
 
@@ -41,7 +41,7 @@ def test_sentiment_batch_equals_serial(model):
 
 
 def test_sentiment_reads_the_last_position_of_a_full_forward(model):
-    """The logits_to_keep=1 path gives what the full forward gives at the last position."""
+    """Scoring on top of the cached prefix gives what the full forward gives at the last position."""
     prompt = model.prompter.sentiment_ids(TEXTS[0], "zh")
     with torch.inference_mode():
         full = model.model(input_ids=torch.tensor([prompt])).logits[0, -1]
@@ -58,10 +58,10 @@ def _rows(model, lengths):
 def test_greedy_generation_batch_equals_serial(model):
     lengths = [12, 3, 20, 7, 16]
     batched = _rows(model, lengths)
-    model.generate(batched)
+    model.engine.run(batched)
     for row, n in zip(batched, lengths):
         single = _rows(model, lengths)[batched.index(row)]
-        model.generate([single])
+        model.engine.run([single])
         assert row.tokens == single.tokens
         assert len(row.tokens) == n and row.finish_reason == "length"
     assert len({tuple(r.tokens) for r in batched}) == len(batched), "tiny model output should vary by prompt"
@@ -69,9 +69,9 @@ def test_greedy_generation_batch_equals_serial(model):
 
 def test_sampled_rows_do_not_disturb_greedy_rows_in_the_same_batch(model):
     greedy = _rows(model, [10])[0]
-    model.generate([greedy])
+    model.engine.run([greedy])
     mixed = _rows(model, [10, 10, 10])
     mixed[1].temperature, mixed[2].temperature, mixed[2].top_p = 1.0, 0.7, 0.5
-    model.generate(mixed)
+    model.engine.run(mixed)
     assert mixed[0].tokens == greedy.tokens
     assert all(len(r.tokens) == 10 for r in mixed)

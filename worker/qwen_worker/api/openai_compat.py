@@ -7,7 +7,7 @@ from flask import Blueprint, g, jsonify
 
 from .. import validation as v
 from ..errors import ApiError, bad_request
-from ..generation import GenerationRow
+from ..engine import GenerationRow
 from ..service import TokenStream
 from .common import envelope, service, sse
 from .tasks import finished_row, generation_params, usage
@@ -51,7 +51,7 @@ def chat_completions():
     completion_id = f"chatcmpl-{g.request_id}"
     created = int(time.time())
     if stream:
-        tokens = TokenStream(svc.model.decode)
+        tokens = svc.token_stream()
         job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat", stream=tokens)
         return sse(_chunks(tokens, job, completion_id, created, bool(options.get("include_usage"))))
     job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat")

@@ -6,7 +6,7 @@ from flask import Blueprint, g, jsonify
 from .. import validation as v
 from ..batcher import deadline_error
 from ..errors import ApiError
-from ..generation import GenerationRow
+from ..engine import GenerationRow
 from ..prompts import detect_language
 from ..service import TokenStream, sentiment_view
 from .common import envelope, service, sse
@@ -65,7 +65,7 @@ def chat():
     g.log_fields.update(task="chat", input_chars=sum(len(m.content) for m in messages), stream=stream)
     prompt = svc.chat_ids(messages)
     if stream:
-        tokens = TokenStream(svc.model.decode)
+        tokens = svc.token_stream()
         job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat", stream=tokens)
         return sse(_chat_events(tokens, job))
     job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat")

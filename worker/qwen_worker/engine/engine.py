@@ -1,0 +1,180 @@
+"""The step loop's body: prefill what the scheduler picks, decode every live row once, then on the host
+(from one device-to-host copy of the new tokens) stream, stop, and free the slots of finished rows."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from .model_runner import ModelRunner
+from .sampler import sample
+from .scheduler import Scheduler
+from .sequence import GenerationRow
+
+log = logging.getLogger(__name__)
+
+OnDone = Callable[[GenerationRow, Exception | None], None]
+
+
+class RowFailed(RuntimeError):
+    """A row could not run (bad input, or the engine is stopping)."""
+
+
+class StepFailed(RuntimeError):
+    """A device pass failed; `rows` are the rows it took down (already released and told)."""
+
+    def __init__(self, cause: Exception, rows: Sequence[GenerationRow]):
+        super().__init__(str(cause))
+        self.cause = cause
+        self.rows = list(rows)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: set[int],
+                 observe_step: Callable[[float, int, str], None] | None = None, clock=time.monotonic):
+        self.runner = runner
+        self.scheduler = scheduler
+        self.eos = eos_token_ids
+        self.observe_step = observe_step or (lambda seconds, live, path: None)
+        self.clock = clock
+
+    # ---- rows ----------------------------------------------------------------------------------
+    def free_slots(self) -> int:
+        return self.scheduler.free_slots()
+
+    def live(self) -> int:
+        return self.scheduler.live()
+
+    def has_work(self) -> bool:
+        return self.scheduler.live() > 0
+
+    def add(self, row: GenerationRow, on_done: OnDone) -> None:
+        """Admit a row into a free slot; it prefills at the next step. Bad rows fail here, not on the device
+        (an out-of-range token id on a GPU would kill the whole CUDA context)."""
+        row.on_done = on_done
+        vocab = self.runner.stack.vocab_size
+        if not row.prompt_ids or min(row.prompt_ids) < 0 or max(row.prompt_ids) >= vocab:
+            raise RowFailed(f"prompt token ids must be in [0, {vocab})")
+        self.scheduler.admit(row)
+
+    def run(self, rows: Sequence[GenerationRow]) -> None:
+        """Admit rows and step until every row is done; raises the first row's error. For benchmarks,
+        tests and warm-up: in the worker, only the engine thread steps."""
+        errors: list[Exception] = []
+        for row in rows:
+            self.add(row, lambda row, error: errors.append(error) if error is not None else None)
+        while self.has_work():
+            try:
+                self.step()
+            except StepFailed:
+                pass  # its rows' errors are in `errors`
+        if errors:
+            raise errors[0]
+
+    def fail_all(self, error: Exception) -> None:
+        for row in list(self.scheduler.rows.values()):
+            self._finish(row, error)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Prefill a budget of prompt chunks, then one decode step for all rows. A failing device pass
+        raises StepFailed after failing only the rows it carried."""
+        self._sweep()
+        chunks = self.scheduler.prefill_chunks()
+        if chunks:
+            rows = [row for row, _ in chunks]
+            try:
+                logits = self.runner.prefill([chunk for _, chunk in chunks])
+            except Exception as exc:
+                self._fail(rows, exc)
+            for row, chunk in chunks:
+                row.cached = chunk.start + len(chunk.tokens)
+            done = [i for i, row in enumerate(rows) if row.prefilled]
+            if done:
+                picked = logits[done]
+                self._advance([rows[i] for i in done], picked, picked.argmax(dim=-1))
+        decoding = self.scheduler.decoding()
+        if not decoding:
+            return
+        width = self.scheduler.decode_width()
+        started = self.clock()
+        replays = self.runner.graph_replays
+        try:
+            logits, greedy = self.runner.decode({row.slot: (row.next_input, row.cached) for row in decoding}, width)
+            slots = torch.tensor([row.slot for row in decoding], device=logits.device)
+            for row in decoding:
+                row.cached += 1
+            self._advance(decoding, logits[slots], greedy[slots])
+        except StepFailed:
+            raise
+        except Exception as exc:
+            self._fail(decoding, exc)
+        path = "graph" if self.runner.graph_replays > replays else "eager"
+        self.observe_step(self.clock() - started, len(decoding), path)
+
+    def _fail(self, rows: Sequence[GenerationRow], exc: Exception):
+        for row in rows:
+            self._finish(row, exc)
+        raise StepFailed(exc, rows) from exc
+
+    def _advance(self, rows: Sequence[GenerationRow], logits: torch.Tensor, greedy: torch.Tensor) -> None:
+        """Pick each row's next token on the device, copy them to the host once, and apply them."""
+        if all(row.greedy for row in rows):
+            tokens = greedy
+        else:
+            temperature = torch.tensor([row.temperature for row in rows], dtype=torch.float32)
+            top_p = torch.tensor([row.top_p for row in rows], dtype=torch.float32)
+            to = dict(device=logits.device, non_blocking=True)
+            tokens = sample(logits, temperature.to(**to), top_p.to(**to))
+        now = self.clock()
+        for row, token in zip(rows, tokens.tolist()):
+            self._accept(row, token, now)
+
+    def _accept(self, row: GenerationRow, token: int, now: float) -> None:
+        if token in self.eos:
+            row.finish_reason = "stop"
+        else:
+            row.tokens.append(token)
+            row.next_input = token
+            if row.on_token is not None:
+                row.on_token(token)
+            if len(row.tokens) >= row.max_new_tokens:
+                row.finish_reason = "length"
+            elif row.cancelled.is_set():
+                row.finish_reason = "cancelled"
+            elif now >= row.deadline:
+                row.finish_reason = "deadline"
+        if row.finish_reason is not None:
+            self._finish(row, None)
+
+    def _sweep(self) -> None:
+        """Stop rows whose client left or whose deadline passed, also those still prefilling."""
+        now = self.clock()
+        for row in list(self.scheduler.rows.values()):
+            if row.cancelled.is_set():
+                row.finish_reason = "cancelled"
+            elif now >= row.deadline:
+                row.finish_reason = "deadline"
+            else:
+                continue
+            self._finish(row, None)
+
+    def _finish(self, row: GenerationRow, error: Exception | None) -> None:
+        self.scheduler.release(row)
+        callback, row.on_done = row.on_done, None
+        if callback is None:
+            return
+        try:
+            callback(row, error)
+        except Exception:  # a failing callback must not stop the engine serving other rows
+            log.exception("engine: completion callback failed")
+
+    # ---- sentiment -----------------------------------------------------------------------------
+    def score(self, prefix, texts: Sequence[Sequence[int]]) -> torch.Tensor:
+        vocab = self.runner.stack.vocab_size
+        for text in texts:
+            if not text or min(text) < 0 or max(text) >= vocab:
+                raise RowFailed(f"prompt token ids must be in [0, {vocab})")
+        return self.runner.score(prefix, texts)

@@ -1,0 +1,217 @@
+"""How one step runs on the device: fixed shapes, CUDA graphs for decode, bucketed eager passes otherwise.
+
+Decode runs slots [0, n) with n padded to a batch bucket and attention over the first `attend`
+positions of each slot, padded to a length bucket; on a GPU each (n, attend) pair is a CUDA graph
+captured at start-up that reads its inputs from fixed buffers. Prefill and sentiment scoring run
+eagerly, padded to width and batch buckets, so they too reuse a handful of shapes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Sequence
+
+import torch
+
+from .buckets import bucket, doubling
+from .forward import DecoderStack
+from .kv_cache import SlotKVCache
+
+log = logging.getLogger(__name__)
+
+MIN_ATTEND = 128  # the shortest attention-length bucket
+MIN_WIDTH = 16  # the narrowest prefill / scoring width bucket
+PAD_TOKEN = 0
+
+
+def _round_up(n: int, sizes: Sequence[int], step: int = 256) -> int:
+    """The bucket for n; past the largest bucket, n rounded up to a multiple of `step`."""
+    return bucket(n, sizes) if n <= sizes[-1] else -(-n // step) * step
+
+
+@dataclasses.dataclass
+class PrefillChunk:
+    slot: int
+    tokens: Sequence[int]  # the chunk's prompt tokens
+    start: int  # position of its first token in the sequence
+
+
+class ModelRunner:
+    """One model's forward passes over a SlotKVCache of `slots` slots of `max_tokens` tokens."""
+
+    def __init__(self, model, *, slots: int, max_tokens: int, prefill_chunk: int, use_graphs: bool,
+                 label_head: torch.Tensor, compile: bool = False):
+        weight = model.get_input_embeddings().weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.stack = DecoderStack(model, max_tokens)
+        if self.device.type == "cuda":
+            self.stack.fuse()  # on a CPU the packed oneDNN linears are the fast path; no second weight copy
+        s = self.stack
+        self.kv = SlotKVCache(s.num_layers, slots, s.kv_heads, max_tokens, s.head_dim, self.dtype, self.device)
+        self.slots = slots
+        self.max_tokens = max_tokens
+        self.prefill_chunk = prefill_chunk
+        self.batch_sizes = doubling(1, slots)
+        self.attend_lengths = doubling(min(MIN_ATTEND, max_tokens), max_tokens)
+        self.widths = doubling(min(MIN_WIDTH, prefill_chunk), prefill_chunk)
+        self.label_head = label_head.to(self.device, self.dtype)
+        # Decode inputs live in fixed buffers that the captured graphs read: tokens, positions, write_at, lengths.
+        self._inputs = torch.zeros((4, slots), dtype=torch.long, device=self.device)
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        # On a GPU shapes are padded to buckets (graphs, kernel choices and the allocator reuse them);
+        # on a CPU every padded row or token is paid in arithmetic, so passes keep their real sizes.
+        self.pad_shapes = self.device.type == "cuda"
+        # torch.compile fuses the ~50 small kernels of each layer (norms, RoPE, activations) into a few;
+        # dynamic shapes, so the buckets share one compilation. The graphs then capture compiled code.
+        self.compiled = compile
+        self._decode_pass = self.stack.decode
+        self._prefill_pass = self.stack.prefill
+        self._score_pass = self.stack.score
+        if compile:
+            self._decode_pass = torch.compile(self.stack.decode, dynamic=True)
+            self._prefill_pass = torch.compile(self.stack.prefill, dynamic=True)
+            self._score_pass = torch.compile(self.stack.score, dynamic=True)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.graph_replays = 0
+        self.eager_decodes = 0
+        self.capture_seconds = 0.0
+
+    def disable_compile(self) -> None:
+        """Back to eager passes (a compilation failed: serve slower rather than not at all)."""
+        self.compiled = False
+        self._decode_pass, self._prefill_pass, self._score_pass = self.stack.decode, self.stack.prefill, self.stack.score
+        self.graphs.clear()
+
+    # ---- decode --------------------------------------------------------------------------------
+    def decode_shape(self, width: int, longest: int) -> tuple[int, int]:
+        """The (batch, attend) bucket for slots [0, width) whose longest row attends to `longest` keys."""
+        return bucket(width, self.batch_sizes) if self.pad_shapes else width, bucket(longest, self.attend_lengths)
+
+    def _decode_fixed(self, n: int, attend: int) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, positions, write_at, lengths = self._inputs[:, :n]
+        logits = self._decode_pass(self.kv, tokens, positions, write_at, lengths, attend)
+        return logits, logits.argmax(dim=-1)
+
+    @torch.inference_mode()
+    def capture_graphs(self) -> None:
+        """Capture a decode graph for every (batch, attend) bucket, largest first so the smaller
+        ones fit in the memory pool the first one reserved."""
+        if not self.use_graphs:
+            return
+        started = time.monotonic()
+        self._set_idle_inputs(self.slots)
+        pool = None
+        side = torch.cuda.Stream(self.device)
+        for n in reversed(self.batch_sizes):
+            for attend in reversed(self.attend_lengths):
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, autotuning
+                    self._decode_fixed(n, attend)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits, greedy = self._decode_fixed(n, attend)
+                pool = graph.pool()
+                self.graphs[(n, attend)] = (graph, logits, greedy)
+        torch.cuda.synchronize(self.device)
+        self.capture_seconds = time.monotonic() - started
+        log.info("captured %d decode graphs in %.1f s", len(self.graphs), self.capture_seconds,
+                 extra={"batch_sizes": list(self.batch_sizes), "attend_lengths": list(self.attend_lengths)})
+
+    def _set_idle_inputs(self, n: int) -> None:
+        """Rows that decode nothing: token 0 at position 0, key written to scratch, one key attended."""
+        self._inputs[:, :n] = torch.tensor([[PAD_TOKEN], [0], [self.kv.scratch], [1]], device=self.device)
+
+    @torch.inference_mode()
+    def decode(self, rows: dict[int, tuple[int, int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step for slots [0, width); rows maps slot -> (input token, position).
+
+        Returns logits [width, vocab] and their argmax [width], still on the device; slots without a
+        row compute padding that nobody reads.
+        """
+        longest = max(position + 1 for _, position in rows.values())
+        n, attend = self.decode_shape(width, longest)
+        tokens, positions, write_at, lengths = [PAD_TOKEN] * n, [0] * n, [self.kv.scratch] * n, [1] * n
+        for slot, (token, position) in rows.items():
+            tokens[slot], positions[slot], write_at[slot], lengths[slot] = token, position, position, position + 1
+        self._inputs[:, :n].copy_(torch.tensor([tokens, positions, write_at, lengths]), non_blocking=True)
+        graph = self.graphs.get((n, attend))
+        if graph is not None:
+            graph[0].replay()
+            self.graph_replays += 1
+            return graph[1][:width], graph[2][:width]
+        self.eager_decodes += 1
+        logits, greedy = self._decode_fixed(n, attend)
+        return logits[:width], greedy[:width]
+
+    # ---- prefill -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> torch.Tensor:
+        """Writes each chunk's keys into its slot; logits [len(chunks), vocab] at each chunk's last token.
+
+        Chunks of similar width share a pass padded to a width and batch bucket.
+        """
+        logits = torch.empty((len(chunks), self.stack.vocab_size), dtype=self.dtype, device=self.device)
+        groups: dict[int, list[int]] = {}
+        for i, chunk in enumerate(chunks):
+            width = _round_up(len(chunk.tokens), self.widths) if self.pad_shapes else 0
+            groups.setdefault(width, []).append(i)
+        for width, members in groups.items():
+            logits[members] = self._prefill_group([chunks[i] for i in members], width)
+        return logits
+
+    def _prefill_group(self, chunks: Sequence[PrefillChunk], width: int) -> torch.Tensor:
+        width = width or max(len(chunk.tokens) for chunk in chunks)
+        batch = _round_up(len(chunks), self.batch_sizes, step=self.slots) if self.pad_shapes else len(chunks)
+        tokens = torch.full((batch, width), PAD_TOKEN, dtype=torch.long)
+        positions = torch.zeros((batch, width), dtype=torch.long)
+        write_at = torch.full((batch, width), self.kv.scratch, dtype=torch.long)
+        last = torch.zeros(batch, dtype=torch.long)
+        slots = torch.zeros(batch, dtype=torch.long)
+        longest = 1
+        for b, chunk in enumerate(chunks):
+            length = len(chunk.tokens)
+            span = torch.arange(chunk.start, chunk.start + length)
+            tokens[b, :length] = torch.as_tensor(chunk.tokens, dtype=torch.long)
+            positions[b, :length] = span
+            positions[b, length:] = chunk.start + length - 1  # padding repeats the last real position
+            write_at[b, :length] = span
+            last[b] = length - 1
+            slots[b] = chunk.slot
+            longest = max(longest, chunk.start + length)
+        attend = bucket(longest, self.attend_lengths)
+        to = dict(device=self.device, non_blocking=True)
+        out = self._prefill_pass(self.kv, slots.to(**to), tokens.to(**to), positions.to(**to), write_at.to(**to),
+                                 last.to(**to), attend)
+        return out[:len(chunks)]
+
+    # ---- sentiment scoring ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
+              texts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Label logits [len(texts), labels] (float32, on the host) of texts that follow a cached prefix.
+
+        Texts of similar length share a pass padded to their width bucket (one long review must not
+        pad 255 short ones to its length); on a CPU, where shapes cost nothing, each pass is padded
+        only to its longest text.
+        """
+        logits = torch.empty((len(texts), self.label_head.shape[0]), dtype=torch.float32)
+        if self.device.type == "cpu":
+            return self._score_group(prefix, texts, max(len(t) for t in texts))
+        groups: dict[int, list[int]] = {}
+        for i, text in enumerate(texts):
+            groups.setdefault(_round_up(len(text), self.widths), []).append(i)
+        for width, members in groups.items():
+            logits[members] = self._score_group(prefix, [texts[i] for i in members], width)
+        return logits
+
+    def _score_group(self, prefix, texts: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+        batch = _round_up(len(texts), self.batch_sizes, step=self.slots) if self.pad_shapes else len(texts)
+        tokens = torch.full((batch, width), PAD_TOKEN, dtype=torch.long)
+        last = torch.zeros(batch, dtype=torch.long)
+        for b, text in enumerate(texts):
+            tokens[b, :len(text)] = torch.as_tensor(text, dtype=torch.long)
+            last[b] = len(text) - 1
+        out = self._score_pass(prefix, tokens.to(self.device), last.to(self.device), self.label_head)
+        return out[:len(texts)].cpu()

@@ -1,0 +1,29 @@
+import torch
+
+from qwen_worker.engine.sampler import sample
+
+
+def test_greedy_rows_take_their_argmax_and_nucleus_rows_stay_in_their_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]] * 2000)
+    temperature = torch.tensor([0.0] * 1000 + [1.0] * 1000)
+    top_p = torch.tensor([1.0] * 1000 + [0.75] * 1000)
+    tokens = sample(probs.log(), temperature, top_p, torch.Generator().manual_seed(0))
+    assert (tokens[:1000] == 0).all()
+    sampled = tokens[1000:]
+    assert set(sampled.tolist()) == {0, 1}  # 0.5 + 0.3 reaches top_p 0.75; 2 and 3 never drawn
+    assert abs((sampled == 0).float().mean().item() - 0.5 / 0.8) < 0.05  # renormalised over the nucleus
+
+
+def test_a_sampled_row_follows_its_temperature_scaled_distribution():
+    logits = torch.tensor([[0.6, 0.4]]).log().repeat(4000, 1)
+    warm = sample(logits, torch.full((4000,), 1.0), torch.ones(4000), torch.Generator().manual_seed(1))
+    cold = sample(logits, torch.full((4000,), 0.5), torch.ones(4000), torch.Generator().manual_seed(2))
+    assert abs((warm == 0).float().mean().item() - 0.6) < 0.03
+    expected_cold = 0.36 / (0.36 + 0.16)  # p^(1/T), renormalised
+    assert abs((cold == 0).float().mean().item() - expected_cold) < 0.03
+
+
+def test_a_tiny_top_p_is_greedy():
+    logits = torch.randn(64, 1000)
+    tokens = sample(logits, torch.full((64,), 1.3), torch.full((64,), 1e-6))
+    assert torch.equal(tokens, logits.argmax(-1))
