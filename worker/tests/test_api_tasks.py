@@ -110,6 +110,8 @@ def test_metrics_exposes_the_worker_series(client):
                  'qaio_queue_wait_seconds_bucket{le="0.005",task="sentiment"}',
                  'qaio_compute_seconds_count{task="chat"}', "qaio_queue_depth", 'qaio_batch_size_bucket',
                  'qaio_generated_tokens_total{task="chat"}', "qaio_prompt_tokens_total", "qaio_ready 1.0",
-                 'qaio_model_info{demo_model="true",device="cpu",dtype="float32",instance="test-worker",model="tiny"}'):
+                 'qaio_model_info{demo_model="true",device="cpu",dtype="float32",instance="test-worker",model="tiny"}',
+                 'qaio_decode_step_seconds_count{path="eager"}', "qaio_live_slots 0.0", "qaio_slots 16.0",
+                 "qaio_cuda_graphs 0.0"):
         assert name in text, name
     assert "qaio_gpu_utilization_percent" not in text  # no GPU here

@@ -117,3 +117,30 @@ def test_model_failures_in_a_row_drain_readiness_but_the_worker_keeps_serving(ma
     assert ready.headers["Retry-After"]
     assert client.post("/v1/sentiment", json=sentiment_body("还能用吗")).status_code == 200
     assert 'qaio_model_failures_total{reason="model_error"} 2.0' in client.get("/metrics").get_data(as_text=True)
+
+
+def test_an_out_of_memory_pass_answers_503_for_its_requests_only_and_the_worker_goes_on(make_app, monkeypatch):
+    import torch
+
+    app = make_app(failure_threshold=5)
+    service, client = app.extensions["qaio"], app.test_client()
+    runner = service.model.engine.runner
+    real_prefill = runner.prefill
+    injected = []
+
+    def allocation_fails_once(chunks):
+        if not injected:
+            injected.append(len(chunks))
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_prefill(chunks)
+
+    monkeypatch.setattr(runner, "prefill", allocation_fails_once)
+    refused = client.post("/v1/chat", json={"text": "oom", "max_tokens": 4, "temperature": 0})
+    assert refused.status_code == 503 and refused.get_json()["error"]["code"] == "out_of_memory"
+    assert refused.headers["Retry-After"]
+    assert injected == [1]
+    served = client.post("/v1/chat", json={"text": "oom", "max_tokens": 4, "temperature": 0})
+    assert served.status_code == 200 and served.get_json()["usage"]["completion_tokens"] >= 1
+    assert service.model.engine.live() == 0
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'qaio_model_failures_total{reason="out_of_memory"} 1.0' in metrics
