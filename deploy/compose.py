@@ -63,6 +63,8 @@ def compose(worker_names: list[str], gpu_ids: list[int] | None) -> dict:
         "image": "${QAIO_NGINX_IMAGE:-qaio-nginx:latest}",
         "build": {"context": ".", "dockerfile": "nginx/Dockerfile"},
         "environment": {
+            # The workers' model is part of nginx's cache key: the same setting, read by both.
+            "QAIO_MODEL": "${QAIO_MODEL:-Qwen/Qwen2.5-0.5B-Instruct}",
             "QAIO_NGINX_UPSTREAMS": upstreams,
             "QAIO_NGINX_STRATEGY": "${QAIO_NGINX_STRATEGY:-least_conn}",
             "QAIO_NGINX_WEIGHTS": "${QAIO_NGINX_WEIGHTS:-}",

@@ -1,19 +1,32 @@
 #!/bin/sh
-# Debian packages the stack and its tests need: nginx, envsubst, curl, Chromium and its driver,
-# Prometheus (the autoscaler query test) and kubectl (kustomize builds of k8s/).
-# Installs only what is missing; needs root (or sudo).
+# Debian packages the stack and its tests need, installed only when missing:
+#   scripts/install-system-deps.sh        everything `make test` needs: nginx, envsubst, curl, Chromium and
+#                                          its driver, Prometheus (the autoscaler query test), kubectl (kustomize)
+#   scripts/install-system-deps.sh run    what `make run` needs: nginx, envsubst, curl
+# Installs as root, or through sudo when it works without a password prompt; otherwise prints one
+# message naming the packages to install and fails.
 set -eu
 missing=""
 command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
 command -v envsubst >/dev/null 2>&1 || missing="$missing gettext-base"
 command -v curl >/dev/null 2>&1 || missing="$missing curl"
-command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
-command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
-command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
-command -v kubectl >/dev/null 2>&1 || missing="$missing kubernetes-client"
+if [ "${1:-test}" != run ]; then
+  command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+  command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
+  command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+  command -v kubectl >/dev/null 2>&1 || missing="$missing kubernetes-client"
+fi
 [ -n "$missing" ] || exit 0
-sudo=""
-[ "$(id -u)" = 0 ] || sudo=sudo
+if [ "$(id -u)" = 0 ]; then
+  sudo=""
+elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+  sudo=sudo
+else
+  echo "missing Debian packages:$missing" >&2
+  echo "install them as root (apt-get install$missing) and run again" >&2
+  exit 1
+fi
+command -v apt-get >/dev/null 2>&1 || { echo "missing packages:$missing (no apt-get here: install them)" >&2; exit 1; }
 echo "installing Debian packages:$missing"
 $sudo apt-get update -qq
 # shellcheck disable=SC2086 # one word per package

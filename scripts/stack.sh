@@ -66,7 +66,9 @@ up() {
     qwen2.5-0.5b) demo_dir="$root/models/qwen2.5-0.5b-shape" ;;
     *) demo_dir="$root/models/$shape" ;;
   esac
-  model=$("$python" -m qwen_worker.model_source --model "${QAIO_MODEL:-}" --demo-dir "$demo_dir" --demo-shape "$shape")
+  model=$("$python" -m qwen_worker.model_source --model "${QAIO_MODEL:-}" \
+    --stand-in-dir "$root/models/smollm2-135m-instruct" --demo-dir "$demo_dir" --demo-shape "$shape")
+  export QAIO_MODEL="$model"  # the workers serve it and nginx keys its cache by it
   if [ "$gpus" -eq 0 ] && [ -z "${QAIO_TORCH_THREADS:-}" ]; then
     # Workers share the CPU: give each its slice instead of all of them fighting for every core.
     export QAIO_TORCH_THREADS=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
@@ -77,7 +79,7 @@ up() {
     port=$((base + i))
     upstreams="${upstreams:+$upstreams,}127.0.0.1:$port"
     (
-      export QAIO_MODEL="$model" QAIO_PORT="$port" QAIO_HOST=127.0.0.1 QAIO_INSTANCE_ID="worker-$i"
+      export QAIO_PORT="$port" QAIO_HOST=127.0.0.1 QAIO_INSTANCE_ID="worker-$i"
       if [ "$gpus" -gt 0 ]; then export CUDA_VISIBLE_DEVICES="$((i % gpus))" QAIO_DEVICE=cuda:0; fi
       exec setsid "$gunicorn" -c "$root/worker/gunicorn.conf.py" 'qwen_worker:create_app()'
     ) >"$run_dir/logs/worker-$i.log" 2>&1 &
@@ -102,8 +104,11 @@ up() {
   ready=$(curl -s "http://127.0.0.1:$base/readyz")
   echo "Qwen All-in-One is up: $url  ($workers workers on ports $base..$((base + workers - 1)))"
   echo "model: $model"
-  case "$ready" in *'"demo_model":true'*)
-    echo "WARNING: DEMO MODEL with random weights: answers are meaningless (\"demo_model\": true)" ;;
+  case "$ready" in
+    *'"demo_model":true'*)
+      echo "WARNING: DEMO MODEL with random weights: answers are meaningless (\"demo_model\": true)" ;;
+    *'"stand_in_model":true'*)
+      echo "NOTE: STAND-IN MODEL SmolLM2-135M-Instruct, not Qwen (\"stand_in_model\": true)" ;;
   esac
   echo "logs: $run_dir/logs/, $run_dir/nginx/logs/"
   if [ "$detach" = "--detach" ]; then

@@ -7,6 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from qwen_worker.testing import SHARED_CPU_WORKER_ENV
+
 
 @pytest.fixture()
 def proxy(workers, nginx):
@@ -74,3 +76,31 @@ def test_streams_pass_unbuffered_and_a_client_leaving_stops_generation(proxy, wo
         time.sleep(0.2)
     produced = generated_chat_tokens(workers) - before
     assert 0 < produced < 1000, produced
+
+
+def test_a_cached_answer_always_comes_from_the_model_being_served(tiny_model_dir, stand_in_model_dir,
+                                                                   gunicorn_server, nginx):
+    """Switch the model behind a running cache (same cache directory), as `make stop` + `make run
+    QAIO_MODEL=...` or a rollout does: the new model's answer, never the old one's."""
+    body = {"text": "换了模型以后还是这条评论"}
+    tiny = gunicorn_server(**SHARED_CPU_WORKER_ENV)
+    front = nginx([tiny])
+    cache = front.prefix + "/cache"  # the next front doors reuse the first one's cache directory
+    first, again = post(front, "/v1/sentiment", body), post(front, "/v1/sentiment", body)
+    assert (first.headers["X-Cache-Status"], again.headers["X-Cache-Status"]) == ("MISS", "HIT")
+    assert again.json()["model"] == "tiny"
+    front.stop()
+    tiny.stop()
+
+    smol = gunicorn_server(model=stand_in_model_dir, **SHARED_CPU_WORKER_ENV)
+    switched = nginx([smol], QAIO_NGINX_CACHE_DIR=cache)
+    answer = post(switched, "/v1/sentiment", body)
+    assert answer.headers["X-Cache-Status"] == "MISS" and answer.json()["model"] == "smollm2-135m-instruct"
+    assert post(switched, "/v1/sentiment", body).headers["X-Cache-Status"] == "HIT"
+
+    # A worker that serves another model than the front door names (a fallback, a rollout midway)
+    # answers, but its answer is never stored under that model's key.
+    stale_front = nginx([smol], QAIO_NGINX_CACHE_DIR=cache, QAIO_MODEL=tiny_model_dir)
+    other = {"text": "只在这个前门问过的评论"}
+    statuses = [post(stale_front, "/v1/sentiment", other).headers["X-Cache-Status"] for _ in range(2)]
+    assert statuses == ["MISS", "MISS"]

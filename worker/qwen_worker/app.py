@@ -34,7 +34,7 @@ def create_app(config: WorkerConfig | Mapping[str, Any] | None = None, service: 
     app.extensions["qaio"] = service
 
     register_error_handlers(app)
-    _install_request_tracking(app, config)
+    _install_request_tracking(app, config, service)
     metrics.install(app, service.metrics, gpu_index=_gpu_index(service))
 
     from .api import health, openai_compat, tasks
@@ -50,7 +50,7 @@ def _gpu_index(service: WorkerService) -> int | None:
     return (device.index or 0) if device.type == "cuda" else None
 
 
-def _install_request_tracking(app: Flask, config: WorkerConfig) -> None:
+def _install_request_tracking(app: Flask, config: WorkerConfig, service: WorkerService) -> None:
     @app.before_request
     def _start():
         incoming = request.headers.get("X-Request-ID", "")
@@ -63,7 +63,11 @@ def _install_request_tracking(app: Flask, config: WorkerConfig) -> None:
     def _finish(response):
         response.headers["X-Request-ID"] = g.get("request_id", "")
         response.headers["X-Instance"] = config.instance_id
-        if g.get("cacheable") and response.status_code == 200 and config.cache_ttl_s > 0:
+        # The front door names the model its cache key holds; an answer from another model (a worker
+        # that fell back, or one mid-rollout) must never be stored under that key.
+        cache_model = request.headers.get("X-Qaio-Cache-Model")
+        same_model = cache_model is None or cache_model == service.model.identity
+        if g.get("cacheable") and same_model and response.status_code == 200 and config.cache_ttl_s > 0:
             response.headers["X-Accel-Expires"] = str(config.cache_ttl_s)
         else:
             response.headers["X-Accel-Expires"] = "0"

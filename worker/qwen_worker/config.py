@@ -24,6 +24,9 @@ def _setting(default: Any, help: str, minimum: float | None = None, choices: tup
 class WorkerConfig:
     # Model and device
     model: str = _setting("Qwen/Qwen2.5-0.5B-Instruct", "Hugging Face hub id or local directory of the chat model")
+    fallback_model: str = _setting("", "Local model directory served when QAIO_MODEL cannot be loaded (the worker "
+                                       "image sets it to the SmolLM2 stand-in it carries); responses, /readyz and "
+                                       "the logs then name the model actually served")
     model_name: str = _setting("", "Name reported in responses and /v1/models (default: the model's directory or hub name)")
     device: str = _setting("auto", "`auto` (cuda:0 when present, else cpu), `cpu`, `cuda` or `cuda:N`")
     dtype: str = _setting("auto", "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` or `float16`",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from typing import Sequence
 
@@ -17,6 +18,7 @@ from .engine.engine import Engine
 from .engine.model_runner import ModelRunner
 from .engine.scheduler import Scheduler
 from .prompts import LABELS, ChatMLPrompter
+from .stand_in_model import STAND_IN_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,20 @@ def length_buckets(lengths: Sequence[int]) -> list[list[int]]:
     if current:
         buckets.append(current)
     return buckets
+
+
+def model_key(source: str) -> str:
+    """A model id or path as the front door's cache key holds it: characters outside [A-Za-z0-9._/:-]
+    become `_` (nginx/qaio-env.envsh applies the same rule to QAIO_MODEL)."""
+    return re.sub(r"[^A-Za-z0-9._/:-]", "_", source)
+
+
+def _read_marker(source: str, marker: str) -> dict | None:
+    path = os.path.join(source, marker)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -81,6 +97,9 @@ class ModelService:
         self.model = None
         self.prompter: ChatMLPrompter | None = None
         self.demo_info: dict | None = None
+        self.stand_in_info: dict | None = None  # the offline stand-in (qwen_worker.stand_in_model) is served
+        self.served_source = config.model  # what is served: QAIO_MODEL, or QAIO_FALLBACK_MODEL when it failed
+        self.fallback_reason: str | None = None
         self.load_seconds: float | None = None
         self.parameter_count: int | None = None
         self.packed_linears = 0  # nn.Linear layers running on oneDNN
@@ -92,18 +111,48 @@ class ModelService:
     def is_demo(self) -> bool:
         return self.demo_info is not None
 
+    @property
+    def is_stand_in(self) -> bool:
+        return self.stand_in_info is not None
+
+    @property
+    def name(self) -> str:
+        """The served model's name: QAIO_MODEL_NAME, or the fallback's own name once it stood in."""
+        if self.served_source == self.config.model:
+            return self.config.model_name
+        return self.served_source.rstrip("/").split("/")[-1]
+
+    @property
+    def identity(self) -> str:
+        """The served model as the front door's cache key names it (model_key of its source)."""
+        return model_key(self.served_source)
+
     def load(self) -> None:
         started = time.monotonic()
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
-        source = self.config.model
-        marker = os.path.join(source, DEMO_MARKER)
-        if os.path.isfile(marker):
-            with open(marker, encoding="utf-8") as fh:
-                self.demo_info = json.load(fh)
+        try:
+            model = self._load_from(self.config.model)
+        except Exception as exc:
+            if not self.config.fallback_model:
+                raise
+            self.fallback_reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            log.error("could not load QAIO_MODEL=%s (%s); serving QAIO_FALLBACK_MODEL=%s instead",
+                      self.config.model, self.fallback_reason, self.config.fallback_model)
+            model = self._load_from(self.config.fallback_model)
+        self._prepare(model)
+        self.load_seconds = time.monotonic() - started
+
+    def _load_from(self, source: str):
+        self.demo_info = _read_marker(source, DEMO_MARKER)
+        self.stand_in_info = _read_marker(source, STAND_IN_MARKER)
         self.tokenizer = AutoTokenizer.from_pretrained(source)
         # dtype is always explicit: transformers otherwise takes it from config.json (bf16 for Qwen).
         model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
+        self.served_source = source
+        return model
+
+    def _prepare(self, model) -> None:
         model.to(self.device).eval()
         self.parameter_count = sum(p.numel() for p in model.parameters())
         self.eos_token_ids = self._eos_ids(model)
@@ -121,7 +170,6 @@ class ModelService:
         if self._use_onednn_linear():
             self.packed_linears = pack_linears(model)
         self.engine = self._build_engine(model, label_head)
-        self.load_seconds = time.monotonic() - started
 
     def _build_engine(self, model, label_head: torch.Tensor) -> Engine:
         cfg = self.config
@@ -208,8 +256,9 @@ class ModelService:
 
     def describe(self) -> dict:
         runner = self.engine.runner if self.engine is not None else None
-        return {"model": self.config.model_name, "source": self.config.model, "device": str(self.device),
-                "dtype": str(self.dtype).replace("torch.", ""), "demo_model": self.is_demo,
+        return {"model": self.name, "source": self.served_source, "configured_model": self.config.model,
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "demo_model": self.is_demo, "stand_in_model": self.is_stand_in,
                 "cpu_linear": "onednn" if self.packed_linears else "default",
                 "prefix_cache": bool(self.prefix_kv),
                 "slots": runner.slots if runner else None,

@@ -61,7 +61,12 @@ class WorkerService:
                                            "load_seconds": round(self.model.load_seconds, 2)})
             if self.model.is_demo:
                 log.warning("DEMO MODEL: %s serves RANDOM WEIGHTS; its answers are meaningless",
-                            self.config.model, extra={"demo_model": self.model.demo_info})
+                            self.model.served_source, extra={"demo_model": self.model.demo_info})
+            elif self.model.is_stand_in:
+                info = self.model.stand_in_info
+                log.warning("STAND-IN MODEL: serving %s from %s, NOT %s (%s)", info["name"],
+                            self.model.served_source, info["stands_in_for"], info["note"],
+                            extra={"stand_in_model": info})
         except Exception as exc:
             log.exception("model load failed")
             self.health.mark_failed(f"{type(exc).__name__}: {exc}")

@@ -82,6 +82,7 @@ class GunicornServer:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.address = f"127.0.0.1:{self.port}"
+        self.model = model  # what nginx in front of it must name as QAIO_MODEL for its cache key
         environment = {**os.environ, "QAIO_MODEL": model, "QAIO_PORT": str(self.port),
                        "QAIO_INSTANCE_ID": f"worker-{self.port}", **env}
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)

@@ -15,15 +15,16 @@ def service() -> WorkerService:
 
 
 def envelope(jobs: Iterable[Job], **fields) -> dict:
-    """Every task response: ids, instance, model, demo flag, the task's fields and timing."""
+    """Every task response: ids, instance, the model served (and whether it is a demo or a stand-in),
+    the task's fields and timing."""
     jobs = list(jobs)
     svc = service()
     timing = {"queue_ms": round(sum(j.queue_ms for j in jobs), 2),
               "compute_ms": round(sum(j.compute_ms for j in jobs), 2),
               "batch_size": max(j.batch_size for j in jobs)}
     g.log_fields.update(timing)
-    return {"request_id": g.request_id, "instance": svc.config.instance_id, "model": svc.config.model_name,
-            "demo_model": svc.model.is_demo, **fields, "timing": timing}
+    return {"request_id": g.request_id, "instance": svc.config.instance_id, "model": svc.model.name,
+            "demo_model": svc.model.is_demo, "stand_in_model": svc.model.is_stand_in, **fields, "timing": timing}
 
 
 def sse(events: Iterator[dict | str]) -> Response:

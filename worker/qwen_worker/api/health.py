@@ -21,6 +21,11 @@ def readyz():
             "queue_depth": svc.batcher.depth(), "queue_capacity": svc.config.queue_capacity}
     if svc.model.is_demo:
         body["warning"] = "demo model: random weights, answers are meaningless"
+    elif svc.model.is_stand_in:
+        info = svc.model.stand_in_info
+        body["warning"] = f"stand-in model: {info['name']}, not {info['stands_in_for']}; {info['note']}"
+    if svc.model.fallback_reason:
+        body["fallback_reason"] = f"QAIO_MODEL={svc.config.model} could not be loaded: {svc.model.fallback_reason}"
     if health.load_error:
         body["error"] = health.load_error
     response = jsonify(body)

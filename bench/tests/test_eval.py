@@ -1,0 +1,43 @@
+"""make eval's measures, and the real small model's sentiment through a real worker above a floor
+that a broken prompt or label mapping would fail (chance is 50 %; swapped labels score far below)."""
+import pytest
+
+from bench.eval import balanced_sample, evaluate, score, write_report
+from qwen_worker.testing import GunicornServer
+
+
+def test_the_sample_is_balanced_repeatable_and_its_prefixes_stay_balanced():
+    sample = balanced_sample(40)
+    assert sample == balanced_sample(40)
+    assert sample != balanced_sample(40, seed=1)
+    for size in (2, 10, 40):
+        labels = [label for _, label in sample[:size]]
+        assert labels.count("positive") == labels.count("negative") == size // 2
+
+
+def test_scores_count_neutral_apart_and_measure_calibration():
+    truth = ["positive"] * 4 + ["negative"] * 4
+    predicted = ["positive", "positive", "negative", "neutral", "negative", "negative", "negative", "positive"]
+    confidence = [0.9, 0.9, 0.6, 0.5, 0.9, 0.9, 0.6, 0.6]
+    result = score(truth, predicted, confidence)
+    assert result["accuracy"] == 5 / 8 and result["neutral_share"] == 1 / 8
+    assert result["confusion"]["positive"] == {"positive": 2, "negative": 1, "neutral": 1}
+    assert result["confusion"]["negative"] == {"positive": 1, "negative": 3, "neutral": 0}
+    # positive: precision 2/3, recall 2/4; negative: precision 3/4, recall 3/4
+    assert result["macro_f1"] == pytest.approx((2 * (2 / 3) * 0.5 / (2 / 3 + 0.5) + 0.75) / 2)
+    # bins: 0.9 (4, all right) -> 0.1 off; 0.6 (3: one right) -> 0.267 off; 0.5 (1, wrong) -> 0.5 off
+    assert result["ece"] == pytest.approx(4 / 8 * 0.1 + 3 / 8 * abs(1 / 3 - 0.6) + 1 / 8 * 0.5)
+
+
+def test_the_stand_in_model_classifies_reviews_well_above_chance(stand_in_model_dir, tmp_path):
+    server = GunicornServer(stand_in_model_dir).wait_ready(300)
+    try:
+        result = evaluate(server.url, 80)
+    finally:
+        server.stop()
+    assert result["model"] == "smollm2-135m-instruct" and result["stand_in_model"] is True
+    assert result["n"] == 80
+    assert result["accuracy"] >= 0.62, result  # measured 0.70 on 200; chance 0.5; swapped labels ~0.3
+    assert result["macro_f1"] >= 0.6, result
+    write_report(result, tmp_path)
+    assert "smollm2-135m-instruct" in (tmp_path / "eval.md").read_text() and (tmp_path / "eval.png").stat().st_size
