@@ -176,6 +176,8 @@ class ModelService:
         max_tokens = cfg.max_prompt_tokens + cfg.max_tokens_limit
         chunk = cfg.prefill_chunk_tokens or (2048 if self.device.type == "cuda" else 512)
         on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            self._check_kv_fits(model, max_tokens)
         use_graphs = cfg.cuda_graphs == "on" or (cfg.cuda_graphs == "auto" and on_gpu)
         compile = cfg.compile == "on"
         runner = ModelRunner(model, slots=cfg.max_batch_size, max_tokens=max_tokens, prefill_chunk=chunk,
@@ -189,6 +191,24 @@ class ModelService:
             runner.disable_compile()
             runner.capture_graphs()
         return Engine(runner, Scheduler(cfg.max_batch_size, max_tokens, chunk), self.eos_token_ids)
+
+    def _check_kv_fits(self, model, max_tokens: int) -> None:
+        """Fail the load with the settings to change, not with an opaque CUDA out-of-memory, when the
+        KV slots would not leave room for the model's activations and graphs."""
+        from .engine.kv_cache import SlotKVCache
+
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        needed = SlotKVCache.bytes_needed(c.num_hidden_layers, self.config.max_batch_size, c.num_key_value_heads,
+                                          max_tokens, head_dim, self.dtype)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if needed > 0.8 * free:
+            raise RuntimeError(
+                f"the KV slots need {needed / 2**30:.1f} GiB but {self.device} has {free / 2**30:.1f} GiB free: "
+                f"lower QAIO_MAX_BATCH_SIZE ({self.config.max_batch_size} slots) or QAIO_MAX_PROMPT_TOKENS + "
+                f"QAIO_MAX_TOKENS_LIMIT ({max_tokens} tokens per slot)")
+        log.info("KV slots: %d x %d tokens, %.1f GiB of %.1f GiB free", self.config.max_batch_size, max_tokens,
+                 needed / 2**30, free / 2**30)
 
     def _use_onednn_linear(self) -> bool:
         setting = self.config.cpu_linear

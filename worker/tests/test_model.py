@@ -75,3 +75,13 @@ def test_sampled_rows_do_not_disturb_greedy_rows_in_the_same_batch(model):
     model.engine.run(mixed)
     assert mixed[0].tokens == greedy.tokens
     assert all(len(r.tokens) == 10 for r in mixed)
+
+
+def test_kv_slots_that_would_not_fit_the_gpu_fail_the_load_naming_the_settings(model, monkeypatch):
+    # The tiny model: 2 layers x 2 KV heads x 16 dims; 16 slots x 5,121 positions x 2 (K, V) x 4 bytes.
+    needed = 2 * 2 * 16 * 2 * 5121 * 16 * 4
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (needed, 8 * needed))
+    with pytest.raises(RuntimeError, match="QAIO_MAX_BATCH_SIZE"):
+        model._check_kv_fits(model.model, 5120)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * needed, 8 * needed))
+    model._check_kv_fits(model.model, 5120)
