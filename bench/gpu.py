@@ -23,7 +23,7 @@ from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
 from qwen_worker.testing import REPO, GunicornServer
 
-from . import report_gpu
+from . import report_gpu, serving
 from .load import chat_call, run_level_processes, sentiment_call
 from .texts import review_texts
 
@@ -182,9 +182,10 @@ def http_levels(model_dir: str, app: str, texts: list[str], levels, env: dict, c
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=str(REPO / "models" / "qwen2.5-0.5b-shape"))
+    parser.add_argument("--tiny-model", default=str(REPO / "models" / "tiny"), help="for the serving-layer ceiling")
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument("--quick", action="store_true", help="fewer requests per level (a smoke run, not a result)")
-    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: reference,baseline,engine")
+    parser.add_argument("--skip", default="", help="comma-separated parts to leave out: reference,baseline,engine,serving")
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     texts = review_texts(4096)
@@ -201,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         args.model, "qwen_worker:create_app()", texts, LEVELS, {},
         chat_count=lambda c: max(8, 4 * c // scale), sentiment_count=lambda c: max(64, 32 * c // scale))
     save(results, args.out)
+    if "serving" not in skip:
+        print("serving layer ceiling (tiny model)...", flush=True)
+        results["serving"] = serving.measure(args.tiny_model, texts, 500 if args.quick else 4000)
+        save(results, args.out)
     if "baseline" not in skip:
         print("the old design over HTTP...", flush=True)
         results["baseline"] = http_levels(

@@ -42,6 +42,18 @@ def _mixed_lengths(results: dict) -> list[str]:
             "ends (continuous batching over KV slots), so a short reply never waits for a long one."]
 
 
+def _serving(results: dict) -> list[str]:
+    serving = results.get("serving")
+    if not serving:
+        return ["Not measured in this run."]
+    sent, chat = serving["sentiment"], serving["chat"]
+    return [f"One worker on the tiny model (its passes cost next to nothing), c={serving['concurrency']}: "
+            f"sentiment {sent['requests_per_s']:.0f} requests/s (p50 {sent['latency_ms']['p50']:.0f} ms), chat "
+            f"{chat['output_tokens_per_s']:.0f} streamed tok/s ({serving['chat_max_tokens']}-token replies, TTFT p50 "
+            f"{chat['ttft_ms']['p50']:.0f} ms), errors {sent['errors'] + chat['errors']}: what HTTP, the GIL and "
+            "the engine's host-side work of one process carry on this machine, clients included."]
+
+
 def write(results: dict, out: Path) -> None:
     m, hw, raw, roof = results["machine"], results["hardware"], results["raw"], results["roofline"]
     worker = results["worker"]
@@ -103,6 +115,10 @@ def write(results: dict, out: Path) -> None:
         "## Chat: replies of mixed lengths",
         "",
         *_mixed_lengths(results),
+        "",
+        "## The serving layer's own ceiling",
+        "",
+        *_serving(results),
         "",
         "## Front door",
         "",

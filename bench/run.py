@@ -23,7 +23,7 @@ from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
 from qwen_worker.testing import REPO, GunicornServer
 
-from . import front_door, report
+from . import front_door, report, serving
 from .load import chat_call, run_level, sentiment_call
 from .texts import review_texts
 
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     results["worker"] = http_levels(args.model, "qwen_worker:create_app()", texts, counts, {}, mixed=True)
     print("the old design over HTTP...", flush=True)
     results["baseline"] = http_levels(args.model, "bench.baseline_app:create_app()", texts, counts, {})
+    print("serving layer ceiling (tiny model)...", flush=True)
+    results["serving"] = serving.measure(args.tiny_model, review_texts(2000), 400 if args.quick else 2000)
     print("nginx overhead...", flush=True)
     results["front_door"] = front_door.measure(args.tiny_model, 50 if args.quick else 200)
     args.out.mkdir(parents=True, exist_ok=True)
