@@ -77,7 +77,8 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 def is_oom(exc: BaseException) -> bool:
-    """A CUDA out-of-memory error, raised here or reported as text by the continuous batch."""
+    """A CUDA out-of-memory error: torch's own, or one that a kernel library raises as a plain
+    RuntimeError ("CUDA error: out of memory")."""
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
