@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,8 +65,6 @@ def build(out: Path) -> Path:
         tokenizer.save_pretrained(staging)
         (staging / STAND_IN_MARKER).write_text(json.dumps(INFO, indent=2) + "\n", encoding="utf-8")
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     staging.rename(out)
     return out

@@ -54,10 +54,13 @@ class Engine:
         """Admit a row into a free slot; it prefills at the next step. Bad rows fail here, not on the device
         (an out-of-range token id on a GPU would kill the whole CUDA context)."""
         row.on_done = on_done
-        vocab = self.runner.stack.vocab_size
-        if not row.prompt_ids or min(row.prompt_ids) < 0 or max(row.prompt_ids) >= vocab:
-            raise RowFailed(f"prompt token ids must be in [0, {vocab})")
+        self._check_token_ids(row.prompt_ids)
         self.scheduler.admit(row)
+
+    def _check_token_ids(self, ids: Sequence[int]) -> None:
+        vocab = self.runner.stack.vocab_size
+        if not ids or min(ids) < 0 or max(ids) >= vocab:
+            raise RowFailed(f"prompt token ids must be in [0, {vocab})")
 
     def run(self, rows: Sequence[GenerationRow]) -> None:
         """Admit rows and step until every row is done; raises the first row's error. For benchmarks,
@@ -173,8 +176,6 @@ class Engine:
 
     # ---- sentiment -----------------------------------------------------------------------------
     def score(self, prefix, texts: Sequence[Sequence[int]]) -> torch.Tensor:
-        vocab = self.runner.stack.vocab_size
         for text in texts:
-            if not text or min(text) < 0 or max(text) >= vocab:
-                raise RowFailed(f"prompt token ids must be in [0, {vocab})")
+            self._check_token_ids(text)
         return self.runner.score(prefix, texts)

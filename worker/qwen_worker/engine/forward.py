@@ -75,14 +75,12 @@ class DecoderStack:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.vocab_size = config.vocab_size
-        self.hidden_size = config.hidden_size
         weight = self.embed.weight
         # RoPE tables for every position, from the model's own rotary module (its scaling included).
         positions = torch.arange(max_positions + 1, device=weight.device)[None]
         with torch.inference_mode():
             cos, sin = base.rotary_emb(torch.empty(1, dtype=weight.dtype, device=weight.device), positions)
         self.cos, self.sin = cos[0].clone(), sin[0].clone()  # [positions, head_dim]
-
         self.fused: list[dict] | None = None
 
     def fuse(self) -> None:
@@ -112,47 +110,38 @@ class DecoderStack:
         """cos, sin [B, T, 1, D] for positions [B, T]: gathered once per pass, used by every layer."""
         return self.cos[positions][:, :, None], self.sin[positions][:, :, None]
 
-    def _qkv(self, layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
-        """Queries, keys, values [B, heads, T, D] of x [B, T, H], RoPE applied."""
-        attn = layer.self_attn
-        batch, length, _ = x.shape
-        q = attn.q_proj(x).view(batch, length, -1, self.head_dim)
-        k = attn.k_proj(x).view(batch, length, -1, self.head_dim)
-        v = attn.v_proj(x).view(batch, length, -1, self.head_dim)
-        if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before RoPE
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        cos, sin = rope
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
-    def _finish_layer(self, layer, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        batch, _, length, _ = attn_out.shape
-        x = x + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(batch, length, -1))
-        return x + layer.mlp(layer.post_attention_layernorm(x))
-
-    def _layer_qkv(self, i: int, x: torch.Tensor, rope):
-        """The layer's queries, keys and values for x: fused weights when fuse() ran, else its modules."""
-        if self.fused is None:
-            layer = self.layers[i]
-            return self._qkv(layer, layer.input_layernorm(x), rope)
-        f = self.fused[i]
+    def _layer_qkv(self, i: int, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys, values [B, heads, T, D] of x [B, T, H] for layer i, RoPE applied: fused
+        weights when fuse() ran, else the layer's own modules."""
         batch, length, hidden = x.shape
-        h = F.rms_norm(x, (hidden,), *f["ln1"])
-        qkv = F.linear(h, f["qkv_weight"], f["qkv_bias"]).view(batch, length, -1, self.head_dim)
         cos, sin = rope
-        qk = _rope(qkv[:, :, :self.heads + self.kv_heads], cos, sin)  # RoPE once for queries and keys
-        q, k = qk[:, :, :self.heads], qk[:, :, self.heads:]
-        v = qkv[:, :, self.heads + self.kv_heads:]
+        if self.fused is not None:
+            f = self.fused[i]
+            h = F.rms_norm(x, (hidden,), *f["ln1"])
+            qkv = F.linear(h, f["qkv_weight"], f["qkv_bias"]).view(batch, length, -1, self.head_dim)
+            qk = _rope(qkv[:, :, :self.heads + self.kv_heads], cos, sin)  # RoPE once for queries and keys
+            q, k = qk[:, :, :self.heads], qk[:, :, self.heads:]
+            v = qkv[:, :, self.heads + self.kv_heads:]
+        else:
+            attn = self.layers[i].self_attn
+            h = self.layers[i].input_layernorm(x)
+            q = attn.q_proj(h).view(batch, length, -1, self.head_dim)
+            k = attn.k_proj(h).view(batch, length, -1, self.head_dim)
+            v = attn.v_proj(h).view(batch, length, -1, self.head_dim)
+            if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before RoPE
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def _layer_rest(self, i: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Layer i after attention: output projection and residual, then the MLP and its residual."""
         layer = self.layers[i]
-        if self.fused is None:
-            return self._finish_layer(layer, x, attn_out)
-        f = self.fused[i]
         batch, _, length, _ = attn_out.shape
         x = x + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(batch, length, -1))
-        gate, up = F.linear(F.rms_norm(x, (x.shape[-1],), *f["ln2"]), f["gate_up_weight"]).chunk(2, dim=-1)
+        if self.fused is None:
+            return x + layer.mlp(layer.post_attention_layernorm(x))
+        gate, up = F.linear(F.rms_norm(x, (x.shape[-1],), *self.fused[i]["ln2"]),
+                            self.fused[i]["gate_up_weight"]).chunk(2, dim=-1)
         return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
     def decode(self, kv: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor, write_at: torch.Tensor,

@@ -19,7 +19,6 @@ class SlotKVCache:
         shape = (layers, slots, kv_heads, max_tokens + 1, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots = slots
         self.max_tokens = max_tokens
         self.scratch = max_tokens
 

@@ -57,13 +57,15 @@ class ModelRunner:
         self.widths = doubling(min(MIN_WIDTH, prefill_chunk), prefill_chunk)
         self.label_head = label_head.to(self.device, self.dtype)
         # Decode inputs live in fixed buffers that the captured graphs read: tokens, positions, write_at, lengths.
+        # A slot that decodes nothing: token 0 at position 0, its key written to scratch, one key attended.
+        self._idle_row = (PAD_TOKEN, 0, self.kv.scratch, 1)
         self._inputs = torch.zeros((4, slots), dtype=torch.long, device=self.device)
         self.use_graphs = use_graphs and self.device.type == "cuda"
         # On a GPU shapes are padded to buckets (graphs, kernel choices and the allocator reuse them);
         # on a CPU every padded row or token is paid in arithmetic, so passes keep their real sizes.
         self.pad_shapes = self.device.type == "cuda"
-        # torch.compile fuses the ~50 small kernels of each layer (norms, RoPE, activations) into a few;
-        # dynamic shapes, so the buckets share one compilation. The graphs then capture compiled code.
+        # torch.compile would fuse each layer's small kernels; the graphs then capture compiled code.
+        # Off by default: it recompiles for every shape bucket (see QAIO_COMPILE).
         self.compiled = compile
         self._decode_pass = self.stack.decode
         self._prefill_pass = self.stack.prefill
@@ -74,7 +76,6 @@ class ModelRunner:
             self._score_pass = torch.compile(self.stack.score, dynamic=True)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.graph_replays = 0
-        self.eager_decodes = 0
         self.capture_seconds = 0.0
 
     def disable_compile(self) -> None:
@@ -100,7 +101,7 @@ class ModelRunner:
         if not self.use_graphs:
             return
         started = time.monotonic()
-        self._set_idle_inputs(self.slots)
+        self._inputs[:] = torch.tensor(self._idle_row, device=self.device)[:, None]
         pool = None
         side = torch.cuda.Stream(self.device)
         for n in reversed(self.batch_sizes):
@@ -119,10 +120,6 @@ class ModelRunner:
         log.info("captured %d decode graphs in %.1f s", len(self.graphs), self.capture_seconds,
                  extra={"batch_sizes": list(self.batch_sizes), "attend_lengths": list(self.attend_lengths)})
 
-    def _set_idle_inputs(self, n: int) -> None:
-        """Rows that decode nothing: token 0 at position 0, key written to scratch, one key attended."""
-        self._inputs[:, :n] = torch.tensor([[PAD_TOKEN], [0], [self.kv.scratch], [1]], device=self.device)
-
     @torch.inference_mode()
     def decode(self, rows: dict[int, tuple[int, int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step for slots [0, width); rows maps slot -> (input token, position).
@@ -132,7 +129,7 @@ class ModelRunner:
         """
         longest = max(position + 1 for _, position in rows.values())
         n, attend = self.decode_shape(width, longest)
-        tokens, positions, write_at, lengths = [PAD_TOKEN] * n, [0] * n, [self.kv.scratch] * n, [1] * n
+        tokens, positions, write_at, lengths = ([value] * n for value in self._idle_row)
         for slot, (token, position) in rows.items():
             tokens[slot], positions[slot], write_at[slot], lengths[slot] = token, position, position, position + 1
         self._inputs[:, :n].copy_(torch.tensor([tokens, positions, write_at, lengths]), non_blocking=True)
@@ -141,7 +138,6 @@ class ModelRunner:
             graph[0].replay()
             self.graph_replays += 1
             return graph[1][:width], graph[2][:width]
-        self.eager_decodes += 1
         logits, greedy = self._decode_fixed(n, attend)
         return logits[:width], greedy[:width]
 
