@@ -183,3 +183,17 @@ def test_on_a_cpu_passes_keep_their_real_sizes_and_attention_its_length_bucket(s
     assert not runner.use_graphs and not runner.pad_shapes and not runner.graphs
     assert runner.decode_shape(3, 40) == (3, 128)
     assert runner.decode_shape(3, 200) == (3, 256)
+
+
+def test_the_fused_weights_path_gives_what_the_layers_own_modules_give(tiny_model_dir, service):
+    """On a GPU the engine concatenates q/k/v and gate/up weights (fuse()); forced here on the CPU,
+    with plain linears (fusing reads their weights), it must answer as the module-by-module path."""
+    fused = load(tiny_model_dir, cpu_linear="default")
+    fused.engine.runner.stack.fuse()
+    assert fused.engine.runner.stack.fused is not None
+    for text, limit in zip(TEXTS, [12, 5, 20, 1]):
+        (tokens, _, error), = run(fused.engine, [GenerationRow(prompt(fused, text), limit)])
+        assert error is None and tokens == alone(service, text, limit)
+    prompts = [service.prompter.sentiment_ids(t, "zh") for t in ("很好吃", "太慢了，凉了")]
+    for a, b in zip(fused.score_sentiment(prompts), service.score_sentiment(prompts)):
+        assert a == pytest.approx(b, abs=1e-5)
