@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
+from . import serving  # noqa: E402
+
 
 def _row(level: dict, kind: str) -> list[str]:
     lat = level["latency_ms"]
@@ -40,18 +42,6 @@ def _mixed_lengths(results: dict) -> list[str]:
             + " | ".join(_row(mixed, "chat")) + " |",
             "", "Every request joins the running batch at the next decode step and leaves it the step it "
             "ends (continuous batching over KV slots), so a short reply never waits for a long one."]
-
-
-def _serving(results: dict) -> list[str]:
-    serving = results.get("serving")
-    if not serving:
-        return ["Not measured in this run."]
-    sent, chat = serving["sentiment"], serving["chat"]
-    return [f"One worker on the tiny model (its passes cost next to nothing), c={serving['concurrency']}: "
-            f"sentiment {sent['requests_per_s']:.0f} requests/s (p50 {sent['latency_ms']['p50']:.0f} ms), chat "
-            f"{chat['output_tokens_per_s']:.0f} streamed tok/s ({serving['chat_max_tokens']}-token replies, TTFT p50 "
-            f"{chat['ttft_ms']['p50']:.0f} ms), errors {sent['errors'] + chat['errors']}: what HTTP, the GIL and "
-            "the engine's host-side work of one process carry on this machine, clients included."]
 
 
 def write(results: dict, out: Path) -> None:
@@ -118,7 +108,7 @@ def write(results: dict, out: Path) -> None:
         "",
         "## The serving layer's own ceiling",
         "",
-        *_serving(results),
+        *serving.report_lines(results.get("serving")),
         "",
         "## Front door",
         "",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import serving
+
 
 def _level(levels: list[dict], c: int) -> dict | None:
     return next((level for level in levels if level["concurrency"] == c), None)
@@ -43,11 +45,7 @@ def write(results: dict, out: Path) -> None:
             f"{_fmt(sent.get('requests_per_s'))} | {_fmt(sent.get('latency_ms', {}).get('p50'))} | "
             f"{_fmt(sent.get('latency_ms', {}).get('p95'))} | {chat['errors'] + sent.get('errors', 0)} |")
     if results.get("serving"):
-        sent, chat = results["serving"]["sentiment"], results["serving"]["chat"]
-        lines += ["", "## The serving layer's own ceiling", "",
-                  f"One worker on the tiny model (its passes cost next to nothing), c={results['serving']['concurrency']}: "
-                  f"sentiment {sent['requests_per_s']:,.0f} requests/s, chat {chat['output_tokens_per_s']:,.0f} "
-                  f"streamed tok/s: what HTTP, the GIL and the engine's host-side work of one process carry."]
+        lines += ["", "## The serving layer's own ceiling", "", *serving.report_lines(results["serving"])]
     if results.get("baseline"):
         base = results["baseline"]
         b_chat, b_sent = _level(base["chat"], 16), _level(base["sentiment"], 16)

@@ -6,13 +6,17 @@ import os
 import shutil
 import tempfile
 
+from qwen_worker import engine_process as qwen_engine_process
 from qwen_worker.config import WorkerConfig
 
 _config = WorkerConfig.from_env()  # fails fast, before any process starts, on a bad setting
 # Nothing else of the app is imported here: prometheus_client must first see PROMETHEUS_MULTIPROC_DIR.
 
 bind = f"{_config.host}:{_config.port}"
-workers = _config.workers  # each process loads its own model copy: one per instance is the norm
+# With an engine process (the default on a GPU) these are API processes sharing it; without one, each
+# process loads its own model copy (one per instance is the norm).
+workers = _config.workers
+engine_process = _config.engine_process == "on"
 worker_class = "gthread"
 threads = _config.threads  # requests waiting on the batcher each hold a thread
 # The model loads in a background thread, so the worker heartbeats during load; this bounds a stuck worker.
@@ -28,11 +32,24 @@ preload_app = False  # every process loads its own model after the fork
 control_socket_disable = True
 
 # Several processes share metrics through files (prometheus_client multiprocess mode).
-if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+if (workers > 1 or engine_process) and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="qaio-metrics-")
+
+_engine = None
+
+
+def on_starting(server):
+    """Start the engine process before the API processes fork: they reach it through the socket named
+    in their environment, and stop this master if it ever exits."""
+    global _engine
+    if engine_process:
+        _engine = qwen_engine_process.start()
+        server.log.info("engine process started (pid %s)", _engine.pid)
 
 
 def on_exit(server):
+    if _engine is not None:  # the API processes have finished their requests by now
+        qwen_engine_process.stop(_engine)
     directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "")
     if directory.startswith(tempfile.gettempdir()) and "qaio-metrics-" in directory:
         shutil.rmtree(directory, ignore_errors=True)

@@ -30,7 +30,8 @@ def create_app(config: WorkerConfig | Mapping[str, Any] | None = None, service: 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.ensure_ascii = False  # Chinese stays readable in responses
-    service = service or WorkerService(config)
+    # Under gunicorn.conf.py with an engine process, this process is one of its API processes.
+    service = service or WorkerService(config, use_engine_process=True)
     app.extensions["qaio"] = service
 
     register_error_handlers(app)

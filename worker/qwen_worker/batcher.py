@@ -38,11 +38,19 @@ class Job:
     payload: Any  # sentiment: prompt ids; generate: GenerationRow
     deadline: float  # time.monotonic()
     future: Future = dataclasses.field(default_factory=Future)
-    withdraw: Callable[["Job"], bool] | None = None  # takes a still-queued job out of the queue
+    withdraw: Callable[..., bool] | None = None  # takes a still-queued job out of the queue
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     started_at: float | None = None
     finished_at: float | None = None
     batch_size: int = 0
+    on_cancel: Callable[["Job"], None] | None = None  # how to stop it elsewhere (a job run by the engine process)
+
+    def cancel(self) -> None:
+        """The client went away: stop generating for it (a queued job is dropped when taken)."""
+        if self.kind == GENERATE:
+            self.payload.cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel(self)
 
     @property
     def queue_ms(self) -> float:
@@ -86,8 +94,10 @@ def deadline_error() -> ApiError:
 
 
 class Batcher:
-    def __init__(self, model: ModelService, config, metrics: WorkerMetrics, health: Health):
+    def __init__(self, model: ModelService, config, metrics: WorkerMetrics, health: Health,
+                 after_pass: Callable[[], None] | None = None):
         self.model = model
+        self.after_pass = after_pass or (lambda: None)  # called on the engine thread after each pass
         self.config = config
         self.metrics = metrics
         self.health = health
@@ -119,15 +129,15 @@ class Batcher:
             self._cond.notify()
         return job
 
-    def _withdraw(self, job: Job) -> bool:
-        """Take a job out of the queue if it is still there (its deadline passed before it ran)."""
+    def _withdraw(self, job: Job, reason: str = "deadline_in_queue") -> bool:
+        """Take a job out of the queue if it is still there (its deadline passed, or its client left)."""
         with self._cond:
             try:
                 self._queue.remove(job)
             except ValueError:
                 return False
             self.metrics.queue_depth.set(len(self._queue))
-        self.metrics.rejected("deadline_in_queue")
+        self.metrics.rejected(reason)
         return True
 
     def depth(self) -> int:
@@ -164,6 +174,7 @@ class Batcher:
                 if engine.has_work():
                     self._step()
                 self.metrics.live_slots.set(engine.live())
+                self.after_pass()
         finally:
             engine.fail_all(ApiError(503, "not_ready", "the worker is stopping", retry_after=self.config.retry_after_s))
 

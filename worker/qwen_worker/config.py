@@ -37,7 +37,13 @@ class WorkerConfig:
     # HTTP server (read by gunicorn.conf.py)
     host: str = _setting("127.0.0.1", "Address gunicorn binds to")
     port: int = _setting(8001, "Port gunicorn binds to", minimum=1)
-    workers: int = _setting(1, "gunicorn processes; each loads its own model copy", minimum=1)
+    engine_process: str = _setting("auto", "`on`: the model runs in an engine process of its own and gunicorn's "
+                                           "processes only speak HTTP (so HTTP never shares the engine's GIL); "
+                                           "`off`: each gunicorn process runs its own model; `auto`: on with a GPU",
+                                   choices=("auto", "on", "off"))
+    workers: int = _setting(0, "gunicorn processes: with an engine process, API processes sharing it; without, "
+                               "each loads its own model copy (0: 4 API processes with an engine process on a GPU, "
+                               "else 1)", minimum=0)
     threads: int = _setting(0, "Connection threads per process; every open request, streams included, holds one "
                                "(0: QAIO_MAX_BATCH_SIZE + QAIO_QUEUE_CAPACITY)", minimum=0)
     stream_coalesce_ms: float = _setting(20.0, "A stream sends the tokens of this many milliseconds as one event (the "
@@ -132,9 +138,13 @@ class WorkerConfig:
             raise ConfigError("; ".join(problems))
         fill = {}
         # Sizes that depend on the device: a GPU holds hundreds of rows in one step, a CPU a handful.
-        batch = self.max_batch_size or (256 if cuda_expected(self.device) else 16)
+        on_gpu = cuda_expected(self.device)
+        batch = self.max_batch_size or (256 if on_gpu else 16)
         queue = self.queue_capacity or max(64, 2 * batch)
         fill.update(max_batch_size=batch, queue_capacity=queue, threads=self.threads or batch + queue)
+        engine_process = self.engine_process if self.engine_process != "auto" else ("on" if on_gpu else "off")
+        fill.update(engine_process=engine_process,
+                    workers=self.workers or (4 if engine_process == "on" and on_gpu else 1))
         if not self.instance_id:
             fill["instance_id"] = socket.gethostname()
         if not self.model_name:

@@ -30,17 +30,32 @@ def sentiment_view(scores: dict[str, float]) -> dict:
 
 
 class WorkerService:
-    def __init__(self, config: WorkerConfig, model: ModelService | None = None):
+    """In-process (the default on a CPU): model and batcher live here. In an API process beside an engine
+    process (gunicorn.conf.py started one: the default on a GPU): the batcher, model and health are its mirrors of that one."""
+
+    def __init__(self, config: WorkerConfig, model: ModelService | None = None, use_engine_process: bool = False):
         self.config = config
-        self.model = model or ModelService(config)
         self.metrics = WorkerMetrics()
+        self._loaded = threading.Event()
+        self.remote = None
+        if use_engine_process:
+            from .engine_client import RemoteEngine
+
+            self.remote = RemoteEngine.from_env(config, self.metrics)
+        if self.remote is not None:
+            self.model, self.health, self.batcher = self.remote.model, self.remote.health, self.remote
+            self._loaded.set()
+            return
+        self.model = model or ModelService(config)
         self.health = Health(config.failure_threshold, config.failure_cooldown_s)
         self.batcher = Batcher(self.model, config, self.metrics, self.health)
-        self._loaded = threading.Event()
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
         """Load the model in the background; /healthz answers meanwhile and /readyz says 503."""
+        if self.remote is not None:
+            self.remote.start()
+            return
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
     def _load(self) -> None:
@@ -177,7 +192,7 @@ class TokenStream:
                 if done:
                     return
         except GeneratorExit:
-            job.payload.cancelled.set()  # the client went away: stop generating for it
+            job.cancel()  # the client went away: stop generating for it
             raise
 
     def _delta(self, final: bool) -> str:
