@@ -10,7 +10,7 @@ SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
 # Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
 STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test bench eval loadtest run run-detached stop run-worker demo-models model-tiny \
+.PHONY: help install system-deps test bench eval loadtest soak run run-detached stop run-worker demo-models model-tiny \
 	model-0.5b model-smol compose-test clean
 
 help:
@@ -23,7 +23,8 @@ help:
 	@echo "make stop         stop a stack started by make run"
 	@echo "make run-worker   serve QAIO_MODEL (default: offline demo model) on 127.0.0.1:\$$QAIO_PORT (8001)"
 	@echo "make bench        benchmark this worker against the old design: docs/benchmarks.md"
-	@echo "make loadtest     stepped k6 load test against the running stack: docs/loadtest.md"
+	@echo "make loadtest     stepped k6 load test against the running stack, then 3x and 10x its capacity: docs/loadtest.md"
+	@echo "make soak         30 minutes of mixed traffic on a stack of its own, worker RSS over time: docs/soak.md"
 	@echo "make compose-test build the images and check the CPU compose stack with podman (root, ~10 min)"
 	@echo "make demo-models  build both offline random-weight models under $(MODELS)/"
 	@echo "make clean        remove $(VENV) and $(MODELS)/"
@@ -71,6 +72,13 @@ demo-models: model-tiny model-0.5b
 # Stepped k6 load (2/8/16/20 users, 30 s each) against the running stack (make run-detached first).
 loadtest: $(STAMP)
 	$(PY) -m loadtest.run
+
+# Mixed traffic for SOAK_MINUTES (30) against a stack of its own on the 0.5b-shape model; worker RSS
+# over time: docs/soak.md.
+SOAK_MINUTES ?= 30
+soak: $(STAMP) model-0.5b
+	@scripts/install-system-deps.sh run
+	$(PY) -m loadtest.soak --minutes $(SOAK_MINUTES)
 
 # One run on the Qwen2.5-0.5B-shape model: docs/benchmarks.md, .json and .png (about 10 minutes here).
 bench: $(STAMP) model-tiny model-0.5b

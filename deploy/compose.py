@@ -37,6 +37,7 @@ def worker_service(name: str, gpu: int | None) -> dict:
             # 0: sized for the device (256 KV slots on a GPU, 16 on a CPU; see README).
             "QAIO_MAX_BATCH_SIZE": "${QAIO_MAX_BATCH_SIZE:-0}",
             "QAIO_QUEUE_CAPACITY": "${QAIO_QUEUE_CAPACITY:-0}",
+            "QAIO_CHAT_DEADLINE_MS": "${QAIO_CHAT_DEADLINE_MS:-120000}",
             "QAIO_LOG_LEVEL": "${QAIO_LOG_LEVEL:-INFO}",
             "HF_HUB_OFFLINE": "${HF_HUB_OFFLINE:-0}",
         },
@@ -65,6 +66,12 @@ def compose(worker_names: list[str], gpu_ids: list[int] | None) -> dict:
         "environment": {
             # The workers' model is part of nginx's cache key: the same setting, read by both.
             "QAIO_MODEL": "${QAIO_MODEL:-Qwen/Qwen2.5-0.5B-Instruct}",
+            # The workers' capacity and longest deadline: nginx's max_conns per worker and read timeout
+            # follow from the same settings (nginx/qaio-env.envsh).
+            "QAIO_DEVICE": "cuda" if gpu_ids else "cpu",
+            "QAIO_MAX_BATCH_SIZE": "${QAIO_MAX_BATCH_SIZE:-0}",
+            "QAIO_QUEUE_CAPACITY": "${QAIO_QUEUE_CAPACITY:-0}",
+            "QAIO_CHAT_DEADLINE_MS": "${QAIO_CHAT_DEADLINE_MS:-120000}",
             "QAIO_NGINX_UPSTREAMS": upstreams,
             "QAIO_NGINX_STRATEGY": "${QAIO_NGINX_STRATEGY:-least_conn}",
             "QAIO_NGINX_WEIGHTS": "${QAIO_NGINX_WEIGHTS:-}",

@@ -2,8 +2,11 @@
 
 At each level (default 2, 8, 16, 20 concurrent users, 30 s each) it runs loadtest/qaio.js and records
 P50/P90/P99, error rate, requests per second and cache hit ratio, and each worker's resident memory
-before and after. Writes docs/loadtest.md, docs/loadtest.json and docs/loadtest.png; exits non-zero
-when a level broke a threshold. Loopback only: it refuses a URL that is not.
+before and after. Then the overload step (loadtest/overload.js): 3x and 10x the stack's capacity
+(the sum of its workers' KV slots + queue, from their /readyz) in concurrent clients, each on its own
+loopback address, recording status counts, Retry-After, latency of admitted and of refused requests,
+and the tokens the workers generated that no client received. Writes docs/loadtest.md, .json and
+.png; exits non-zero when a level broke a threshold. Loopback only: it refuses a URL that is not.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from urllib.parse import urlparse
 from qwen_worker.testing import REPO, http_status
 
 SCRIPT = REPO / "loadtest" / "qaio.js"
+OVERLOAD_SCRIPT = REPO / "loadtest" / "overload.js"
 REVIEWS = REPO.parent / "shared" / "data" / "waimai_10k.csv"
 
 
@@ -39,6 +43,71 @@ def worker_rss_mb(run_dir: Path) -> dict[str, float]:
             total += next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), 0) / 1024
         result[pid_file.stem] = round(total, 1)
     return result
+
+
+def worker_urls(run_dir: Path, base_port: int) -> list[str]:
+    """The stack's workers (scripts/stack.sh: worker i listens on base + i), reached directly on loopback."""
+    count = len(list(run_dir.glob("worker-*.pid")))
+    return [f"http://127.0.0.1:{base_port + i}" for i in range(count)]
+
+
+def stack_capacity(workers: list[str]) -> int:
+    """Requests the stack holds at once: every worker's KV slots + queue."""
+    total = 0
+    for url in workers:
+        with urllib.request.urlopen(url + "/readyz", timeout=10) as response:
+            ready = json.loads(response.read())
+        total += ready["slots"] + ready["queue_capacity"]
+    return total
+
+
+def generated_tokens(workers: list[str]) -> float:
+    """qaio_generated_tokens_total summed over the workers' tasks and processes."""
+    total = 0.0
+    for url in workers:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("qaio_generated_tokens_total{"):
+                    total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def local_ip_range(count: int) -> str:
+    """`count` loopback addresses for k6's --local-ips, from 127.0.1.1 on (250 per /24)."""
+    blocks = (count + 249) // 250
+    return f"127.0.1.1-127.0.{blocks}.250"
+
+
+def run_overload(url: str, users: int, duration: str, work: Path, workers: list[str], extra_env: dict) -> dict:
+    summary_path = work / f"k6-overload-{users}.json"
+    env = {**os.environ, "QAIO_URL": url, "QAIO_SUMMARY": str(summary_path), **extra_env}
+    k6 = Path(sys.executable).parent / "k6"
+    before = generated_tokens(workers)
+    done = subprocess.run([str(k6), "run", "--quiet", "--vus", str(users), "--duration", duration,
+                           "--local-ips", local_ip_range(users), str(OVERLOAD_SCRIPT)],
+                          env=env, capture_output=True, text=True)
+    time.sleep(2)  # let the workers finish (or drop) what the last clients left behind
+    generated = generated_tokens(workers) - before
+    metrics = json.loads(summary_path.read_text())["metrics"]
+
+    def count(name: str) -> int:
+        return int(metrics.get(name, {}).get("values", {}).get("count", 0))
+
+    def trend(name: str) -> dict:
+        values = metrics.get(name, {}).get("values", {})
+        return {k: values.get(f"p({k})") for k in (50, 99)}
+
+    delivered = count("delivered_tokens")
+    retry_after = metrics.get("checks{check:a refusal carries Retry-After}", {}).get("values", {}).get("rate")
+    return {"users": users, "passed": done.returncode == 0, "requests": count("http_reqs"),
+            "status": {s: count(f"status_{s}") for s in ("200", "429", "503", "other", "abandoned")},
+            "refusals_with_retry_after": retry_after,  # share of 429/503 answers that carried it
+            "admitted_ms": trend("admitted_duration"), "shed_ms": trend("shed_duration"),
+            "generated_tokens": round(generated), "delivered_tokens": delivered,
+            "undelivered_tokens": max(0, round(generated) - delivered),
+            "thresholds_failed": sorted(name for name, metric in metrics.items()
+                                        for ok in metric.get("thresholds", {}).values() if not ok["ok"]),
+            "k6_output": done.stdout[-500:] + done.stderr[-1500:]}
 
 
 def served_model(url: str) -> str:
@@ -70,6 +139,36 @@ def run_level(url: str, users: int, duration: str, work: Path, extra_env: dict) 
             "k6_output": done.stdout[-500:] + done.stderr[-1500:]}
 
 
+def overload_lines(results: dict) -> list[str]:
+    overload = results.get("overload")
+    if not overload:
+        return []
+
+    def ms(value) -> str:
+        return "–" if value is None else f"{value:,.0f}"
+
+    lines = ["## Overload", "",
+             f"The stack holds {overload['capacity']} requests at once (its workers' KV slots + queues). Each "
+             f"level runs that many times more concurrent clients for {results['duration']}, each client on its "
+             "own loopback address, half chat (sampled, uncacheable) and half sentiment; a refused client "
+             "waits its Retry-After (jittered) and tries again (`loadtest/overload.js`). Undelivered tokens: "
+             "generated by the workers (`qaio_generated_tokens_total`) but in no answer a client received.", "",
+             "| clients | requests | 200 | 429 | 503 | other | client gave up | Retry-After on refusals | "
+             "admitted p50 / p99 ms | refused p50 / p99 ms | tokens generated | undelivered | thresholds |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for level in overload["levels"]:
+        st = level["status"]
+        share = level["refusals_with_retry_after"]
+        verdict = "pass" if level["passed"] else "FAIL: " + ", ".join(level["thresholds_failed"])
+        lines.append(f"| {level['users']} ({level['factor']}x) | {level['requests']} | {st['200']} | {st['429']} | "
+                     f"{st['503']} | {st['other']} | {st['abandoned']} | "
+                     f"{'–' if share is None else f'{share:.1%}'} | "
+                     f"{ms(level['admitted_ms'][50])} / {ms(level['admitted_ms'][99])} | "
+                     f"{ms(level['shed_ms'][50])} / {ms(level['shed_ms'][99])} | {level['generated_tokens']} | "
+                     f"{level['undelivered_tokens']} | {verdict} |")
+    return lines + [""]
+
+
 def write_report(results: dict, out: Path) -> None:
     import matplotlib
 
@@ -89,7 +188,9 @@ def write_report(results: dict, out: Path) -> None:
         lines.append(f"| {level['users']} | {level['requests']} | {level['rps']:.2f} | {level['p50_ms']:.0f} | "
                      f"{level['p90_ms']:.0f} | {level['p99_ms']:.0f} | {level['error_rate']:.2%} | "
                      f"{level['cache_hit_ratio']:.1%} | {rss} | {verdict} |")
-    lines += ["", "![latency and throughput by load](loadtest.png)", "", "Raw numbers: `loadtest.json`.", ""]
+    lines += ["", "![latency and throughput by load](loadtest.png)", ""]
+    lines += overload_lines(results)
+    lines += ["Raw numbers: `loadtest.json`.", ""]
     (out / "loadtest.md").write_text("\n".join(lines), encoding="utf-8")
     fig, left = plt.subplots(figsize=(7, 4))
     users = [lvl["users"] for lvl in levels]
@@ -115,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-dir", type=Path, default=Path(os.environ.get("QAIO_STACK_DIR", REPO / "run")))
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     parser.add_argument("--chat-tokens", default="32")
+    parser.add_argument("--overload", default="3,10", help="multiples of the stack's capacity; empty: no overload step")
+    parser.add_argument("--base-port", type=int, default=int(os.environ.get("QAIO_STACK_BASE_PORT", "8001")))
+    parser.add_argument("--worker-urls", default="", help="comma-separated worker URLs (default: the stack's, "
+                                                           "from --run-dir and --base-port)")
     args = parser.parse_args(argv)
     if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
         parser.error("load goes to loopback only")
@@ -126,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                "workers": len(list(args.run_dir.glob("worker-*.pid"))), "levels": [],
                "model": served_model(args.url)}
     with tempfile.TemporaryDirectory(prefix="qaio-k6-") as work:
-        for users in (int(u) for u in args.levels.split(",")):
+        for users in (int(u) for u in args.levels.split(",") if u):
             before = worker_rss_mb(args.run_dir)
             level = run_level(args.url, users, args.duration, Path(work), {"QAIO_CHAT_TOKENS": args.chat_tokens})
             level.update(rss_before=before, rss_after=worker_rss_mb(args.run_dir))
@@ -134,10 +239,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{users:3d} users: {level['rps']:.2f} RPS, p50 {level['p50_ms']:.0f} ms, "
                   f"p99 {level['p99_ms']:.0f} ms, errors {level['error_rate']:.2%}, "
                   f"{'pass' if level['passed'] else 'FAIL'}", flush=True)
+        if args.overload:
+            workers = args.worker_urls.split(",") if args.worker_urls else worker_urls(args.run_dir, args.base_port)
+            capacity = stack_capacity(workers)
+            results["overload"] = {"capacity": capacity, "levels": []}
+            for factor in (int(f) for f in args.overload.split(",") if f):
+                level = run_overload(args.url, factor * capacity, args.duration, Path(work), workers,
+                                     {"QAIO_CHAT_TOKENS": args.chat_tokens})
+                level["factor"] = factor
+                results["overload"]["levels"].append(level)
+                print(f"overload {factor}x ({level['users']} clients): {level['status']}, admitted p99 "
+                      f"{level['admitted_ms'][99]} ms, undelivered tokens {level['undelivered_tokens']}, "
+                      f"{'pass' if level['passed'] else 'FAIL'}", flush=True)
     (args.out / "loadtest.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     write_report(results, args.out)
     print(f"wrote {args.out / 'loadtest.md'}")
-    return 0 if all(level["passed"] for level in results["levels"]) else 1
+    levels = results["levels"] + results.get("overload", {}).get("levels", [])
+    return 0 if all(level["passed"] for level in levels) else 1
 
 
 if __name__ == "__main__":

@@ -87,7 +87,9 @@ up() {
   done
 
   export QAIO_NGINX_UPSTREAMS="${QAIO_NGINX_UPSTREAMS:-$upstreams}"
-  "$root/nginx/render-config.sh" "$run_dir/nginx" >/dev/null
+  # nginx caps each worker at its capacity, derived from the device the workers run on.
+  QAIO_DEVICE="${QAIO_DEVICE:-$([ "$gpus" -gt 0 ] && echo cuda || echo cpu)}" \
+    "$root/nginx/render-config.sh" "$run_dir/nginx" >/dev/null
   nginx -p "$run_dir/nginx" -c "$run_dir/nginx/nginx.conf" -e "$run_dir/nginx/logs/error.log"
 
   trap 'down; exit 130' INT TERM

@@ -19,6 +19,10 @@ workers = _config.workers
 engine_process = _config.engine_process == "on"
 worker_class = "gthread"
 threads = _config.threads  # requests waiting on the batcher each hold a thread
+# Accept no more connections than there are threads: gthread would otherwise queue requests for a
+# thread where no admission bound, deadline or metric sees them. Past this, the kernel's backlog
+# holds connections; behind nginx none get there (max_conns per worker is below this).
+worker_connections = threads
 # The model loads in a background thread, so the worker heartbeats during load; this bounds a stuck worker.
 timeout = 120
 # Let in-flight generations finish on SIGTERM (k8s terminationGracePeriodSeconds must be longer).

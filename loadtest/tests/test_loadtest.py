@@ -72,7 +72,8 @@ def test_stepped_runner_writes_the_report(stack, workers, tmp_path):
     for i, worker in enumerate(workers):
         (run_dir / f"worker-{i}.pid").write_text(str(worker.proc.pid))
     done = subprocess.run([sys.executable, "-m", "loadtest.run", "--url", stack["url"], "--levels", "1,2",
-                           "--duration", "3s", "--run-dir", str(run_dir), "--out", str(tmp_path), "--chat-tokens", "4"],
+                           "--duration", "3s", "--run-dir", str(run_dir), "--out", str(tmp_path), "--chat-tokens", "4",
+                           "--overload", ""],
                           env=stack["env"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "loadtest.json").read_text())
@@ -82,3 +83,23 @@ def test_stepped_runner_writes_the_report(stack, workers, tmp_path):
         assert all(mb > 10 for mb in level["rss_after"].values()) and len(level["rss_after"]) == 2
     report = (tmp_path / "loadtest.md").read_text()
     assert "| 2 |" in report and "demo model" in report and (tmp_path / "loadtest.png").stat().st_size > 1000
+
+
+def test_overload_step_reports_refusals_and_undelivered_work(gunicorn_server, nginx, tmp_path):
+    """3x the capacity of two small workers: refusals are 429/503 with Retry-After, the report counts them."""
+    capacity = {"QAIO_MAX_BATCH_SIZE": "2", "QAIO_QUEUE_CAPACITY": "2"}
+    workers = [gunicorn_server(QAIO_TORCH_THREADS="1", QAIO_THREADS="16", **capacity) for _ in range(2)]
+    proxy = nginx(workers, **capacity)
+    done = subprocess.run([sys.executable, "-m", "loadtest.run", "--url", proxy.url, "--levels", "",
+                           "--overload", "3", "--duration", "5s", "--out", str(tmp_path), "--chat-tokens", "8",
+                           "--run-dir", str(tmp_path), "--worker-urls", ",".join(w.url for w in workers)],
+                          env=os.environ, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    overload = json.loads((tmp_path / "loadtest.json").read_text())["overload"]
+    assert overload["capacity"] == 8
+    level = overload["levels"][0]
+    assert level["users"] == 24 and level["passed"]
+    assert level["status"]["200"] > 0 and level["status"]["503"] > 0 and level["status"]["other"] == 0
+    assert level["refusals_with_retry_after"] == 1.0
+    assert level["generated_tokens"] >= level["delivered_tokens"] > 0
+    assert "## Overload" in (tmp_path / "loadtest.md").read_text()

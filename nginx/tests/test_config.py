@@ -41,8 +41,8 @@ def test_settings_reach_the_config(tmp_path):
                   QAIO_NGINX_UPSTREAMS="10.0.0.1:8001,10.0.0.2:8001", QAIO_NGINX_MAX_FAILS="4",
                   QAIO_NGINX_FAIL_TIMEOUT="7s", QAIO_NGINX_CHAT_RATE="9r/s", QAIO_NGINX_MAX_BODY="32k")
     text = (conf.parent / "conf.d" / "qaio.conf").read_text()
-    assert "server 10.0.0.1:8001 weight=2 max_fails=4 fail_timeout=7s;" in text
-    assert "server 10.0.0.2:8001 weight=5 max_fails=4 fail_timeout=7s;" in text
+    assert "server 10.0.0.1:8001 weight=2 max_conns=80 max_fails=4 fail_timeout=7s;" in text
+    assert "server 10.0.0.2:8001 weight=5 max_conns=80 max_fails=4 fail_timeout=7s;" in text
     assert "least_conn;" not in text and "ip_hash;" not in text
     assert "rate=9r/s" in text and "client_max_body_size 32k;" in text and "client_body_buffer_size 32k;" in text
     proxy = (conf.parent / "conf.d" / "qaio-proxy.inc").read_text()
@@ -55,7 +55,27 @@ def test_a_resolver_makes_upstream_names_re_resolved(tmp_path):
     conf = render(tmp_path, QAIO_NGINX_RESOLVER="10.96.0.10", QAIO_NGINX_UPSTREAMS="workers.qaio.svc:8001")
     text = (conf.parent / "conf.d" / "qaio.conf").read_text()
     assert "resolver 10.96.0.10 valid=10s ipv6=off;" in text
-    assert "server workers.qaio.svc:8001 weight=1 max_fails=3 fail_timeout=10s resolve;" in text
+    assert "server workers.qaio.svc:8001 weight=1 max_conns=80 max_fails=0 fail_timeout=10s resolve;" in text
+
+
+@pytest.mark.parametrize("settings", [
+    {"QAIO_DEVICE": "cpu"}, {"QAIO_DEVICE": "cuda"}, {"QAIO_DEVICE": "cuda:1", "QAIO_MAX_BATCH_SIZE": "64"},
+    {"QAIO_MAX_BATCH_SIZE": "8", "QAIO_QUEUE_CAPACITY": "12"}, {"QAIO_DEVICE": "cpu", "QAIO_MAX_BATCH_SIZE": "40"},
+])
+def test_max_conns_per_worker_is_the_workers_own_capacity(tmp_path, settings):
+    """nginx and the worker derive one bound from the same variables by the same rule."""
+    from qwen_worker.config import WorkerConfig
+
+    conf = render(tmp_path, QAIO_NGINX_UPSTREAMS="10.0.0.1:8001", **settings)
+    text = (conf.parent / "conf.d" / "qaio.conf").read_text()
+    capacity = WorkerConfig.from_env(settings).capacity
+    assert f"server 10.0.0.1:8001 weight=1 max_conns={capacity} " in text
+
+
+def test_nginx_waits_past_the_longest_deadline(tmp_path):
+    conf = render(tmp_path, QAIO_CHAT_DEADLINE_MS="45000")
+    assert "proxy_read_timeout 55s;" in (conf.parent / "conf.d" / "qaio-proxy.inc").read_text()
+    assert "proxy_read_timeout 130s;" in (render(tmp_path / "default").parent / "conf.d" / "qaio-proxy.inc").read_text()
 
 
 @pytest.mark.parametrize("settings, message", [

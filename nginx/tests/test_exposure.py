@@ -52,13 +52,13 @@ def test_json_access_log_line(proxy):
     assert entry["cache"] in ("MISS", "HIT") and float(entry["upstream_time"]) >= 0
 
 
-def test_no_live_worker_is_a_json_502(nginx):
+def test_no_live_worker_is_a_json_503_to_retry(nginx):
     from qwen_worker.testing import free_port
 
     proxy = nginx([f"127.0.0.1:{free_port()}"])
     response = requests.post(proxy.url + "/v1/sentiment", json={"text": "有人吗"}, timeout=30)
-    assert response.status_code == 502
-    assert response.json()["error"]["code"] == "no_upstream" and response.headers["Retry-After"]
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "no_worker_available" and response.headers["Retry-After"] == "1"
 
 
 def test_stub_status_answers_on_its_own_port_only(workers, nginx):

@@ -11,6 +11,7 @@ from flask import Flask, g, request
 
 from . import logs, metrics
 from .config import WorkerConfig
+from .connection import arrival, disconnect_probe
 from .errors import register_error_handlers
 from .service import WorkerService
 
@@ -57,6 +58,8 @@ def _install_request_tracking(app: Flask, config: WorkerConfig, service: WorkerS
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         g.started = time.monotonic()
+        g.arrived = arrival(request.headers.get("X-Request-Start"), g.started)  # deadlines count from here
+        g.client_gone = disconnect_probe(request.environ)
         g.log_fields = {}
         g.cacheable = False  # set by views whose answer is a pure function of the request body
 

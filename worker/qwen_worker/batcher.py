@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SENTIMENT = "sentiment"
 GENERATE = "generate"
 RUNNING_GRACE_S = 5.0
+CLIENT_POLL_S = 0.1  # how often a waiting request checks that its client is still connected
 SWITCH_INTERVAL_S = 0.0005
 
 
@@ -43,14 +44,15 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     batch_size: int = 0
-    on_cancel: Callable[["Job"], None] | None = None  # how to stop it elsewhere (a job run by the engine process)
 
-    def cancel(self) -> None:
-        """The client went away: stop generating for it (a queued job is dropped when taken)."""
+    def cancel(self, reason: str = "client_gone") -> bool:
+        """Its client went away: a queued job leaves the queue (True), a running generation stops at
+        the next step (a running sentiment pass is too short to stop)."""
+        if self.started_at is None and self.withdraw is not None and self.withdraw(self, reason):
+            return True
         if self.kind == GENERATE:
             self.payload.cancelled.set()
-        if self.on_cancel is not None:
-            self.on_cancel(self)
+        return False
 
     @property
     def queue_ms(self) -> float:
@@ -79,18 +81,29 @@ class Job:
             return False
         return True
 
-    def wait(self) -> Any:
-        """The job's result; ApiError when it failed or its deadline passed."""
+    def wait(self, client_gone: Callable[[], bool] | None = None) -> Any:
+        """The job's result; ApiError when it failed, its deadline passed, or (checked every
+        CLIENT_POLL_S with `client_gone`) its client left, which cancels it."""
         while True:
+            budget = self.wait_budget()
+            timeout = min(budget, CLIENT_POLL_S) if client_gone is not None else budget
             try:
-                return self.future.result(timeout=self.wait_budget())
+                return self.future.result(timeout=timeout)
             except TimeoutError:
-                if self.give_up():
+                if client_gone is not None and client_gone():
+                    self.cancel()
+                    raise client_gone_error() from None
+                if timeout >= budget and self.give_up():
                     raise deadline_error() from None
 
 
 def deadline_error() -> ApiError:
     return ApiError(504, "deadline_exceeded", "the request's deadline passed before it completed")
+
+
+def client_gone_error() -> ApiError:
+    """Answered to nobody (the client left); 499 as nginx logs it, for the access log and metrics."""
+    return ApiError(499, "client_closed_request", "the client closed the connection before the answer")
 
 
 class Batcher:

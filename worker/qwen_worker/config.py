@@ -10,6 +10,8 @@ from typing import Any, Mapping
 from .devices import cuda_expected
 
 ENV_PREFIX = "QAIO_"
+# Threads beyond the admission bound: requests past it get their 503 at once, probes and scrapes answer.
+SPARE_THREADS = 32
 
 
 class ConfigError(ValueError):
@@ -44,8 +46,10 @@ class WorkerConfig:
     workers: int = _setting(0, "gunicorn processes: with an engine process, API processes sharing it; without, "
                                "each loads its own model copy (0: 4 API processes with an engine process on a GPU, "
                                "else 1)", minimum=0)
-    threads: int = _setting(0, "Connection threads per process; every open request, streams included, holds one "
-                               "(0: QAIO_MAX_BATCH_SIZE + QAIO_QUEUE_CAPACITY)", minimum=0)
+    threads: int = _setting(0, "Connection threads per gunicorn process, and the most connections it accepts: every "
+                               "open request, streams included, holds one (0: QAIO_MAX_BATCH_SIZE + "
+                               "QAIO_QUEUE_CAPACITY + 32 spare, so a request past the bound is refused at once and "
+                               "probes and /metrics always find a thread)", minimum=0)
     stream_coalesce_ms: float = _setting(20.0, "A stream sends the tokens of this many milliseconds as one event (the "
                                               "first token goes at once)", minimum=0)
     cpu_linear: str = _setting("auto", "Linear-layer kernels on CPU: `onednn` (weights prepacked once), `default` "
@@ -141,7 +145,7 @@ class WorkerConfig:
         on_gpu = cuda_expected(self.device)
         batch = self.max_batch_size or (256 if on_gpu else 16)
         queue = self.queue_capacity or max(64, 2 * batch)
-        fill.update(max_batch_size=batch, queue_capacity=queue, threads=self.threads or batch + queue)
+        fill.update(max_batch_size=batch, queue_capacity=queue, threads=self.threads or batch + queue + SPARE_THREADS)
         engine_process = self.engine_process if self.engine_process != "auto" else ("on" if on_gpu else "off")
         fill.update(engine_process=engine_process,
                     workers=self.workers or (4 if engine_process == "on" and on_gpu else 1))
@@ -150,6 +154,12 @@ class WorkerConfig:
         if not self.model_name:
             fill["model_name"] = self.model.rstrip("/").split("/")[-1] if os.path.isdir(self.model) else self.model
         return dataclasses.replace(self, **fill) if fill else self
+
+    @property
+    def capacity(self) -> int:
+        """Requests one instance holds at once (generating + queued); the front door's max_conns per
+        worker (nginx/qaio-env.envsh applies the same rule to the same variables)."""
+        return self.max_batch_size + self.queue_capacity
 
     def as_log_dict(self) -> dict[str, Any]:
         return {self.env_name(k): v for k, v in dataclasses.asdict(self).items()}

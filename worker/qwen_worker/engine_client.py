@@ -208,8 +208,8 @@ class RemoteEngine:
     def submit(self, job: Job) -> Job:
         self.check_accepting()
         job_id = next(self._ids)
+        # Giving up here (deadline, client gone) always ends the wait; the engine drops or stops the job.
         job.withdraw = lambda job, reason=None, job_id=job_id: self._give_up(job_id)
-        job.on_cancel = lambda job, job_id=job_id: self._send(("cancel", job_id))
         if job.kind == GENERATE:
             row = job.payload
             payload = (row.prompt_ids, row.max_new_tokens, row.temperature, row.top_p)
@@ -225,7 +225,7 @@ class RemoteEngine:
         return job
 
     def _give_up(self, job_id: int) -> bool:
-        """Its deadline passed here: the engine drops or stops it; this process answers 504 now."""
+        """Its deadline passed or its client left: the engine drops or stops it; this process answers now."""
         if self._jobs.pop(job_id, None) is not None:
             self._send(("cancel", job_id))
         return True

@@ -143,12 +143,8 @@ class ApiConnection:
         """Its client left or gave up: a queued job is dropped (nobody waits for its answer), a running
         generation stops at the next step."""
         job = self.jobs.get(job_id)
-        if job is None:
-            return
-        if job.started_at is None and job.withdraw is not None and job.withdraw(job, "cancelled_in_queue"):
+        if job is not None and job.cancel():
             self.jobs.pop(job_id, None)
-            return
-        job.cancel()
 
     def _done(self, job_id: int, job: Job) -> None:
         self.jobs.pop(job_id, None)

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Iterator
 
-from .batcher import GENERATE, SENTIMENT, Batcher, Job, deadline_error
+from .batcher import CLIENT_POLL_S, GENERATE, SENTIMENT, Batcher, Job, client_gone_error, deadline_error
 from .config import WorkerConfig
 from .errors import ApiError
 from .engine import GenerationRow
@@ -95,8 +95,15 @@ class WorkerService:
         self.batcher.stop()
 
     # ---- tasks ---------------------------------------------------------------------------------
-    def deadline(self, deadline_ms: int) -> float:
-        return time.monotonic() + deadline_ms / 1000
+    def deadline(self, deadline_ms: int, arrived: float | None = None) -> float:
+        """Counted from the request's arrival at the front door (connection.arrival), else from now."""
+        return (time.monotonic() if arrived is None else arrived) + deadline_ms / 1000
+
+    def check_deadline(self, deadline: float) -> None:
+        """A request already late (it waited in the front door, or in a socket backlog) costs no compute."""
+        if time.monotonic() >= deadline:
+            self.metrics.rejected("deadline_on_arrival")
+            raise deadline_error()
 
     @property
     def prompter(self):
@@ -105,6 +112,7 @@ class WorkerService:
         return self.model.prompter
 
     def submit_sentiment(self, text: str, lang: str, deadline: float, task: str = "sentiment") -> Job:
+        self.check_deadline(deadline)
         ids = self.prompter.sentiment_ids(text, lang)
         return self.batcher.submit(Job(SENTIMENT, task, ids, deadline))
 
@@ -113,6 +121,7 @@ class WorkerService:
         if len(prompt_ids) > self.config.max_prompt_tokens:
             raise ApiError(413, "prompt_too_long", f"the prompt is {len(prompt_ids)} tokens; "
                                                    f"at most {self.config.max_prompt_tokens} are accepted")
+        self.check_deadline(deadline)
         row = GenerationRow(prompt_ids, max_tokens, temperature, top_p, deadline,
                             on_token=stream.put_token if stream else None)
         job = self.batcher.submit(Job(GENERATE, task, row, deadline))
@@ -120,8 +129,8 @@ class WorkerService:
             stream.attach(job)
         return job
 
-    def token_stream(self) -> "TokenStream":
-        return TokenStream(self.model.decode, self.config.stream_coalesce_ms / 1000)
+    def token_stream(self, client_gone=None) -> "TokenStream":
+        return TokenStream(self.model.decode, self.config.stream_coalesce_ms / 1000, client_gone)
 
     def chat_ids(self, messages: list[Message]) -> list[int]:
         return self.prompter.chat_ids(messages)
@@ -140,9 +149,10 @@ class TokenStream:
 
     _DONE = object()
 
-    def __init__(self, decode, coalesce_s: float = 0.0):
+    def __init__(self, decode, coalesce_s: float = 0.0, client_gone=None):
         self.decode = decode
         self.coalesce_s = coalesce_s
+        self.client_gone = client_gone  # checked while no token comes (a queued stream writes nothing)
         self._events: queue.Queue = queue.Queue()
         self.job: Job | None = None
         self.tokens: list[int] = []
@@ -159,11 +169,16 @@ class TokenStream:
         """The next event, then (once the coalescing window has passed) every event queued by then."""
         job = self.job
         while True:
+            budget = job.wait_budget()
+            timeout = min(budget, CLIENT_POLL_S) if self.client_gone is not None else budget
             try:
-                events = [self._events.get(timeout=job.wait_budget())]
+                events = [self._events.get(timeout=timeout)]
                 break
             except queue.Empty:
-                if job.give_up():
+                if self.client_gone is not None and self.client_gone():
+                    job.cancel()
+                    raise client_gone_error() from None
+                if timeout >= budget and job.give_up():
                     raise deadline_error() from None
         if self.coalesce_s and events[0] is not self._DONE:
             delay = send_after - time.monotonic()

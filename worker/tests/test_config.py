@@ -56,8 +56,10 @@ def test_readme_documents_every_setting():
 
 def test_sizes_follow_the_device_unless_set():
     cpu = WorkerConfig.from_env({"QAIO_DEVICE": "cpu"})
-    assert (cpu.max_batch_size, cpu.queue_capacity, cpu.threads) == (16, 64, 80)
+    assert (cpu.max_batch_size, cpu.queue_capacity, cpu.threads, cpu.capacity) == (16, 64, 112, 80)
+    assert (cpu.engine_process, cpu.workers) == ("off", 1)
     gpu = WorkerConfig.from_env({"QAIO_DEVICE": "cuda:1"})
-    assert (gpu.max_batch_size, gpu.queue_capacity, gpu.threads) == (256, 512, 768)
+    assert (gpu.max_batch_size, gpu.queue_capacity, gpu.threads, gpu.capacity) == (256, 512, 800, 768)
+    assert (gpu.engine_process, gpu.workers) == ("on", 4)
     set_ = WorkerConfig.from_env({"QAIO_DEVICE": "cuda", "QAIO_MAX_BATCH_SIZE": "64", "QAIO_THREADS": "100"})
     assert (set_.max_batch_size, set_.queue_capacity, set_.threads) == (64, 128, 100)

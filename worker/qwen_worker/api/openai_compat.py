@@ -45,13 +45,13 @@ def chat_completions():
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("`stream_options` must be an object")
-    deadline = svc.deadline(v.deadline_ms(body, svc.config.chat_deadline_ms))
+    deadline = svc.deadline(v.deadline_ms(body, svc.config.chat_deadline_ms), g.arrived)
     g.log_fields.update(task="chat", input_chars=sum(len(m.content) for m in messages), stream=stream)
     prompt = svc.chat_ids(messages)
     completion_id = f"chatcmpl-{g.request_id}"
     created = int(time.time())
     if stream:
-        tokens = svc.token_stream()
+        tokens = svc.token_stream(g.client_gone)
         job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat", stream=tokens)
         return sse(_chunks(tokens, job, completion_id, created, bool(options.get("include_usage"))))
     job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat")

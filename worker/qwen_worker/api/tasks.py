@@ -28,7 +28,7 @@ def generation_params(body: dict) -> dict:
 
 def finished_row(job) -> GenerationRow:
     """The generated row of a non-streaming job; a generation cut by its deadline is a 504."""
-    row: GenerationRow = job.wait()
+    row: GenerationRow = job.wait(g.client_gone)
     if row.finish_reason == "deadline":
         raise deadline_error()
     return row
@@ -40,10 +40,10 @@ def _sentiment(body: dict, task: str, default_deadline_ms: int):
     lang = v.choice(body, "lang", ("auto", "zh", "en"), "auto")
     if lang == "auto":
         lang = detect_language(text)
-    deadline = svc.deadline(v.deadline_ms(body, default_deadline_ms))
+    deadline = svc.deadline(v.deadline_ms(body, default_deadline_ms), g.arrived)
     g.log_fields.update(task=task, input_chars=len(text))
     job = svc.submit_sentiment(text, lang, deadline, task=task)
-    return text, lang, job, sentiment_view(job.wait())
+    return text, lang, job, sentiment_view(job.wait(g.client_gone))
 
 
 @bp.post("/sentiment")
@@ -61,11 +61,11 @@ def chat():
     messages = v.messages(body, svc.config.max_messages, svc.config.max_input_chars)
     params = generation_params(body)
     stream = v.optional_bool(body, "stream")
-    deadline = svc.deadline(v.deadline_ms(body, svc.config.chat_deadline_ms))
+    deadline = svc.deadline(v.deadline_ms(body, svc.config.chat_deadline_ms), g.arrived)
     g.log_fields.update(task="chat", input_chars=sum(len(m.content) for m in messages), stream=stream)
     prompt = svc.chat_ids(messages)
     if stream:
-        tokens = svc.token_stream()
+        tokens = svc.token_stream(g.client_gone)
         job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat", stream=tokens)
         return sse(_chat_events(tokens, job))
     job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat")

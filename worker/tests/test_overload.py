@@ -1,0 +1,107 @@
+"""A worker under more than it can hold: deadlines from the front door, no compute for clients who
+left; real gunicorn over real sockets (the disconnect check needs one), in both process layouts."""
+import json
+import re
+import socket
+import time
+
+import pytest
+import requests
+
+LONG = 1000
+LAYOUTS = {"one process": {"QAIO_ENGINE_PROCESS": "off"}, "engine process": {"QAIO_ENGINE_PROCESS": "on"}}
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    text = requests.get(server.url + "/metrics", timeout=5).text
+    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M))
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def open_request(server, path: str, body: dict, headers: dict | None = None) -> socket.socket:
+    """Send a request and leave its connection open, unread, as a client that may still leave."""
+    data = json.dumps(body).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n{head}\r\n".encode() + data)
+    return sock
+
+
+@pytest.fixture(params=list(LAYOUTS), ids=list(LAYOUTS))
+def small_worker(request, gunicorn_server):
+    """One KV slot, so a long generation holds it and the next request queues."""
+    return gunicorn_server(**LAYOUTS[request.param], QAIO_MAX_BATCH_SIZE="1", QAIO_QUEUE_CAPACITY="4",
+                           QAIO_WORKERS="1")
+
+
+def generated(server) -> float:
+    return metric(server, "qaio_generated_tokens_total", '{task="chat"}')
+
+
+def test_a_client_that_leaves_mid_generation_costs_no_more_compute(small_worker):
+    sock = open_request(small_worker, "/v1/chat", {"text": "a long story", "max_tokens": LONG, "temperature": 0})
+    wait_until(lambda: metric(small_worker, "qaio_live_slots") == 1, 10, "the generation runs")
+    time.sleep(0.3)
+    sock.close()
+    wait_until(lambda: metric(small_worker, "qaio_live_slots") == 0, 10, "its row is stopped")
+    done = generated(small_worker)
+    assert done < LONG
+    time.sleep(0.5)
+    assert generated(small_worker) == done
+
+
+def test_a_client_that_leaves_while_queued_is_never_computed(small_worker):
+    blocker = open_request(small_worker, "/v1/chat", {"text": "story", "max_tokens": LONG, "temperature": 0})
+    wait_until(lambda: metric(small_worker, "qaio_live_slots") == 1, 10, "the slot is taken")
+    queued = open_request(small_worker, "/v1/chat", {"text": "next", "max_tokens": 50, "temperature": 0})
+    wait_until(lambda: requests.get(small_worker.url + "/readyz", timeout=5).json()["queue_depth"] == 1, 10,
+               "the second request queues")
+    queued.close()
+    wait_until(lambda: metric(small_worker, "qaio_rejections_total", '{reason="client_gone"}') == 1, 10,
+               "the queued request is dropped when its client leaves")
+    wait_until(lambda: requests.get(small_worker.url + "/readyz", timeout=5).json()["queue_depth"] == 0, 10,
+               "and the queue says so")
+    blocker.close()
+    wait_until(lambda: metric(small_worker, "qaio_live_slots") == 0, 10, "the blocker is stopped")
+    total = generated(small_worker)
+    time.sleep(0.5)
+    assert generated(small_worker) == total, "the dropped request never generated"
+    assert total < LONG
+
+
+def test_the_deadline_counts_from_the_front_door(small_worker):
+    url = small_worker.url + "/v1/chat"
+    # Received by the front door 2 s ago with a 1.5 s budget: late already, refused before any compute.
+    stamp = {"X-Request-Start": f"t={time.time() - 2:.3f}"}
+    late = requests.post(url, json={"text": "late", "max_tokens": 5, "deadline_ms": 1500}, headers=stamp, timeout=10)
+    assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+    assert metric(small_worker, "qaio_rejections_total", '{reason="deadline_on_arrival"}') == 1
+    assert generated(small_worker) == 0
+
+    # Stamped 1 s ago with 1.5 s, queued behind a long generation: 504 about 0.5 s after it was sent.
+    blocker = open_request(small_worker, "/v1/chat", {"text": "story", "max_tokens": LONG, "temperature": 0})
+    wait_until(lambda: metric(small_worker, "qaio_live_slots") == 1, 10, "the slot is taken")
+    sent = time.monotonic()
+    waited = requests.post(url, json={"text": "waited", "max_tokens": 5, "deadline_ms": 1500},
+                           headers={"X-Request-Start": f"t={time.time() - 1:.3f}"}, timeout=10)
+    elapsed = time.monotonic() - sent
+    assert waited.status_code == 504
+    assert elapsed < 1.4, f"answered {elapsed:.2f} s after sending: the deadline counted from the worker"
+    blocker.close()
+
+
+@pytest.mark.parametrize("stamp", ["garbage", "t=abc", f"t={time.time() + 3600:.3f}"])
+def test_a_bad_or_future_stamp_counts_as_now(gunicorn_server, stamp):
+    server = gunicorn_server()
+    response = requests.post(server.url + "/v1/sentiment", json={"text": "好", "deadline_ms": 5000},
+                             headers={"X-Request-Start": stamp}, timeout=30)
+    assert response.status_code == 200
