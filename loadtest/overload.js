@@ -2,7 +2,7 @@
 // address (run with --local-ips), so per-address rate limits do not hide the overload. Every answer
 // must be 200, 429 or 503; every 429/503 must carry Retry-After, which the client then honours (a
 // well-behaved client: QAIO_HONOR_RETRY_AFTER=0 makes it hammer instead).
-//   k6 run --local-ips 127.0.1.1-127.0.4.250 -e QAIO_URL=http://127.0.0.1:8080 --vus 480 --duration 30s overload.js
+//   k6 run --local-ips 127.0.1.1-127.0.4.250 -e QAIO_URL=http://127.0.0.1:8080 -e QAIO_VUS=480 -e QAIO_DURATION=30s overload.js
 import http from 'k6/http';
 import { check, sleep } from 'k6';
 import { Counter, Trend } from 'k6/metrics';
@@ -19,6 +19,14 @@ const statusCount = {};
 for (const s of ['200', '429', '503', 'other', 'abandoned']) statusCount[s] = new Counter(`status_${s}`);
 
 export const options = {
+  // Requests still running when the step ends are let finish (up to the longest deadline): k6 cutting
+  // them off would abandon them, and their work would count as done for nobody.
+  scenarios: {
+    overload: {
+      executor: 'constant-vus', vus: parseInt(__ENV.QAIO_VUS || '10', 10), duration: __ENV.QAIO_DURATION || '30s',
+      gracefulStop: __ENV.QAIO_GRACEFUL_STOP || '130s',
+    },
+  },
   summaryTrendStats: ['avg', 'min', 'p(50)', 'p(90)', 'p(99)', 'max'],
   thresholds: {
     'checks{check:status is 200 or 429 or 503}': ['rate>0.999'],

@@ -80,11 +80,11 @@ def local_ip_range(count: int) -> str:
 
 def run_overload(url: str, users: int, duration: str, work: Path, workers: list[str], extra_env: dict) -> dict:
     summary_path = work / f"k6-overload-{users}.json"
-    env = {**os.environ, "QAIO_URL": url, "QAIO_SUMMARY": str(summary_path), **extra_env}
+    env = {**os.environ, "QAIO_URL": url, "QAIO_SUMMARY": str(summary_path), "QAIO_VUS": str(users),
+           "QAIO_DURATION": duration, **extra_env}
     k6 = Path(sys.executable).parent / "k6"
     before = generated_tokens(workers)
-    done = subprocess.run([str(k6), "run", "--quiet", "--vus", str(users), "--duration", duration,
-                           "--local-ips", local_ip_range(users), str(OVERLOAD_SCRIPT)],
+    done = subprocess.run([str(k6), "run", "--quiet", "--local-ips", local_ip_range(users), str(OVERLOAD_SCRIPT)],
                           env=env, capture_output=True, text=True)
     time.sleep(2)  # let the workers finish (or drop) what the last clients left behind
     generated = generated_tokens(workers) - before
@@ -145,7 +145,7 @@ def overload_lines(results: dict) -> list[str]:
         return []
 
     def ms(value) -> str:
-        return "–" if value is None else f"{value:,.0f}"
+        return "–" if value is None else f"{value:,.1f}" if value < 10 else f"{value:,.0f}"
 
     lines = ["## Overload", "",
              f"The stack holds {overload['capacity']} requests at once (its workers' KV slots + queues). Each "

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         traffic.stop()
         subprocess.run([str(STACK), "down"], env=env, capture_output=True, timeout=300)
+        shutil.rmtree(run_dir, ignore_errors=True)
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "minutes": args.minutes,
                "warmup_minutes": args.warmup_minutes, "clients": args.clients, "workers": args.workers,
                "chat_tokens": args.chat_tokens, "model": Path(args.model).name, "sample_s": args.sample_s,

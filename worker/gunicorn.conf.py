@@ -19,10 +19,12 @@ workers = _config.workers
 engine_process = _config.engine_process == "on"
 worker_class = "gthread"
 threads = _config.threads  # requests waiting on the batcher each hold a thread
-# Accept no more connections than there are threads: gthread would otherwise queue requests for a
-# thread where no admission bound, deadline or metric sees them. Past this, the kernel's backlog
-# holds connections; behind nginx none get there (max_conns per worker is below this).
-worker_connections = threads
+# gthread queues requests beyond its threads where no admission bound, deadline or metric sees them.
+# Behind nginx that never happens: its max_conns per worker is the capacity, below the threads. Idle
+# keepalive connections from nginx (up to 32 per nginx worker process) count as connections here but
+# hold no thread, so room is left for them; a client bypassing nginx can have at most that many
+# requests waiting for a thread.
+worker_connections = threads + 256
 # The model loads in a background thread, so the worker heartbeats during load; this bounds a stuck worker.
 timeout = 120
 # Let in-flight generations finish on SIGTERM (k8s terminationGracePeriodSeconds must be longer).

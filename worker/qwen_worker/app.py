@@ -37,7 +37,8 @@ def create_app(config: WorkerConfig | Mapping[str, Any] | None = None, service: 
 
     register_error_handlers(app)
     _install_request_tracking(app, config, service)
-    metrics.install(app, service.metrics, gpu_index=_gpu_index(service))
+    metrics.install(app, service.metrics, gpu_index=_gpu_index(service),
+                    other_heaps=service.remote.engine_heap if service.remote is not None else None)
 
     from .api import health, openai_compat, tasks
     for blueprint in (health.bp, tasks.bp, openai_compat.bp):

@@ -101,6 +101,13 @@ def deadline_error() -> ApiError:
     return ApiError(504, "deadline_exceeded", "the request's deadline passed before it completed")
 
 
+def check_accepting(health, metrics: WorkerMetrics, retry_after_s: int) -> None:
+    """503 not_ready (counted) unless the model takes requests."""
+    if not health.accepting():
+        metrics.rejected("not_ready")
+        raise ApiError(503, "not_ready", "the model is not ready", retry_after=retry_after_s)
+
+
 def client_gone_error() -> ApiError:
     """Answered to nobody (the client left); 499 as nginx logs it, for the access log and metrics."""
     return ApiError(499, "client_closed_request", "the client closed the connection before the answer")
@@ -125,9 +132,7 @@ class Batcher:
 
     # ---- request side -------------------------------------------------------------------------
     def check_accepting(self) -> None:
-        if not self.health.accepting():
-            self.metrics.rejected("not_ready")
-            raise ApiError(503, "not_ready", "the model is not ready", retry_after=self.config.retry_after_s)
+        check_accepting(self.health, self.metrics, self.config.retry_after_s)
 
     def submit(self, job: Job) -> Job:
         self.check_accepting()

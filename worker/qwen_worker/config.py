@@ -89,6 +89,9 @@ class WorkerConfig:
     # Caching by the front door (nginx honours X-Accel-Expires)
     cache_ttl_s: int = _setting(600, "How long nginx may cache a deterministic answer (sentiment, greedy chat); 0: never",
                                 minimum=0)
+    heap_trim_s: float = _setting(10.0, "Every this many seconds, hand the free pages inside malloc's arenas back to "
+                                        "the system (malloc_trim), so resident memory follows what is in use under "
+                                        "varying tensor shapes; 0: never", minimum=0)
     # Health
     failure_threshold: int = _setting(3, "Model failures in a row that make /readyz answer 503", minimum=1)
     failure_cooldown_s: float = _setting(30.0, "How long /readyz stays 503 after that", minimum=0)

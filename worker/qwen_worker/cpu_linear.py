@@ -9,7 +9,27 @@ rows, and it equals F.linear within float32 rounding. See docs/benchmarks.md.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+
+def row_bucket(rows: int) -> int:
+    """The row count a oneDNN linear runs with: a few fixed sizes instead of every count.
+
+    oneDNN builds (JIT-compiles) a primitive per input shape and torch keeps up to 1,024 of them in
+    each of two caches (ideep's LRU_CACHE_CAPACITY, oneDNN's ONEDNN_PRIMITIVE_CACHE_CAPACITY). With
+    every prompt length a new shape, a worker's memory in use grew by the cached primitives (+200 MB
+    in 6 minutes of mixed traffic on the 0.5B shape) and each new shape paid a JIT compile. Padding
+    the rows to these buckets bounds both; the padded rows cost little (decode at small batches is
+    bound by reading the weights, and prefill rows pad by at most 1/8). Measured in-process on the
+    0.5B shape: a sentiment pass of 16 texts 5-9 % slower than with exact sizes whose primitives are
+    already cached, decode 2-4 %; buckets of 1/16 cost ~1-3 % but grew the memory in use twice as
+    much before levelling off.
+    """
+    if rows <= 16:
+        return 1 << (rows - 1).bit_length() if rows > 1 else 1
+    step = 1 << max(4, (rows - 1).bit_length() - 3)  # 1/8 of the next power of two: 16, 32, 64, ...
+    return -(-rows // step) * step
 
 
 def onednn_available() -> bool:
@@ -28,10 +48,14 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if not rows.is_contiguous():
+        count = rows.shape[0]
+        padded = row_bucket(count)
+        if padded != count:
+            rows = F.pad(rows, (0, 0, 0, padded - count))
+        elif not rows.is_contiguous():
             rows = rows.contiguous()
         y = torch.ops.mkldnn._linear_pointwise(rows, self.packed_weight, self.bias, "none", [], "")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return y[:count].reshape(*x.shape[:-1], self.out_features)
 
 
 def pack_linears(model: nn.Module) -> int:

@@ -12,12 +12,12 @@ from multiprocessing.connection import Client, Connection
 
 import torch
 
-from .batcher import GENERATE, Job
+from .batcher import GENERATE, Job, check_accepting
 from .devices import cuda_expected
 from .engine_process import AUTHKEY_ENV, ENGINE_PID_ENV, MASTER_PID_ENV, SOCKET_ENV
 from .errors import ApiError
 from .metrics import WorkerMetrics
-from .model import model_key
+from .model import ServedModel, model_key
 from .prompts import ChatMLPrompter
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class RemoteHealth:
         return self.status["reason"]
 
 
-class ModelView:
+class ModelView(ServedModel):
     """The engine's model as an API process needs it: its tokenizer (prompts are built and replies
     decoded here, off the engine's GIL) and its description."""
 
@@ -77,14 +77,6 @@ class ModelView:
         self.name, self.served_source, self.identity = info["name"], info["source"], info["identity"]
         self.demo_info, self.stand_in_info = info["demo_info"], info["stand_in_info"]
         self.fallback_reason = info["fallback_reason"]
-
-    @property
-    def is_demo(self) -> bool:
-        return self.demo_info is not None
-
-    @property
-    def is_stand_in(self) -> bool:
-        return self.stand_in_info is not None
 
     def describe(self) -> dict:
         return dict(self.info.get("describe") or {"model": self.name, "source": self.served_source,
@@ -201,9 +193,7 @@ class RemoteEngine:
 
     # ---- the batcher's interface --------------------------------------------------------------
     def check_accepting(self) -> None:
-        if not self.health.accepting():
-            self.metrics.rejected("not_ready")
-            raise ApiError(503, "not_ready", "the model is not ready", retry_after=self.config.retry_after_s)
+        check_accepting(self.health, self.metrics, self.config.retry_after_s)
 
     def submit(self, job: Job) -> Job:
         self.check_accepting()
@@ -240,6 +230,11 @@ class RemoteEngine:
 
     def depth(self) -> int:
         return self.health.status.get("queue_depth", 0)
+
+    def engine_heap(self) -> dict[int, dict[str, int]]:
+        """The engine process's C heap as its last status said (for qaio_heap_bytes)."""
+        status = self.health.status
+        return {status["pid"]: status["heap"]} if status.get("heap") else {}
 
 
 def _engine_alive() -> bool:

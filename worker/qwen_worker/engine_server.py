@@ -23,6 +23,7 @@ import threading
 import time
 from multiprocessing.connection import Connection, Listener
 
+from . import memory
 from .batcher import GENERATE, SENTIMENT, Job
 from .config import WorkerConfig
 from .engine import GenerationRow
@@ -39,7 +40,8 @@ def engine_status(service: WorkerService) -> dict:
     """What API processes mirror: readiness, queue, and (once loaded) the model they build prompts for."""
     health, model = service.health, service.model
     status = {"accepting": health.accepting(), "ready": health.ready(), "reason": health.reason(),
-              "load_error": health.load_error, "queue_depth": service.batcher.depth(), "model": None}
+              "load_error": health.load_error, "queue_depth": service.batcher.depth(), "model": None,
+              "pid": os.getpid(), "heap": memory.heap()}
     if health.accepting():
         status["model"] = {"name": model.name, "source": model.served_source, "identity": model.identity,
                            "demo_info": model.demo_info, "stand_in_info": model.stand_in_info,

@@ -15,6 +15,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_flask_exporter import PrometheusMetrics
 
+from .memory import HeapCollector
+
 log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -110,10 +112,13 @@ class GpuCollector:
             yield family
 
 
-def install(app: Flask, metrics: WorkerMetrics, gpu_index: int | None) -> None:
-    """HTTP metrics on every route but /metrics itself, and the /metrics endpoint."""
+def install(app: Flask, metrics: WorkerMetrics, gpu_index: int | None, other_heaps=None) -> None:
+    """HTTP metrics on every route but /metrics itself, and the /metrics endpoint; `other_heaps`: the
+    C heaps of other processes of this instance (the engine process), by pid."""
     exporter = PrometheusMetrics(app, registry=metrics.registry, path=None, defaults_prefix="flask",
                                  group_by="endpoint", excluded_paths=["^/metrics$", "^/healthz$", "^/readyz$"])
+    heap = HeapCollector(other_heaps)
+    metrics.registry.register(heap)
     gpu = None
     if gpu_index is not None:
         try:
@@ -129,6 +134,7 @@ def install(app: Flask, metrics: WorkerMetrics, gpu_index: int | None) -> None:
         if multiprocess_mode():
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
+            registry.register(heap)
             if gpu is not None:
                 registry.register(gpu)
         encode, content_type = choose_encoder(request.headers.get("Accept"))

@@ -87,7 +87,22 @@ def free_device_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-class ModelService:
+class ServedModel:
+    """What responses say about the served model: a demo (random weights) or the offline stand-in."""
+
+    demo_info: dict | None = None
+    stand_in_info: dict | None = None
+
+    @property
+    def is_demo(self) -> bool:
+        return self.demo_info is not None
+
+    @property
+    def is_stand_in(self) -> bool:
+        return self.stand_in_info is not None
+
+
+class ModelService(ServedModel):
     """Owns the tokenizer and model of this process; every call comes from the batcher thread."""
 
     def __init__(self, config: WorkerConfig):
@@ -107,14 +122,6 @@ class ModelService:
         # Fixed prompt prefix (token ids) -> its per-layer (key, value) tensors, batch size 1.
         self.prefix_kv: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.engine: Engine | None = None
-
-    @property
-    def is_demo(self) -> bool:
-        return self.demo_info is not None
-
-    @property
-    def is_stand_in(self) -> bool:
-        return self.stand_in_info is not None
 
     @property
     def name(self) -> str:

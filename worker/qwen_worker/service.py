@@ -12,6 +12,7 @@ from .config import WorkerConfig
 from .errors import ApiError
 from .engine import GenerationRow
 from .health import Health
+from .memory import HeapTrimmer
 from .metrics import WorkerMetrics
 from .model import ModelService
 from .prompts import LABELS_ZH, Message
@@ -70,6 +71,7 @@ class WorkerService:
             info = self.model.describe()
             self.metrics.set_model_info(info, self.config.instance_id)
             self.batcher.start()
+            HeapTrimmer(self.config.heap_trim_s).start()
             self.health.mark_ready()
             self.metrics.ready.set(1)
             log.info("model ready", extra={**info, "parameters": self.model.parameter_count,

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from qwen_worker.config import WorkerConfig
-from qwen_worker.cpu_linear import PackedLinear, onednn_available, pack_linears
+from qwen_worker.cpu_linear import PackedLinear, onednn_available, pack_linears, row_bucket
 from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
@@ -13,12 +13,21 @@ pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 64), (4, 64), (3, 5, 64), (16, 1, 64)])
+@pytest.mark.parametrize("shape", [(1, 64), (4, 64), (3, 5, 64), (16, 1, 64), (3, 64), (7, 11, 64), (2, 150, 64)])
 def test_packed_linear_equals_linear(shape, bias):
     torch.manual_seed(0)
     linear = nn.Linear(64, 300, bias=bias)
     x = torch.randn(*shape)
     assert torch.allclose(PackedLinear(linear)(x), linear(x), atol=1e-5)
+
+
+def test_row_counts_fall_into_few_buckets_with_little_padding():
+    """Every row count runs as one of a few shapes (bounding oneDNN's per-shape primitive caches)."""
+    buckets = [row_bucket(n) for n in range(1, 8193)]
+    assert len(set(buckets)) <= 40
+    assert all(n <= b for n, b in zip(range(1, 8193), buckets))
+    assert all(b <= 1.25 * n for n, b in zip(range(17, 8193), buckets[16:]))
+    assert [row_bucket(n) for n in (1, 2, 3, 5, 16, 17, 33)] == [1, 2, 4, 8, 16, 32, 48]
 
 
 def test_pack_linears_replaces_every_float32_linear():

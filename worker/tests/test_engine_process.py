@@ -81,6 +81,8 @@ def test_engine_metrics_reach_every_api_process(split_server):
     # The engine and both API processes say ready.
     text = requests.get(split_server.url + "/metrics", timeout=10).text
     assert len(re.findall(r'^qaio_ready\{pid="\d+"\} 1\.0$', text, re.M)) == 3
+    # The engine process's C heap is reported too: that is where the model's memory lives.
+    assert re.search(rf'^qaio_heap_bytes\{{kind="in_use",pid="{engine_pid(split_server)}"\}} [1-9]', text, re.M)
 
 
 def test_a_closed_stream_stops_its_row_in_the_engine(split_server):

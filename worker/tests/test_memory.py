@@ -1,0 +1,33 @@
+"""The C heap as /metrics reports it, and trimming it."""
+import ctypes
+
+import pytest
+
+from qwen_worker import memory
+
+pytestmark = pytest.mark.skipif(memory.heap() is None, reason="not glibc malloc")
+
+
+def test_heap_counts_what_is_allocated_and_freed():
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    before = memory.heap()
+    blocks = [libc.malloc(64 * 1024 - 64) for _ in range(160)]  # 10 MB in blocks under the mmap threshold
+    grown = memory.heap()
+    assert grown["in_use"] - before["in_use"] >= 9 * 2**20
+    for block in blocks:
+        libc.free(block)
+    freed = memory.heap()
+    assert freed["in_use"] - before["in_use"] < 2**20
+    memory.trim()  # must not fail; what it returns to the system is the kernel's to count
+
+
+def test_the_collector_reports_each_kind_for_this_process():
+    import os
+
+    [family] = list(memory.HeapCollector().collect())
+    assert family.name == "qaio_heap_bytes"
+    kinds = {s.labels["kind"]: s.value for s in family.samples if s.labels["pid"] == str(os.getpid())}
+    assert set(kinds) == {"in_use", "free", "mmapped"} and kinds["in_use"] > 0
