@@ -26,7 +26,7 @@ def test_row_counts_fall_into_few_buckets_with_little_padding():
     buckets = [row_bucket(n) for n in range(1, 8193)]
     assert len(set(buckets)) <= 40
     assert all(n <= b for n, b in zip(range(1, 8193), buckets))
-    assert all(b <= 1.25 * n for n, b in zip(range(17, 8193), buckets[16:]))
+    assert all(b - n < max(16, n / 4) for n, b in zip(range(17, 8193), buckets[16:]))
     assert [row_bucket(n) for n in (1, 2, 3, 5, 16, 17, 33)] == [1, 2, 4, 8, 16, 32, 48]
 
 
