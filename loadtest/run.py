@@ -79,16 +79,12 @@ def local_ip_range(count: int) -> str:
 
 
 def run_overload(url: str, users: int, duration: str, work: Path, workers: list[str], extra_env: dict) -> dict:
-    summary_path = work / f"k6-overload-{users}.json"
-    env = {**os.environ, "QAIO_URL": url, "QAIO_SUMMARY": str(summary_path), "QAIO_VUS": str(users),
-           "QAIO_DURATION": duration, **extra_env}
-    k6 = Path(sys.executable).parent / "k6"
+    env = {**os.environ, "QAIO_URL": url, "QAIO_VUS": str(users), "QAIO_DURATION": duration, **extra_env}
     before = generated_tokens(workers)
-    done = subprocess.run([str(k6), "run", "--quiet", "--local-ips", local_ip_range(users), str(OVERLOAD_SCRIPT)],
-                          env=env, capture_output=True, text=True)
+    metrics, outcome = run_k6(OVERLOAD_SCRIPT, ["--local-ips", local_ip_range(users)], env,
+                              work / f"k6-overload-{users}.json")
     time.sleep(2)  # let the workers finish (or drop) what the last clients left behind
     generated = generated_tokens(workers) - before
-    metrics = json.loads(summary_path.read_text())["metrics"]
 
     def count(name: str) -> int:
         return int(metrics.get(name, {}).get("values", {}).get("count", 0))
@@ -99,15 +95,12 @@ def run_overload(url: str, users: int, duration: str, work: Path, workers: list[
 
     delivered = count("delivered_tokens")
     retry_after = metrics.get("checks{check:a refusal carries Retry-After}", {}).get("values", {}).get("rate")
-    return {"users": users, "passed": done.returncode == 0, "requests": count("http_reqs"),
+    return {"users": users, "requests": count("http_reqs"),
             "status": {s: count(f"status_{s}") for s in ("200", "429", "503", "other", "abandoned")},
             "refusals_with_retry_after": retry_after,  # share of 429/503 answers that carried it
             "admitted_ms": trend("admitted_duration"), "shed_ms": trend("shed_duration"),
             "generated_tokens": round(generated), "delivered_tokens": delivered,
-            "undelivered_tokens": max(0, round(generated) - delivered),
-            "thresholds_failed": sorted(name for name, metric in metrics.items()
-                                        for ok in metric.get("thresholds", {}).values() if not ok["ok"]),
-            "k6_output": done.stdout[-500:] + done.stderr[-1500:]}
+            "undelivered_tokens": max(0, round(generated) - delivered), **outcome}
 
 
 def served_model(url: str) -> str:
@@ -119,24 +112,28 @@ def served_model(url: str) -> str:
     return body["model"] + (" (demo model: random weights)" if body.get("demo_model") else "")
 
 
-def run_level(url: str, users: int, duration: str, work: Path, extra_env: dict) -> dict:
-    summary_path = work / f"k6-{users}.json"  # k6's full summary; the report keeps what it needs
-    env = {**os.environ, "QAIO_URL": url, "QAIO_REVIEWS": str(REVIEWS), "QAIO_SUMMARY": str(summary_path),
-           **extra_env}
+def run_k6(script: Path, args: list[str], env: dict, summary_path: Path) -> tuple[dict, dict]:
+    """One k6 run; returns its summary's metrics and the outcome (passed, failed thresholds, output tail)."""
     k6 = Path(sys.executable).parent / "k6"
-    done = subprocess.run([str(k6), "run", "--quiet", "--vus", str(users), "--duration", duration, str(SCRIPT)],
-                          env=env, capture_output=True, text=True)
-    data = json.loads(summary_path.read_text())
-    metrics = data["metrics"]
+    done = subprocess.run([str(k6), "run", "--quiet", *args, str(script)],
+                          env={**env, "QAIO_SUMMARY": str(summary_path)}, capture_output=True, text=True)
+    metrics = json.loads(summary_path.read_text())["metrics"]
+    outcome = {"passed": done.returncode == 0,
+               "thresholds_failed": sorted(name for name, metric in metrics.items()
+                                           for ok in metric.get("thresholds", {}).values() if not ok["ok"]),
+               "k6_output": done.stdout[-500:] + done.stderr[-1500:]}
+    return metrics, outcome
+
+
+def run_level(url: str, users: int, duration: str, work: Path, extra_env: dict) -> dict:
+    env = {**os.environ, "QAIO_URL": url, "QAIO_REVIEWS": str(REVIEWS), **extra_env}
+    # k6's full summary goes to a file; the report keeps what it needs.
+    metrics, outcome = run_k6(SCRIPT, ["--vus", str(users), "--duration", duration], env, work / f"k6-{users}.json")
     duration_values = metrics["http_req_duration"]["values"]
-    return {"users": users, "passed": done.returncode == 0,
-            "requests": metrics["http_reqs"]["values"]["count"], "rps": metrics["http_reqs"]["values"]["rate"],
-            "error_rate": metrics["http_req_failed"]["values"]["rate"],
+    return {"users": users, "requests": metrics["http_reqs"]["values"]["count"],
+            "rps": metrics["http_reqs"]["values"]["rate"], "error_rate": metrics["http_req_failed"]["values"]["rate"],
             "p50_ms": duration_values["p(50)"], "p90_ms": duration_values["p(90)"], "p99_ms": duration_values["p(99)"],
-            "cache_hit_ratio": metrics.get("cache_hits", {}).get("values", {}).get("rate", 0.0),
-            "thresholds_failed": sorted(name for name, metric in metrics.items()
-                                        for ok in metric.get("thresholds", {}).values() if not ok["ok"]),
-            "k6_output": done.stdout[-500:] + done.stderr[-1500:]}
+            "cache_hit_ratio": metrics.get("cache_hits", {}).get("values", {}).get("rate", 0.0), **outcome}
 
 
 def overload_lines(results: dict) -> list[str]:

@@ -82,14 +82,20 @@ class Job:
         return True
 
     def wait(self, client_gone: Callable[[], bool] | None = None) -> Any:
-        """The job's result; ApiError when it failed, its deadline passed, or (checked every
-        CLIENT_POLL_S with `client_gone`) its client left, which cancels it."""
+        """The job's result; ApiError when it failed, its deadline passed, or its client left."""
+        return self.wait_for(lambda timeout: self.future.result(timeout=timeout), TimeoutError, client_gone)
+
+    def wait_for(self, get: Callable[[float], Any], timed_out: type[Exception],
+                 client_gone: Callable[[], bool] | None = None) -> Any:
+        """`get(timeout)` (raising `timed_out` when nothing came) until it returns, on this job's behalf:
+        504 when its deadline passes, 499 (and the job cancelled) when `client_gone`, checked every
+        CLIENT_POLL_S, says its client left."""
         while True:
             budget = self.wait_budget()
             timeout = min(budget, CLIENT_POLL_S) if client_gone is not None else budget
             try:
-                return self.future.result(timeout=timeout)
-            except TimeoutError:
+                return get(timeout)
+            except timed_out:
                 if client_gone is not None and client_gone():
                     self.cancel()
                     raise client_gone_error() from None
@@ -114,10 +120,10 @@ def client_gone_error() -> ApiError:
 
 
 class Batcher:
-    def __init__(self, model: ModelService, config, metrics: WorkerMetrics, health: Health,
-                 after_pass: Callable[[], None] | None = None):
+    def __init__(self, model: ModelService, config, metrics: WorkerMetrics, health: Health):
         self.model = model
-        self.after_pass = after_pass or (lambda: None)  # called on the engine thread after each pass
+        # Called on the engine thread after each pass (the engine server sends what the pass produced).
+        self.after_pass: Callable[[], None] = lambda: None
         self.config = config
         self.metrics = metrics
         self.health = health

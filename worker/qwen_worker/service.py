@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Iterator
 
-from .batcher import CLIENT_POLL_S, GENERATE, SENTIMENT, Batcher, Job, client_gone_error, deadline_error
+from .batcher import GENERATE, SENTIMENT, Batcher, Job, deadline_error
 from .config import WorkerConfig
 from .errors import ApiError
 from .engine import GenerationRow
@@ -169,19 +169,7 @@ class TokenStream:
 
     def _next_events(self, send_after: float) -> list:
         """The next event, then (once the coalescing window has passed) every event queued by then."""
-        job = self.job
-        while True:
-            budget = job.wait_budget()
-            timeout = min(budget, CLIENT_POLL_S) if self.client_gone is not None else budget
-            try:
-                events = [self._events.get(timeout=timeout)]
-                break
-            except queue.Empty:
-                if self.client_gone is not None and self.client_gone():
-                    job.cancel()
-                    raise client_gone_error() from None
-                if timeout >= budget and job.give_up():
-                    raise deadline_error() from None
+        events = [self.job.wait_for(lambda timeout: self._events.get(timeout=timeout), queue.Empty, self.client_gone)]
         if self.coalesce_s and events[0] is not self._DONE:
             delay = send_after - time.monotonic()
             if delay > 0:
