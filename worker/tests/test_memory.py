@@ -21,7 +21,30 @@ def test_heap_counts_what_is_allocated_and_freed():
         libc.free(block)
     freed = memory.heap()
     assert freed["in_use"] - before["in_use"] < 2**20
-    memory.trim()  # must not fail; what it returns to the system is the kernel's to count
+
+
+def rss_bytes() -> int:
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+
+def test_trim_hands_free_pages_inside_the_heap_back():
+    """Freed blocks below a block still in use cannot leave by shrinking the heap; trim() returns them."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    size = 64 * 1024 - 64
+    blocks = [libc.malloc(size) for _ in range(1600)]  # 100 MB, touched so it is resident
+    for block in blocks:
+        libc.memset(block, 1, size)
+    keeper = libc.malloc(size)  # above them: the heap's top stays in use
+    for block in blocks:
+        libc.free(block)
+    before = rss_bytes()
+    memory.trim()
+    assert before - rss_bytes() > 50 * 2**20
+    libc.free(keeper)
 
 
 def test_the_collector_reports_each_kind_for_this_process():
