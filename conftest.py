@@ -5,7 +5,7 @@ import pytest
 
 from qwen_worker import stand_in_model
 from qwen_worker.demo_model import build
-from qwen_worker.testing import REPO, SHARED_CPU_WORKER_ENV, GunicornServer, NginxServer
+from qwen_worker.testing import REPO, SHARED_CPU_WORKER_ENV, GunicornServer, LocalStack, NginxServer
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +71,17 @@ def nginx():
     for server in started:
         server.stop()
 
+
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+@pytest.fixture(scope="session")
+def local_stack(tiny_model_dir):
+    """`make run`'s stack (scripts/stack.sh) on the tiny model: 2 workers, nginx, Prometheus scraping
+    every second, mtail; admin endpoints on with ADMIN_TOKEN."""
+    stack = LocalStack(tiny_model_dir, QAIO_ADMIN_TOKEN=ADMIN_TOKEN)
+    try:
+        yield stack
+    finally:
+        stack.stop()

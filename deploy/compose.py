@@ -39,6 +39,8 @@ def worker_service(name: str, gpu: int | None) -> dict:
             "QAIO_QUEUE_CAPACITY": "${QAIO_QUEUE_CAPACITY:-0}",
             "QAIO_CHAT_DEADLINE_MS": "${QAIO_CHAT_DEADLINE_MS:-120000}",
             "QAIO_LOG_LEVEL": "${QAIO_LOG_LEVEL:-INFO}",
+            # Set it (16+ characters) to enable drain/undrain; nginx reads the same variable.
+            "QAIO_ADMIN_TOKEN": "${QAIO_ADMIN_TOKEN:-}",
             "HF_HUB_OFFLINE": "${HF_HUB_OFFLINE:-0}",
         },
         "volumes": ["models:/models"],
@@ -79,10 +81,15 @@ def compose(worker_names: list[str], gpu_ids: list[int] | None) -> dict:
             "QAIO_NGINX_CHAT_RATE": "${QAIO_NGINX_CHAT_RATE:-5r/s}",
             # Docker's embedded DNS: a worker that restarts with a new address keeps its traffic.
             "QAIO_NGINX_RESOLVER": "${QAIO_NGINX_RESOLVER-127.0.0.11}",
+            # The dashboard: its queries go to Prometheus, the access log to the log exporter.
+            "QAIO_NGINX_PROMETHEUS": "prometheus:9090",
+            "QAIO_NGINX_LOG_METRICS": "nginx-log-exporter:3903",
+            "QAIO_ADMIN_TOKEN": "${QAIO_ADMIN_TOKEN:-}",
         },
         "ports": ["127.0.0.1:${QAIO_PUBLISH_PORT:-8080}:8080"],
         "networks": ["frontend", "backend"],
-        "depends_on": {name: {"condition": "service_healthy"} for name in worker_names},
+        "depends_on": {**{name: {"condition": "service_healthy"} for name in worker_names},
+                       "nginx-log-exporter": {"condition": "service_started"}},
         "tmpfs": ["/var/cache/nginx"],
         "restart": "unless-stopped",
     }
@@ -91,6 +98,14 @@ def compose(worker_names: list[str], gpu_ids: list[int] | None) -> dict:
         "command": ["--nginx.scrape-uri=http://nginx:8081/stub_status"],
         "networks": ["backend"],
         "depends_on": ["nginx"],
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "restart": "unless-stopped",
+    }
+    services["nginx-log-exporter"] = {
+        "image": "${QAIO_LOG_EXPORTER_IMAGE:-qaio-log-exporter:latest}",
+        "build": {"context": ".", "dockerfile": "deploy/mtail/Dockerfile"},
+        "networks": ["backend"],
         "read_only": True,
         "cap_drop": ["ALL"],
         "restart": "unless-stopped",
@@ -118,11 +133,13 @@ def compose(worker_names: list[str], gpu_ids: list[int] | None) -> dict:
 
 def prometheus_config(worker_names: list[str]) -> dict:
     return {
-        "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+        # Every 5 s: the dashboard's numbers are a few seconds old at most.
+        "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
         "scrape_configs": [
             {"job_name": "qaio-worker",
              "static_configs": [{"targets": [f"{name}:{WORKER_PORT}" for name in worker_names]}]},
             {"job_name": "qaio-nginx", "static_configs": [{"targets": ["nginx-exporter:9113"]}]},
+            {"job_name": "qaio-nginx-log", "static_configs": [{"targets": ["nginx-log-exporter:3903"]}]},
         ],
     }
 

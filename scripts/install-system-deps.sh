@@ -1,8 +1,9 @@
 #!/bin/sh
 # Debian packages the stack and its tests need, installed only when missing:
-#   scripts/install-system-deps.sh        everything `make test` needs: nginx, envsubst, curl, Chromium and
-#                                          its driver, Prometheus (the autoscaler query test), kubectl (kustomize)
-#   scripts/install-system-deps.sh run    what `make run` needs: nginx, envsubst, curl
+#   scripts/install-system-deps.sh        everything `make test` needs: what `run` needs, Chromium, its driver
+#                                          and CJK fonts (the page tests), kubectl (kustomize)
+#   scripts/install-system-deps.sh run    what `make run` needs: nginx, envsubst, curl, Prometheus and mtail
+#                                          (the dashboard's data)
 # Installs as root, or through sudo when it works without a password prompt; otherwise prints one
 # message naming the packages to install and fails.
 set -eu
@@ -10,10 +11,13 @@ missing=""
 command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
 command -v envsubst >/dev/null 2>&1 || missing="$missing gettext-base"
 command -v curl >/dev/null 2>&1 || missing="$missing curl"
+command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+command -v mtail >/dev/null 2>&1 || missing="$missing mtail"
 if [ "${1:-test}" != run ]; then
   command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
   command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
-  command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
+  # Chromium draws Chinese text only with a CJK font (screenshots of the pages show it).
+  [ -e /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc ] || missing="$missing fonts-noto-cjk"
   command -v kubectl >/dev/null 2>&1 || missing="$missing kubernetes-client"
 fi
 [ -n "$missing" ] || exit 0

@@ -6,8 +6,14 @@
 #   scripts/stack.sh down          stop a stack started from this checkout
 #   scripts/stack.sh status        what runs, and each worker's readiness
 #
+# Beside them, for the dashboard (/dashboard): Debian's Prometheus on 127.0.0.1:9090, scraping every
+# worker and mtail, which counts nginx's JSON access log (sent over UDP syslog) by route, status and
+# cache result.
+#
 # Settings (environment): QAIO_STACK_WORKERS (default: one per GPU, else 2), QAIO_STACK_BASE_PORT
-# (8001; worker i listens on base+i), QAIO_STACK_DIR (run/), QAIO_STACK_READY_TIMEOUT_S (600),
+# (8001; worker i listens on base+i), QAIO_STACK_PROMETHEUS_PORT (9090; 0: no Prometheus and no
+# mtail), QAIO_STACK_MTAIL_PORT (3903, its UDP log port the same number), QAIO_STACK_SCRAPE_INTERVAL
+# (2s), QAIO_STACK_DIR (run/), QAIO_STACK_READY_TIMEOUT_S (600),
 # QAIO_DEMO_SHAPE (tiny or qwen2.5-0.5b, for the demo fallback), QAIO_MODEL (skip the lookup and
 # serve this), every QAIO_* worker setting and every QAIO_NGINX_* front-door setting.
 set -eu
@@ -86,17 +92,27 @@ up() {
     echo $! >"$run_dir/worker-$i.pid"
   done
 
+  local prometheus_port=${QAIO_STACK_PROMETHEUS_PORT:-9090} mtail_port=${QAIO_STACK_MTAIL_PORT:-3903}
+  if [ "$prometheus_port" != 0 ]; then
+    start_monitoring "$upstreams" "$prometheus_port" "$mtail_port"
+    export QAIO_NGINX_PROMETHEUS="127.0.0.1:$prometheus_port" QAIO_NGINX_LOG_METRICS="127.0.0.1:$mtail_port"
+  fi
+
   export QAIO_NGINX_UPSTREAMS="${QAIO_NGINX_UPSTREAMS:-$upstreams}"
   # nginx caps each worker at its capacity, derived from the device the workers run on.
   QAIO_DEVICE="${QAIO_DEVICE:-$([ "$gpus" -gt 0 ] && echo cuda || echo cpu)}" \
-    "$root/nginx/render-config.sh" "$run_dir/nginx" >/dev/null
-  nginx -p "$run_dir/nginx" -c "$run_dir/nginx/nginx.conf" -e "$run_dir/nginx/logs/error.log"
+    "$root/nginx/render-config.sh" "$run_dir/nginx" >/dev/null || { down; exit 1; }
+  nginx -p "$run_dir/nginx" -c "$run_dir/nginx/nginx.conf" -e "$run_dir/nginx/logs/error.log" || { down; exit 1; }
 
   trap 'down; exit 130' INT TERM
   for ((i = 0; i < workers; i++)); do
     wait_ready "http://127.0.0.1:$((base + i))/readyz" "$(cat "$run_dir/worker-$i.pid")" \
       "$run_dir/logs/worker-$i.log" || { down; exit 1; }
   done
+  if [ "$prometheus_port" != 0 ]; then
+    wait_ready "http://127.0.0.1:$prometheus_port/-/ready" "$(cat "$run_dir/prometheus.pid")" \
+      "$run_dir/logs/prometheus.log" || { down; exit 1; }
+  fi
   local listen=${QAIO_NGINX_LISTEN:-127.0.0.1:8080}
   case "$listen" in *:*) ;; *) listen="127.0.0.1:$listen" ;; esac
   local url="http://$listen"
@@ -112,6 +128,9 @@ up() {
     *'"stand_in_model":true'*)
       echo "NOTE: STAND-IN MODEL SmolLM2-135M-Instruct, not Qwen (\"stand_in_model\": true)" ;;
   esac
+  if [ "$prometheus_port" != 0 ]; then
+    echo "dashboard: $url/dashboard  (Prometheus on 127.0.0.1:$prometheus_port, mtail on 127.0.0.1:$mtail_port)"
+  fi
   echo "logs: $run_dir/logs/, $run_dir/nginx/logs/"
   if [ "$detach" = "--detach" ]; then
     trap - INT TERM
@@ -121,6 +140,30 @@ up() {
   echo "Ctrl-C (or make stop) stops everything"
   while [ -f "$run_dir/nginx/nginx.pid" ]; do sleep 1; done
   down
+}
+
+# Prometheus (scraping the workers and mtail) and mtail (nginx's access log, over UDP syslog).
+start_monitoring() {  # upstreams prometheus_port mtail_port
+  local dir="$run_dir/prometheus" targets="" addr
+  mkdir -p "$dir/data"
+  for addr in ${1//,/ }; do targets="$targets\"$addr\", "; done
+  cat >"$dir/prometheus.yml" <<EOF
+# Written by scripts/stack.sh for this stack.
+global:
+  scrape_interval: ${QAIO_STACK_SCRAPE_INTERVAL:-2s}
+  evaluation_interval: ${QAIO_STACK_SCRAPE_INTERVAL:-2s}
+scrape_configs:
+  - job_name: qaio-worker
+    static_configs: [{targets: [${targets%, }]}]
+  - job_name: qaio-nginx-log
+    static_configs: [{targets: ["127.0.0.1:$3"]}]
+EOF
+  setsid mtail --progs "$root/nginx/mtail" --logs "udp://127.0.0.1:$3" --address 127.0.0.1 --port "$3" \
+    --emit_prog_label=false --logtostderr >"$run_dir/logs/mtail.log" 2>&1 &
+  echo $! >"$run_dir/mtail.pid"
+  setsid prometheus --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/data" \
+    --storage.tsdb.retention.time=1d --web.listen-address="127.0.0.1:$2" >"$run_dir/logs/prometheus.log" 2>&1 &
+  echo $! >"$run_dir/prometheus.pid"
 }
 
 stop_pid() {  # pid file, signal target is the process group (setsid) of a worker
@@ -142,7 +185,9 @@ down() {
     rm -f "$run_dir/nginx/nginx.pid"
   fi
   local f
-  for f in "$run_dir"/worker-*.pid; do [ -e "$f" ] && stop_pid "$f"; done
+  for f in "$run_dir"/worker-*.pid "$run_dir"/prometheus.pid "$run_dir"/mtail.pid; do
+    [ -e "$f" ] && stop_pid "$f"
+  done
   echo "stack stopped"
 }
 
@@ -153,6 +198,10 @@ status() {
     i=$(basename "$f" .pid)
     if kill -0 "$(cat "$f")" 2>/dev/null; then echo "$i: running (pid $(cat "$f"))"; else echo "$i: dead"; fi
   done
+  for f in "$run_dir"/prometheus.pid "$run_dir"/mtail.pid; do
+    [ -e "$f" ] || continue
+    if kill -0 "$(cat "$f")" 2>/dev/null; then echo "$(basename "$f" .pid): running (pid $(cat "$f"))"; else echo "$(basename "$f" .pid): dead"; fi
+  done
   if [ -f "$run_dir/nginx/nginx.pid" ]; then echo "nginx: running (pid $(cat "$run_dir/nginx/nginx.pid"))"; else echo "nginx: stopped"; fi
 }
 
@@ -160,5 +209,5 @@ case "${1:-}" in
   up) up "${2:-}" ;;
   down) down ;;
   status) status ;;
-  *) sed -n '2,12p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,18p' "$0" >&2; exit 2 ;;
 esac

@@ -28,6 +28,7 @@ fi
 # shellcheck disable=SC2086  # build_args is a list of words
 podman build $build_args -f worker/Dockerfile -t qaio-worker:latest .
 podman build --format docker -f nginx/Dockerfile -t qaio-nginx:latest .
+podman build --format docker --network host -f deploy/mtail/Dockerfile -t qaio-log-exporter:latest .
 echo "== images built in $(( $(date +%s) - started )) s"
 
 export QAIO_PUBLISH_PORT="$port" QAIO_PROMETHEUS_PORT="$prom_port" QAIO_MODEL=/models/demo QAIO_NGINX_RESOLVER=""

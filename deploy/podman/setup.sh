@@ -69,4 +69,7 @@ build_standin python.Containerfile docker.io/library/python:3.11-slim-bookworm
 build_standin nginx.Containerfile docker.io/library/nginx:1.28-bookworm
 build_standin prometheus.Containerfile docker.io/prom/prometheus:v3.5.0
 build_standin nginx-exporter.Containerfile docker.io/nginx/nginx-prometheus-exporter:1.4.2
+# The log exporter's base: the same Debian bookworm root file system.
+podman image exists docker.io/library/debian:bookworm-slim \
+  || podman tag localhost/qaio-debian:bookworm docker.io/library/debian:bookworm-slim
 echo "podman is ready: $(podman --version), runtime runc, base images built locally"

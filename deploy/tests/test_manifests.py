@@ -47,8 +47,8 @@ def test_each_gpu_worker_is_pinned_to_its_own_gpu_and_only_nginx_publishes():
     assert pinned == [["0"], ["1"], ["2"]]
     assert all("ports" not in s and s["networks"] == ["backend"] for s in workers.values())
     assert compose["networks"]["backend"]["internal"] is True
-    assert set(services["nginx"]["depends_on"]) == set(workers)
-    assert all(c == {"condition": "service_healthy"} for c in services["nginx"]["depends_on"].values())
+    assert set(services["nginx"]["depends_on"]) == set(workers) | {"nginx-log-exporter"}
+    assert all(services["nginx"]["depends_on"][w] == {"condition": "service_healthy"} for w in workers)
     published = {name: s["ports"] for name, s in services.items() if "ports" in s}
     assert all(port.startswith("127.0.0.1:") for ports in published.values() for port in ports)
     assert services["nginx"]["environment"]["QAIO_NGINX_UPSTREAMS"] == "worker-0:8001,worker-1:8001,worker-2:8001"

@@ -18,6 +18,8 @@ from .service import WorkerService
 log = logging.getLogger("qaio")
 access_log = logging.getLogger("qaio.access")
 
+_TASK_BY_PATH = {"/v1/sentiment": "sentiment", "/v1/chat": "chat", "/v1/analyze": "analyze",
+                 "/v1/chat/completions": "chat", "/v1/models": "models"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -40,8 +42,8 @@ def create_app(config: WorkerConfig | Mapping[str, Any] | None = None, service: 
     metrics.install(app, service.metrics, gpu_index=_gpu_index(service),
                     other_heaps=service.remote.engine_heap if service.remote is not None else None)
 
-    from .api import health, openai_compat, tasks
-    for blueprint in (health.bp, tasks.bp, openai_compat.bp):
+    from .api import admin, health, openai_compat, tasks
+    for blueprint in (health.bp, tasks.bp, openai_compat.bp, admin.bp):
         app.register_blueprint(blueprint)
 
     service.start()
@@ -63,6 +65,8 @@ def _install_request_tracking(app: Flask, config: WorkerConfig, service: WorkerS
         g.client_gone = disconnect_probe(request.environ)
         g.log_fields = {}
         g.cacheable = False  # set by views whose answer is a pure function of the request body
+        if request.path.startswith("/v1/"):
+            service.metrics.in_flight.inc()
 
     @app.after_request
     def _finish(response):
@@ -78,9 +82,22 @@ def _install_request_tracking(app: Flask, config: WorkerConfig, service: WorkerS
             response.headers["X-Accel-Expires"] = "0"
             response.headers["Cache-Control"] = "no-store"
         if request.path.startswith("/v1/"):
+            _observe_on_close(response, service.metrics, g.get("log_fields", {}).get("task"), g.started)
             access_log.info("request", extra={
                 "request_id": g.get("request_id"), "method": request.method, "path": request.path,
                 "status": response.status_code, "instance": config.instance_id,
                 "duration_ms": round((time.monotonic() - g.get("started", time.monotonic())) * 1000, 2),
                 **g.get("log_fields", {})})
         return response
+
+
+def _observe_on_close(response, metrics, task: str | None, started: float) -> None:
+    """Count the request out when its last byte is sent: for a stream, when the stream ends."""
+    task = task or _TASK_BY_PATH.get(request.path, "other")
+    code = str(response.status_code)
+
+    def closed():
+        metrics.in_flight.dec()
+        metrics.request_duration.labels(task=task, code=code).observe(time.monotonic() - started)
+
+    response.call_on_close(closed)

@@ -107,8 +107,13 @@ def deadline_error() -> ApiError:
     return ApiError(504, "deadline_exceeded", "the request's deadline passed before it completed")
 
 
-def check_accepting(health, metrics: WorkerMetrics, retry_after_s: int) -> None:
-    """503 not_ready (counted) unless the model takes requests."""
+def check_accepting(health, metrics: WorkerMetrics, retry_after_s: int, drain: bool = True) -> None:
+    """503 draining or not_ready (counted) unless the model takes requests; `drain`: whether this
+    process decides about draining (an API process leaves it to its engine)."""
+    if drain and health.draining:
+        metrics.rejected("draining")
+        raise ApiError(503, "draining", "this instance is draining and takes no new requests; retry on another",
+                       retry_after=retry_after_s)
     if not health.accepting():
         metrics.rejected("not_ready")
         raise ApiError(503, "not_ready", "the model is not ready", retry_after=retry_after_s)
@@ -131,6 +136,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._scoring = 0  # sentiment texts in the pass running now
 
     @property
     def engine(self):
@@ -167,6 +173,11 @@ class Batcher:
     def depth(self) -> int:
         with self._cond:
             return len(self._queue)
+
+    def busy(self) -> int:
+        """Requests this instance holds: queued, or generating (what a drain waits for)."""
+        engine = self.model.engine
+        return self.depth() + self._scoring + (engine.live() if engine is not None else 0)
 
     # ---- engine thread ------------------------------------------------------------------------
     def start(self) -> None:
@@ -281,11 +292,14 @@ class Batcher:
         for job in batch:
             job.started_at = started
             job.batch_size = len(batch)
+        self._scoring = len(batch)
         try:
             results = self.model.score_sentiment([job.payload for job in batch])
         except Exception as exc:  # a model failure fails this batch, never the process
             self._fail(batch, exc)
             return
+        finally:
+            self._scoring = 0
         finished = time.monotonic()
         self.health.record_success()
         self.metrics.observe_batch(SENTIMENT, batch, finished - started)

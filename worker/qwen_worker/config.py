@@ -12,6 +12,9 @@ from .devices import cuda_expected
 ENV_PREFIX = "QAIO_"
 # Threads beyond the admission bound: requests past it get their 503 at once, probes and scrapes answer.
 SPARE_THREADS = 32
+# A token nginx can compare inside its configuration (no quotes, no `$`) and long enough to guess at.
+ADMIN_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{16,}")
+SECRETS = ("admin_token",)
 
 
 class ConfigError(ValueError):
@@ -96,6 +99,10 @@ class WorkerConfig:
     failure_threshold: int = _setting(3, "Model failures in a row that make /readyz answer 503", minimum=1)
     failure_cooldown_s: float = _setting(30.0, "How long /readyz stays 503 after that", minimum=0)
     log_level: str = _setting("INFO", "Python log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    # Operations
+    admin_token: str = _setting("", "Bearer token of the admin endpoints (POST /admin/drain, /admin/undrain); nginx "
+                                    "reads the same variable and forwards them only with it. Empty: the endpoints "
+                                    "do not exist (404). At least 16 of A-Z a-z 0-9 . _ ~ + / = -")
 
     @classmethod
     def env_name(cls, field_name: str) -> str:
@@ -141,6 +148,8 @@ class WorkerConfig:
             problems.append("QAIO_DEFAULT_MAX_TOKENS must not exceed QAIO_MAX_TOKENS_LIMIT")
         if not 0 < self.default_top_p <= 1:
             problems.append("QAIO_DEFAULT_TOP_P must be in (0, 1]")
+        if self.admin_token and not ADMIN_TOKEN.fullmatch(self.admin_token):
+            problems.append("QAIO_ADMIN_TOKEN must be at least 16 of A-Z a-z 0-9 . _ ~ + / = -")
         if problems:
             raise ConfigError("; ".join(problems))
         fill = {}
@@ -165,7 +174,7 @@ class WorkerConfig:
         return self.max_batch_size + self.queue_capacity
 
     def as_log_dict(self) -> dict[str, Any]:
-        return {self.env_name(k): v for k, v in dataclasses.asdict(self).items()}
+        return {self.env_name(k): ("<set>" if k in SECRETS and v else v) for k, v in dataclasses.asdict(self).items()}
 
 
 def _parse(raw: str, kind: type) -> Any:

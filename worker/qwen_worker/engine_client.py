@@ -38,6 +38,10 @@ class RemoteHealth:
     def load_error(self) -> str | None:
         return self.lost or self.status.get("load_error")
 
+    @property
+    def draining(self) -> bool:
+        return bool(self.status.get("draining"))
+
     def accepting(self) -> bool:
         return self.lost is None and self.prompts_ready and self.status["accepting"]
 
@@ -190,10 +194,13 @@ class RemoteEngine:
                 self.health.lost = f"tokenizer of {model['source']}: {type(exc).__name__}: {exc}"
         self.health.status = status
         self.metrics.ready.set(1 if self.health.ready() else 0)
+        self.metrics.draining.set(1 if self.health.draining else 0)
 
     # ---- the batcher's interface --------------------------------------------------------------
     def check_accepting(self) -> None:
-        check_accepting(self.health, self.metrics, self.config.retry_after_s)
+        # Draining is the engine's to decide: a mirror up to a status interval old would refuse
+        # requests after an undrain.
+        check_accepting(self.health, self.metrics, self.config.retry_after_s, drain=False)
 
     def submit(self, job: Job) -> Job:
         self.check_accepting()
@@ -230,6 +237,18 @@ class RemoteEngine:
 
     def depth(self) -> int:
         return self.health.status.get("queue_depth", 0)
+
+    def busy(self) -> int:
+        return self.health.status.get("busy", 0)
+
+    def set_draining(self, draining: bool, timeout: float = 5.0) -> None:
+        """Set the engine's state, for every API process; returns once the engine's answering status
+        reached this one (the others see it within a status interval, and meanwhile the engine itself
+        refuses their submissions while draining)."""
+        self._send(("drain", draining))
+        deadline = time.monotonic() + timeout
+        while self.health.draining != draining and time.monotonic() < deadline:
+            time.sleep(0.005)
 
     def engine_heap(self) -> dict[int, dict[str, int]]:
         """The engine process's C heap as its last status said (for qaio_heap_bytes)."""

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection, Listener
+from typing import Callable
 
 from . import memory
 from .batcher import GENERATE, SENTIMENT, Job
@@ -43,10 +44,12 @@ def engine_status(service: WorkerService, heap: dict | None) -> dict:
     """What API processes mirror: readiness, queue, and (once loaded) the model they build prompts for;
     `heap` is this process's C heap as last read."""
     health, model = service.health, service.model
-    status = {"accepting": health.accepting(), "ready": health.ready(), "reason": health.reason(),
+    # accepting: loaded; whether a draining engine refuses is decided here, per request.
+    status = {"accepting": health.state == "ready", "ready": health.ready(), "reason": health.reason(),
               "load_error": health.load_error, "queue_depth": service.batcher.depth(), "model": None,
+              "draining": health.draining, "busy": service.batcher.busy(),
               "pid": os.getpid(), "heap": heap}
-    if health.accepting():
+    if status["accepting"]:
         status["model"] = {"name": model.name, "source": model.served_source, "identity": model.identity,
                            "demo_info": model.demo_info, "stand_in_info": model.stand_in_info,
                            "fallback_reason": model.fallback_reason, "describe": model.describe()}
@@ -57,9 +60,10 @@ class ApiConnection:
     """One API process: a reader thread turns its messages into jobs; a sender thread sends what the
     engine thread posts, so the engine never waits on a socket."""
 
-    def __init__(self, conn: Connection, service: WorkerService, name: str):
+    def __init__(self, conn: Connection, service: WorkerService, name: str, status: Callable[[], dict]):
         self.conn = conn
         self.service = service
+        self.status = status  # the engine's status message now
         self.name = name
         self.jobs: dict[int, Job] = {}
         self._lock = threading.Condition()
@@ -125,6 +129,9 @@ class ApiConnection:
             self._submit(*message[1:])
         elif message[0] == "cancel":
             self._cancel(message[1])
+        elif message[0] == "drain":
+            self.service.set_draining(message[1])
+            self.post(("status", self.status()))  # the asking process waits for it
         self.flush()
 
     def _submit(self, job_id: int, kind: str, task: str, payload, deadline: float, stream: bool) -> None:
@@ -210,10 +217,13 @@ class EngineServer:
                 log.warning("engine: refused a connection", exc_info=True)
                 continue
             count += 1
-            connection = ApiConnection(conn, self.service, f"api-{count}")
-            connection.post(("status", engine_status(self.service, self._heap)))
+            connection = ApiConnection(conn, self.service, f"api-{count}", self.status)
+            connection.post(("status", self.status()))
             self.connections = [c for c in self.connections if not c.closed] + [connection]
             connection.start()
+
+    def status(self) -> dict:
+        return engine_status(self.service, self._heap)
 
     def drain(self, timeout: float) -> None:
         """Wait until every API process has hung up (they finish their requests first), at most `timeout`."""
@@ -227,7 +237,7 @@ class EngineServer:
             time.sleep(STATUS_INTERVAL_S)
             if time.monotonic() - heap_read_at >= HEAP_INTERVAL_S:
                 self._heap, heap_read_at = memory.heap(), time.monotonic()
-            status = ("status", engine_status(self.service, self._heap))
+            status = ("status", self.status())
             for connection in self.connections:
                 connection.post(status)
                 connection.flush()

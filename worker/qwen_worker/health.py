@@ -1,4 +1,4 @@
-"""Readiness of one worker process: model loaded and warmed, and not cooling down after failures."""
+"""Readiness of one worker process: model loaded and warmed, not draining, and not cooling down after failures."""
 from __future__ import annotations
 
 import threading
@@ -15,10 +15,15 @@ class Health:
         self.load_error: str | None = None
         self._failures_in_a_row = 0
         self._cooldown_until = 0.0
+        self.draining = False  # an operator asked it to take no new work (POST /admin/drain)
 
     def mark_ready(self) -> None:
         with self._lock:
             self.state = "ready"
+
+    def set_draining(self, draining: bool) -> None:
+        with self._lock:
+            self.draining = draining
 
     def mark_failed(self, error: str) -> None:
         with self._lock:
@@ -40,13 +45,16 @@ class Health:
         return self.clock() < self._cooldown_until
 
     def accepting(self) -> bool:
-        """Whether requests may be queued: the model is loaded (a cool-down only drains balancers)."""
-        return self.state == "ready"
+        """Whether requests may be queued: the model is loaded and no drain was asked for (a cool-down
+        only steers balancers away)."""
+        return self.state == "ready" and not self.draining
 
     def ready(self) -> bool:
-        return self.state == "ready" and not self.cooling_down()
+        return self.accepting() and not self.cooling_down()
 
     def reason(self) -> str:
         if self.state != "ready":
             return self.state
+        if self.draining:
+            return "draining"
         return "cooling_down" if self.cooling_down() else "ready"

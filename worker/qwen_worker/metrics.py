@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+REJECTION_REASONS = ("queue_full", "not_ready", "draining", "deadline_on_arrival", "deadline_in_queue", "client_gone")
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.5, 1, 2)
 
 
@@ -44,6 +45,8 @@ class WorkerMetrics:
         self.prompt_tokens = Counter("qaio_prompt_tokens_total", "Prompt tokens processed", ["task"], registry=r)
         self.rejections = Counter("qaio_rejections_total", "Requests refused or dropped, by reason", ["reason"],
                                   registry=r)
+        for reason in REJECTION_REASONS:  # at 0 from the start, so increase() sees a reason's first one too
+            self.rejections.labels(reason=reason)
         self.model_failures = Counter("qaio_model_failures_total", "Model batches that failed", ["reason"],
                                       registry=r)
         self.decode_step = Histogram("qaio_decode_step_seconds", "Time of one engine decode step (all live rows)",
@@ -57,6 +60,13 @@ class WorkerMetrics:
         # One series per live process (pid label) when gunicorn runs several: each loads its own model.
         self.ready = Gauge("qaio_ready", "1 when this worker process is ready", registry=r,
                            multiprocess_mode="liveall")
+        self.draining = Gauge("qaio_draining", "1 while an operator has this instance draining", registry=r,
+                              multiprocess_mode="livemax")
+        self.in_flight = Gauge("qaio_requests_in_flight", "API requests being answered (streams until their end)",
+                               registry=r, multiprocess_mode="livesum")
+        self.request_duration = Histogram("qaio_request_duration_seconds",
+                                          "API requests from arrival to the last byte (streams included), by task "
+                                          "and status", ["task", "code"], buckets=LATENCY_BUCKETS, registry=r)
         self.model_info = Gauge("qaio_model_info", "The model this worker serves",
                                 ["model", "instance", "device", "dtype", "demo_model"], registry=r,
                                 multiprocess_mode="livemax")

@@ -96,6 +96,25 @@ class WorkerService:
     def stop(self) -> None:
         self.batcher.stop()
 
+    # ---- operations ----------------------------------------------------------------------------
+    def set_draining(self, draining: bool) -> None:
+        """Drain: refuse new requests (503 draining, nginx retries them elsewhere) and finish the ones
+        held; /readyz says 503 from now on. Undrain reverses it."""
+        if self.remote is not None:
+            self.remote.set_draining(draining)
+            return
+        self.health.set_draining(draining)
+        self.metrics.draining.set(1 if draining else 0)
+        if self.health.state == "ready":
+            self.metrics.ready.set(1 if self.health.ready() else 0)
+
+    def readiness(self) -> str:
+        """loading | failed | ready | cooling_down | draining (requests still held) | drained (none left)."""
+        reason = self.health.reason()
+        if reason == "draining" and self.batcher.busy() == 0:
+            return "drained"
+        return reason
+
     # ---- tasks ---------------------------------------------------------------------------------
     def deadline(self, deadline_ms: int, arrived: float | None = None) -> float:
         """Counted from the request's arrival at the front door (connection.arrival), else from now."""

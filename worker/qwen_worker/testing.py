@@ -138,3 +138,33 @@ SHARED_CPU_WORKER_ENV = {"QAIO_TORCH_THREADS": "1", "QAIO_BATCH_WAIT_MS": "5",
 def served_by(headers) -> str:
     """The worker that finally answered through nginx (X-Served-By lists every one tried)."""
     return headers["X-Served-By"].split(",")[-1].strip()
+
+
+class LocalStack:
+    """The whole `make run` stack, started by scripts/stack.sh itself: workers, nginx, Prometheus, mtail;
+    on free ports, in a directory of its own."""
+
+    def __init__(self, model: str, workers: int = 2, **env: str):
+        self.dir = Path(tempfile.mkdtemp(prefix="qaio-stack-"))
+        base = free_port_range(workers)
+        self.worker_addresses = [f"127.0.0.1:{base + i}" for i in range(workers)]
+        self.port, self.prometheus_port, mtail_port = free_port(), free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.prometheus_url = f"http://127.0.0.1:{self.prometheus_port}"
+        self.env = {**os.environ, "QAIO_MODEL": model, "QAIO_STACK_DIR": str(self.dir),
+                    "QAIO_STACK_WORKERS": str(workers), "QAIO_STACK_BASE_PORT": str(base),
+                    "QAIO_NGINX_LISTEN": f"127.0.0.1:{self.port}", "QAIO_STACK_PROMETHEUS_PORT": str(self.prometheus_port),
+                    "QAIO_STACK_MTAIL_PORT": str(mtail_port), "QAIO_STACK_SCRAPE_INTERVAL": "1s",
+                    "QAIO_PYTHON": sys.executable, **SHARED_CPU_WORKER_ENV, **env}
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        started = subprocess.run([str(REPO / "scripts" / "stack.sh"), "up", "--detach"], env=self.env,
+                                 capture_output=True, text=True, timeout=600)
+        if started.returncode != 0:
+            raise RuntimeError(f"scripts/stack.sh up failed:\n{started.stdout}\n{started.stderr}")
+
+    @property
+    def access_log(self) -> Path:
+        return self.dir / "nginx" / "logs" / "access.log"
+
+    def stop(self) -> None:
+        subprocess.run([str(REPO / "scripts" / "stack.sh"), "down"], env=self.env, capture_output=True, timeout=120)

@@ -17,8 +17,9 @@ def healthz():
 def readyz():
     svc = service()
     health = svc.health
-    body = {"status": health.reason(), "instance": svc.config.instance_id, **svc.model.describe(),
-            "queue_depth": svc.batcher.depth(), "queue_capacity": svc.config.queue_capacity}
+    body = {"status": svc.readiness(), "instance": svc.config.instance_id, **svc.model.describe(),
+            "queue_depth": svc.batcher.depth(), "queue_capacity": svc.config.queue_capacity,
+            "requests_held": svc.batcher.busy()}
     if svc.model.is_demo:
         body["warning"] = "demo model: random weights, answers are meaningless"
     elif svc.model.is_stand_in:

@@ -1,0 +1,45 @@
+"""Operator endpoints: drain and undrain this instance. They exist only when QAIO_ADMIN_TOKEN is set, and
+answer only to `Authorization: Bearer <that token>`."""
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, jsonify, request
+
+from ..errors import ApiError
+from .common import service
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+
+
+@bp.before_request
+def _authorize():
+    token = service().config.admin_token
+    if not token:  # disabled: indistinguishable from a route that does not exist
+        raise ApiError(404, "not_found", "no such endpoint")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise ApiError(401, "unauthorized", "the admin endpoints need Authorization: Bearer <QAIO_ADMIN_TOKEN>")
+
+
+def _state():
+    svc = service()
+    return jsonify({"instance": svc.config.instance_id, "status": svc.readiness(),
+                    "draining": svc.health.draining, "requests_held": svc.batcher.busy()})
+
+
+@bp.post("/drain")
+def drain():
+    service().set_draining(True)
+    return _state()
+
+
+@bp.post("/undrain")
+def undrain():
+    service().set_draining(False)
+    return _state()
+
+
+@bp.get("/state")
+def state():
+    return _state()
