@@ -72,7 +72,6 @@ def nginx():
         server.stop()
 
 
-
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
@@ -80,7 +79,8 @@ ADMIN_TOKEN = "test-admin-token-0123456789"
 def local_stack(tiny_model_dir):
     """`make run`'s stack (scripts/stack.sh) on the tiny model: 2 workers, nginx, Prometheus scraping
     every second, mtail; admin endpoints on with ADMIN_TOKEN."""
-    stack = LocalStack(tiny_model_dir, QAIO_ADMIN_TOKEN=ADMIN_TOKEN)
+    stack = LocalStack(tiny_model_dir, QAIO_ADMIN_TOKEN=ADMIN_TOKEN, QAIO_STACK_SCRAPE_INTERVAL="1s",
+                       **SHARED_CPU_WORKER_ENV)
     try:
         yield stack
     finally:

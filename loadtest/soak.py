@@ -1,11 +1,12 @@
 """`make soak`: mixed traffic for a long time against a stack of its own, and each worker's memory over time.
 
-Starts scripts/stack.sh (two workers on the 0.5b-shape demo model by default, nginx in front) in a
-directory and on ports of its own, sends closed-loop traffic from --clients threads (70 % sentiment,
-20 % chat, 10 % analyze, reviews of waimai_10k.csv, sampled chat so the cache cannot answer it) for
---minutes, samples every worker instance's resident memory (gunicorn master + its processes, the
-engine process included) every --sample-s, and writes docs/soak.md, .json and .png. The verdict: each
-worker's growth from the end of the warm-up to the end, against --max-growth-mb (50).
+Starts scripts/stack.sh (two workers on the 0.5b-shape demo model by default, nginx in front, its
+Prometheus and mtail beside) in a directory and on ports of its own, sends closed-loop traffic from
+--clients threads (70 % sentiment, 20 % chat, 10 % analyze, reviews of waimai_10k.csv, sampled chat so
+the cache cannot answer it) for --minutes, samples every worker instance's resident memory (gunicorn
+master + its processes, the engine process included) every --sample-s, and writes docs/soak.md, .json
+and .png. The verdict: each worker's growth from the end of the warm-up to the end, against
+--max-growth-mb (50).
 """
 from __future__ import annotations
 
@@ -14,9 +15,7 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -24,11 +23,10 @@ from pathlib import Path
 
 import requests
 
-from qwen_worker.testing import REPO, free_port, free_port_range
+from qwen_worker.testing import REPO, LocalStack
 
 from .run import worker_rss_mb
 
-STACK = REPO / "scripts" / "stack.sh"
 REVIEWS = REPO.parent / "shared" / "data" / "waimai_10k.csv"
 WEIGHTS = (("sentiment", 70), ("chat", 20), ("analyze", 10))
 
@@ -76,17 +74,6 @@ class Traffic:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=320)
-
-
-def start_stack(model: str, workers: int, run_dir: Path) -> tuple[str, dict]:
-    env = {**os.environ, "QAIO_STACK_DIR": str(run_dir), "QAIO_STACK_WORKERS": str(workers),
-           "QAIO_STACK_BASE_PORT": str(free_port_range(workers)), "QAIO_MODEL": model,
-           "QAIO_NGINX_LISTEN": f"127.0.0.1:{free_port()}", "QAIO_NGINX_SENTIMENT_RATE": "10000r/s",
-           "QAIO_NGINX_CHAT_RATE": "10000r/s"}
-    done = subprocess.run([str(STACK), "up", "--detach"], env=env, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        raise RuntimeError(f"the stack did not start:\n{done.stdout}\n{done.stderr}")
-    return f"http://{env['QAIO_NGINX_LISTEN']}", env
 
 
 def growth(samples: list[dict], warmup_s: float) -> dict[str, dict]:
@@ -150,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = {k: v for k, v in os.environ.items() if k.startswith("QAIO_") and not k.startswith(("QAIO_SOAK",
                                                                                                     "QAIO_STACK"))}
-    run_dir = Path(tempfile.mkdtemp(prefix="qaio-soak-"))
-    url, env = start_stack(args.model, args.workers, run_dir)
+    stack = LocalStack(args.model, args.workers, prefix="qaio-soak-", QAIO_NGINX_SENTIMENT_RATE="10000r/s",
+                       QAIO_NGINX_CHAT_RATE="10000r/s")
+    url, run_dir = stack.url, stack.dir
     print(f"soak: {args.minutes} min against {url} ({args.workers} workers, {args.model})", flush=True)
     traffic = Traffic(url, args.clients, args.chat_tokens)
     samples = []
@@ -166,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(min(args.sample_s, max(0.0, args.minutes * 60 - elapsed)))
     finally:
         traffic.stop()
-        subprocess.run([str(STACK), "down"], env=env, capture_output=True, timeout=300)
+        stack.stop()
         shutil.rmtree(run_dir, ignore_errors=True)
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "minutes": args.minutes,
                "warmup_minutes": args.warmup_minutes, "clients": args.clients, "workers": args.workers,

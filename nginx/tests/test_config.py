@@ -86,3 +86,16 @@ def test_bad_settings_stop_rendering_with_a_message(tmp_path, settings, message)
     with pytest.raises(subprocess.CalledProcessError) as err:
         render(tmp_path, **settings)
     assert message in err.value.stderr
+
+
+def test_the_admin_token_is_checked_like_the_workers_check_it(tmp_path):
+    """nginx compares the token inside its config, so it refuses what the worker's config refuses."""
+    for bad in ("short-token", 'quote"and$dollar-0123456789'):
+        with pytest.raises(subprocess.CalledProcessError) as err:
+            render(tmp_path, QAIO_ADMIN_TOKEN=bad)
+        assert "QAIO_ADMIN_TOKEN" in err.value.stderr
+    text = (render(tmp_path, QAIO_ADMIN_TOKEN="good-token_0123456789~+/=").parent / "conf.d" / "qaio.conf").read_text()
+    assert '"Bearer good-token_0123456789~+/=" 1;' in text
+    assert "location ~ ^/admin/127\\.0\\.0\\.1:8001(/(?:drain|undrain|state))$" in text
+    unset = (render(tmp_path / "unset").parent / "conf.d" / "qaio.conf").read_text()
+    assert "Bearer" not in unset and "admin endpoints disabled" in unset

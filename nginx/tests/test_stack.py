@@ -1,6 +1,5 @@
 """The local stack as a newcomer runs it: scripts/stack.sh up, README's curl examples, down."""
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -9,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from qwen_worker.testing import REPO, free_port_range, http_status
+from qwen_worker.testing import REPO, STACK_SCRIPT, LocalStack, http_status
 
 
 def readme_curl_commands() -> list[str]:
@@ -24,47 +23,38 @@ def readme_curl_commands() -> list[str]:
 
 
 @pytest.fixture()
-def stack(tiny_model_dir, tmp_path):
-    base = free_port_range(3)  # workers on base and base+1 (stack.sh), nginx on base+2
-    port = base + 2
-    env = {**os.environ, "QAIO_MODEL": tiny_model_dir, "QAIO_STACK_DIR": str(tmp_path / "run"),
-           "QAIO_STACK_BASE_PORT": str(base), "QAIO_NGINX_LISTEN": f"127.0.0.1:{port}",
-           "QAIO_PYTHON": os.environ.get("QAIO_PYTHON", str(REPO / ".venv" / "bin" / "python"))}
-    started = subprocess.run([str(REPO / "scripts" / "stack.sh"), "up", "--detach"], env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert started.returncode == 0, started.stdout + started.stderr
-    yield {"url": f"http://127.0.0.1:{port}", "worker": f"http://127.0.0.1:{base}", "output": started.stdout,
-           "env": env, "dir": tmp_path / "run"}
-    subprocess.run([str(REPO / "scripts" / "stack.sh"), "down"], env=env, capture_output=True, timeout=120)
+def stack(tiny_model_dir):
+    started = LocalStack(tiny_model_dir)
+    yield started
+    started.stop()
 
 
 def test_stack_serves_readme_examples_through_nginx_and_stops_cleanly(stack):
-    assert f"Qwen All-in-One is up: {stack['url']}" in stack["output"]
-    assert "DEMO MODEL" in stack["output"]
+    assert f"Qwen All-in-One is up: {stack.url}" in stack.output
+    assert "DEMO MODEL" in stack.output
     commands = readme_curl_commands()
     assert len([c for c in commands if "127.0.0.1:8080" in c]) >= 6, "README should show the API through nginx"
     assert any("127.0.0.1:8001" in c for c in commands), "README should show a worker on its own"
     for command in commands:
-        command = command.replace("http://127.0.0.1:8080", stack["url"])
-        args = shlex.split(command.replace("http://127.0.0.1:8001", stack["worker"]))
+        command = command.replace("http://127.0.0.1:8080", stack.url)
+        args = shlex.split(command.replace("http://127.0.0.1:8001", f"http://{stack.worker_addresses[0]}"))
         done = subprocess.run(args + ["-w", "\n%{http_code}"], capture_output=True, text=True, timeout=120)
         body, status = done.stdout.rsplit("\n", 1)
         assert done.returncode == 0 and status == "200", (command, status, body[:300])
         if "text/event-stream" not in body and not body.startswith("data: "):
             json.loads(body)
-    workers = sorted(stack["dir"].glob("worker-*.pid"))
+    workers = sorted(stack.dir.glob("worker-*.pid"))
     assert len(workers) == 2
     pids = [int(p.read_text()) for p in workers]
-    down = subprocess.run([str(REPO / "scripts" / "stack.sh"), "down"], env=stack["env"], capture_output=True,
-                          text=True, timeout=120)
+    down = stack.stop()
     assert down.returncode == 0 and "stack stopped" in down.stdout
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
-    assert http_status(stack["url"] + "/nginx-health") is None
+    assert http_status(stack.url + "/nginx-health") is None
 
 
 def test_stack_refuses_to_start_twice(stack):
-    again = subprocess.run([str(REPO / "scripts" / "stack.sh"), "up", "--detach"], env=stack["env"],
+    again = subprocess.run([str(STACK_SCRIPT), "up", "--detach"], env=stack.env,
                            capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "already running" in again.stderr
-    assert requests.get(stack["url"] + "/nginx-health", timeout=10).status_code == 200
+    assert requests.get(stack.url + "/nginx-health", timeout=10).status_code == 200

@@ -15,6 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 GUNICORN_CONF = REPO / "worker" / "gunicorn.conf.py"
 RENDER_NGINX = REPO / "nginx" / "render-config.sh"
+STACK_SCRIPT = REPO / "scripts" / "stack.sh"
 
 
 def free_port() -> int:
@@ -142,10 +143,10 @@ def served_by(headers) -> str:
 
 class LocalStack:
     """The whole `make run` stack, started by scripts/stack.sh itself: workers, nginx, Prometheus, mtail;
-    on free ports, in a directory of its own."""
+    every port free, in a directory of its own (`prefix`); `env`: further settings."""
 
-    def __init__(self, model: str, workers: int = 2, **env: str):
-        self.dir = Path(tempfile.mkdtemp(prefix="qaio-stack-"))
+    def __init__(self, model: str, workers: int = 2, prefix: str = "qaio-stack-", timeout: float = 900, **env: str):
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
         base = free_port_range(workers)
         self.worker_addresses = [f"127.0.0.1:{base + i}" for i in range(workers)]
         self.port, self.prometheus_port, mtail_port = free_port(), free_port(), free_port()
@@ -154,17 +155,17 @@ class LocalStack:
         self.env = {**os.environ, "QAIO_MODEL": model, "QAIO_STACK_DIR": str(self.dir),
                     "QAIO_STACK_WORKERS": str(workers), "QAIO_STACK_BASE_PORT": str(base),
                     "QAIO_NGINX_LISTEN": f"127.0.0.1:{self.port}", "QAIO_STACK_PROMETHEUS_PORT": str(self.prometheus_port),
-                    "QAIO_STACK_MTAIL_PORT": str(mtail_port), "QAIO_STACK_SCRAPE_INTERVAL": "1s",
-                    "QAIO_PYTHON": sys.executable, **SHARED_CPU_WORKER_ENV, **env}
+                    "QAIO_STACK_MTAIL_PORT": str(mtail_port), "QAIO_PYTHON": sys.executable, **env}
         self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        started = subprocess.run([str(REPO / "scripts" / "stack.sh"), "up", "--detach"], env=self.env,
-                                 capture_output=True, text=True, timeout=600)
+        started = subprocess.run([str(STACK_SCRIPT), "up", "--detach"], env=self.env, capture_output=True, text=True,
+                                 timeout=timeout)
         if started.returncode != 0:
             raise RuntimeError(f"scripts/stack.sh up failed:\n{started.stdout}\n{started.stderr}")
+        self.output = started.stdout
 
     @property
     def access_log(self) -> Path:
         return self.dir / "nginx" / "logs" / "access.log"
 
-    def stop(self) -> None:
-        subprocess.run([str(REPO / "scripts" / "stack.sh"), "down"], env=self.env, capture_output=True, timeout=120)
+    def stop(self) -> subprocess.CompletedProcess:
+        return subprocess.run([str(STACK_SCRIPT), "down"], env=self.env, capture_output=True, text=True, timeout=300)
