@@ -12,7 +12,9 @@ from qwen_worker.config import WorkerConfig
 _config = WorkerConfig.from_env()  # fails fast, before any process starts, on a bad setting
 # Nothing else of the app is imported here: prometheus_client must first see PROMETHEUS_MULTIPROC_DIR.
 
-bind = f"{_config.host}:{_config.port}"
+bind = [f"{_config.host}:{_config.port}"]
+if _config.metrics_port:  # /metrics only (the app refuses everything else there)
+    bind.append(f"{_config.host}:{_config.metrics_port}")
 # With an engine process (the default on a GPU) these are API processes sharing it; without one, each
 # process loads its own model copy (one per instance is the norm).
 workers = _config.workers

@@ -1,6 +1,6 @@
 """Every query of /dashboard and of the Grafana dashboard, evaluated by the real Prometheus that `make
 run`'s stack (scripts/stack.sh) starts, scraping real workers and mtail reading nginx's log; and the
-front door exposes nothing of Prometheus but its two query endpoints."""
+front door runs those queries, by name, and nothing else on that Prometheus."""
 from __future__ import annotations
 
 import json
@@ -16,17 +16,26 @@ from conftest import ADMIN_TOKEN
 from qwen_worker.testing import REPO
 
 sys.path.insert(0, str(REPO / "deploy"))
+import dashboard_nginx  # noqa: E402
 import grafana  # noqa: E402
 
 QUERIES = json.loads((REPO / "nginx" / "html" / "dashboard-queries.json").read_text())
 GRAFANA = json.loads((REPO / "deploy" / "grafana" / "qaio-dashboard.json").read_text())
-PAGE_QUERIES = {q["expr"]: q for section in ("instance", "stack", "charts") for q in QUERIES[section]}
-GPU_ONLY = {expr for expr, q in PAGE_QUERIES.items() if q.get("gpu")}
+SECTIONS = ("instance", "stack", "charts")
+NAMES = {f"{section}.{q['key']}": q for section in SECTIONS for q in QUERIES[section]}
+GPU_ONLY = {name for name, q in NAMES.items() if q.get("gpu")}
 
 
-def query(stack, expr: str) -> list:
-    """Through the front door, as the page asks."""
-    response = requests.get(f"{stack.url}/prometheus/api/v1/query", params={"query": expr}, timeout=10)
+def query(stack, name: str) -> list:
+    """Through the front door, as the page asks: by name."""
+    response = requests.get(f"{stack.url}/prometheus/api/v1/query", params={"name": name}, timeout=10)
+    assert response.status_code == 200, (name, response.text)
+    return response.json()["data"]["result"]
+
+
+def direct(stack, expr: str) -> list:
+    """Straight from Prometheus (as Grafana asks)."""
+    response = requests.get(f"{stack.prometheus_url}/api/v1/query", params={"query": expr}, timeout=10)
     assert response.status_code == 200, (expr, response.text)
     return response.json()["data"]["result"]
 
@@ -60,40 +69,88 @@ def test_the_grafana_dashboard_is_generated_from_the_page_queries():
     generated = subprocess.run([sys.executable, str(REPO / "deploy" / "grafana.py")], capture_output=True,
                                text=True, check=True).stdout
     assert json.loads(generated) == GRAFANA, "run: python deploy/grafana.py > deploy/grafana/qaio-dashboard.json"
-    assert set(grafana.expressions(GRAFANA)) <= set(PAGE_QUERIES)
-    assert set(grafana.expressions(GRAFANA)) >= set(PAGE_QUERIES) - {QUERIES["instance"][-1]["expr"]}  # all but info
+    page_exprs = {q["expr"] for q in NAMES.values()}
+    assert set(grafana.expressions(GRAFANA)) <= page_exprs
+    assert set(grafana.expressions(GRAFANA)) >= page_exprs - {QUERIES["instance"][-1]["expr"]}  # all but info
 
 
-@pytest.mark.parametrize("expr", sorted(set(PAGE_QUERIES) | set(grafana.expressions(GRAFANA))))
-def test_every_query_returns_data(traffic, expr):
+def test_the_front_doors_query_table_is_generated_from_the_page_queries():
+    generated = subprocess.run([sys.executable, str(REPO / "deploy" / "dashboard_nginx.py")], capture_output=True,
+                               text=True, check=True).stdout
+    table = REPO / "nginx" / "templates" / "qaio-dashboard-queries.inc.template"
+    assert generated == table.read_text(), f"run: python deploy/dashboard_nginx.py > {table.relative_to(REPO)}"
+    assert set(dashboard_nginx.named(QUERIES)) == set(NAMES)
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_every_query_returns_data(traffic, name):
     deadline = time.monotonic() + 20
-    while not (result := query(traffic, expr)) and time.monotonic() < deadline and expr not in GPU_ONLY:
+    while not (result := query(traffic, name)) and time.monotonic() < deadline and name not in GPU_ONLY:
         time.sleep(1)
-    if expr in GPU_ONLY:  # no GPU here: valid PromQL (Prometheus answered 200), nothing to show
+    if name in GPU_ONLY:  # no GPU here: valid PromQL (Prometheus answered 200), nothing to show
         assert result == []
         return
-    assert result, f"no data for {expr}"
+    assert result, f"no data for {name}"
+    expr = NAMES[name]["expr"]
     if "by (instance" in expr and "exported_instance" not in expr:
         assert {r["metric"]["instance"] for r in result} <= set(traffic.worker_addresses)
 
 
+@pytest.mark.parametrize("expr", sorted(set(grafana.expressions(GRAFANA))))
+def test_every_grafana_query_returns_data_from_prometheus(traffic, expr):
+    if any(q["expr"] == expr and q.get("gpu") for q in NAMES.values()):
+        assert direct(traffic, expr) == []
+        return
+    deadline = time.monotonic() + 20
+    while not (result := direct(traffic, expr)) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert result, f"no data for {expr}"
+
+
 def test_the_page_reads_what_it_needs(traffic):
-    instance_rows = {r["metric"]["instance"] for r in query(traffic, PAGE_QUERIES[QUERIES["instance"][0]["expr"]]["expr"])}
+    instance_rows = {r["metric"]["instance"] for r in query(traffic, "instance.up")}
     assert instance_rows == set(traffic.worker_addresses)
-    cache = query(traffic, next(q["expr"] for q in QUERIES["stack"] if q["key"] == "cache"))
+    cache = query(traffic, "stack.cache")
     assert 0 < float(cache[0]["value"][1]) < 100  # repeated texts hit, new ones missed
-    end = time.time()
+    now = time.time()
     for chart in QUERIES["charts"]:
-        response = requests.get(f"{traffic.url}/prometheus/api/v1/query_range", timeout=10,
-                                params={"query": chart["expr"], "start": end - 900, "end": end, "step": 15})
-        assert response.status_code == 200 and response.json()["data"]["result"], chart["key"]
+        series = query(traffic, f"charts.{chart['key']}")
+        assert series, chart["key"]
+        times = [float(t) for s in series for t, _ in s["values"]]
+        # The chart's window and step, fixed by the front door: at most range/step + 1 samples per series.
+        assert now - QUERIES["chart_range_s"] - 30 <= min(times) and max(times) <= now + 30
+        assert all(len(s["values"]) <= QUERIES["chart_range_s"] // QUERIES["chart_step_s"] + 1 for s in series)
+
+
+@pytest.mark.parametrize("params", [
+    {"query": 'group by (__name__) ({__name__=~".+"})'},
+    {"query": "up"},
+    {"name": "nope"},
+    {"name": ""},
+    {},
+    {"name": "charts.rps[1y:1s]"},
+], ids=["every series", "free-form", "unknown name", "empty name", "no name", "a name with a range"])
+def test_a_query_that_is_not_the_dashboards_is_refused(local_stack, params):
+    response = requests.get(local_stack.url + "/prometheus/api/v1/query", params=params, timeout=10)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_nothing_the_client_adds_reaches_prometheus(traffic):
+    """A name picks the query; a `query`, a `time` or anything else beside it is not passed on."""
+    extra = {"name": "instance.up", "query": 'group by (__name__) ({__name__=~".+"})', "time": "0"}
+    response = requests.get(traffic.url + "/prometheus/api/v1/query", params=extra, timeout=10)
+    assert response.status_code == 200
+    result = response.json()["data"]["result"]
+    assert result and all("instance" in r["metric"] and "__name__" not in r["metric"] for r in result)
+    assert all(float(r["value"][0]) > time.time() - 60 for r in result)  # at now, not at time=0
 
 
 @pytest.mark.parametrize("method,path", [
     ("GET", "/prometheus/api/v1/labels"), ("GET", "/prometheus/api/v1/series?match[]=up"),
+    ("GET", "/prometheus/api/v1/query_range?query=up&start=0&end=9999999999&step=1"),
     ("GET", "/prometheus/api/v1/targets"), ("POST", "/prometheus/api/v1/admin/tsdb/delete_series?match[]=up"),
     ("POST", "/prometheus/-/reload"), ("POST", "/prometheus/-/quit"), ("GET", "/prometheus/graph"),
-    ("POST", "/prometheus/api/v1/query?query=up"), ("PUT", "/prometheus/api/v1/query_range?query=up"),
+    ("POST", "/prometheus/api/v1/query?name=instance.up"), ("PUT", "/prometheus/api/v1/query_range?query=up"),
 ])
 def test_nothing_else_of_prometheus_is_reachable(local_stack, method, path):
     response = requests.request(method, local_stack.url + path, timeout=10)
@@ -112,3 +169,36 @@ def test_admin_endpoints_need_the_token_and_a_known_worker(local_stack):
     assert requests.post(f"{local_stack.url}/admin/drain", headers=auth, timeout=10).status_code == 404
     state = requests.get(f"{local_stack.url}/admin/{worker}/state", headers=auth, timeout=10)
     assert state.status_code == 200 and state.json()["status"] == "ready"
+
+
+def test_a_token_differing_only_in_case_is_refused(local_stack):
+    """nginx compares the token exactly (its map strings compare case-insensitively): refused at the front
+    door, never passed on to the worker; the scheme's case does not matter, as for the worker."""
+    worker = local_stack.worker_addresses[0]
+    for token in (ADMIN_TOKEN.upper(), ADMIN_TOKEN.swapcase(), ADMIN_TOKEN + "x", ADMIN_TOKEN[:-1]):
+        response = requests.get(f"{local_stack.url}/admin/{worker}/state", headers={"Authorization": f"Bearer {token}"},
+                                timeout=10)
+        assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+        assert not response.headers.get("X-Served-By")  # no worker was asked
+    state = requests.get(f"{local_stack.url}/admin/{worker}/state", headers={"Authorization": f"bearer {ADMIN_TOKEN}"},
+                         timeout=10)
+    assert state.status_code == 200 and state.headers["X-Served-By"] == worker
+
+
+def test_wrong_admin_tokens_are_rate_limited(local_stack):
+    """Guessing costs time: past the burst every try is a 429, wrong tokens included (from an address of
+    its own, so the other tests' admin calls keep their budget)."""
+    import http.client
+
+    worker = local_stack.worker_addresses[1]
+    port = int(local_stack.url.rsplit(":", 1)[1])
+    statuses = []
+    for i in range(30):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=("127.0.0.9", 0))
+        conn.request("GET", f"/admin/{worker}/state", headers={"Authorization": f"Bearer guess-{i:04d}-0123456789"})
+        response = conn.getresponse()
+        response.read()
+        statuses.append(response.status)
+        conn.close()
+    assert set(statuses) == {404, 429} and statuses.count(429) >= 5, statuses
+    assert statuses[-1] == 429

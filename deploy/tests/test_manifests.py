@@ -119,3 +119,31 @@ def test_checkov_passes_on_the_rendered_manifests_and_the_dockerfiles(tmp_path):
 def test_hadolint_passes(dockerfile):
     linted = run(str(TOOLS / "hadolint"), "--failure-threshold", "style", dockerfile)
     assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+def test_prometheus_pods_reach_the_metrics_port_and_nothing_else_of_a_worker():
+    """The monitoring namespace's Prometheus pods (no other pod there) reach only the port that serves
+    /metrics alone; the front door reaches the API port. The PodMonitor scrapes that metrics port."""
+    documents = kustomize("k8s")
+    (policy,) = [d for d in documents if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "qaio-worker"]
+    (worker,) = [d for d in documents if d["kind"] == "Deployment" and d["metadata"]["name"] == "qaio-worker"]
+    (container,) = worker["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["QAIO_METRICS_PORT"] == str(ports["metrics"]) and ports["http"] == 8001
+    rules = {tuple(sorted(peer)): [p["port"] for p in rule["ports"]] for rule in policy["spec"]["ingress"]
+             for peer in rule["from"]}
+    assert rules == {("podSelector",): [8001], ("namespaceSelector", "podSelector"): [ports["metrics"]]}
+    monitoring = next(peer for rule in policy["spec"]["ingress"] for peer in rule["from"] if "namespaceSelector" in peer)
+    assert monitoring["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+    podmonitor = yaml.safe_load((REPO / "k8s" / "monitoring" / "worker-podmonitor.yaml").read_text())
+    assert [e["port"] for e in podmonitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+
+def test_compose_runs_the_front_door_locked_down_like_the_workers():
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for name in ("nginx", "worker-0"):
+        service = services[name]
+        assert service["read_only"] and service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+    assert services["nginx"]["user"] == "101:101" and "/etc/nginx/conf.d" in services["nginx"]["tmpfs"]

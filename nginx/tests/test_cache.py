@@ -3,6 +3,7 @@ import json
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -104,3 +105,62 @@ def test_a_cached_answer_always_comes_from_the_model_being_served(tiny_model_dir
     other = {"text": "只在这个前门问过的评论"}
     statuses = [post(stale_front, "/v1/sentiment", other).headers["X-Cache-Status"] for _ in range(2)]
     assert statuses == ["MISS", "MISS"]
+
+
+def raw_post(proxy, path: str, body: bytes, chunked: bool = False) -> tuple[int, str | None, bytes]:
+    """A POST as bytes (fixed length or chunked): status, X-Cache-Status, body."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=60)
+    try:
+        if chunked:
+            conn.putrequest("POST", path)
+            conn.putheader("Content-Type", "application/json")
+            conn.putheader("Transfer-Encoding", "chunked")
+            conn.endheaders()
+            for start in range(0, len(body), 4096):
+                piece = body[start:start + 4096]
+                conn.send(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            conn.send(b"0\r\n\r\n")
+        else:
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.getheader("X-Cache-Status"), response.read()
+    finally:
+        conn.close()
+
+
+def padded(body: dict, size: int) -> bytes:
+    """`body` as JSON of exactly `size` bytes (insignificant whitespace before the closing brace)."""
+    text = json.dumps(body, ensure_ascii=False).encode()
+    return text[:-1] + b" " * (size - len(text)) + b"}"
+
+
+@pytest.mark.parametrize("size", [4 * 1024, 16 * 1024, 60 * 1024])
+@pytest.mark.parametrize("path, body", [("/v1/sentiment", {"text": "很长的请求体"}),
+                                        ("/v1/chat", {"text": "很长的请求体", "max_tokens": 2, "temperature": 0})],
+                         ids=["sentiment", "greedy chat"])
+def test_a_large_body_is_cached_like_a_small_one(proxy, path, body, size):
+    """The key holds the whole body at any accepted size (it used to overflow nginx's 4 KB header buffer
+    past ~3.8 KB, and such bodies were silently never cached)."""
+    data = padded({**body, "text": f"{body['text']} {size} {time.time()}"}, size)
+    first, second = raw_post(proxy, path, data), raw_post(proxy, path, data)
+    assert (first[0], second[0]) == (200, 200)
+    assert (first[1], second[1]) == ("MISS", "HIT") and first[2] == second[2]
+    assert raw_post(proxy, path, data, chunked=True)[1] == "HIT"  # the same body, sent chunked
+    assert "not enough for cache key" not in (Path(proxy.prefix) / "logs" / "error.log").read_text()
+
+
+def test_a_body_outside_the_key_never_touches_the_cache(workers, nginx):
+    """A body nginx keeps in a file (past QAIO_NGINX_BODY_BUFFER here; a chunked body can land there too)
+    is not in $request_body, so not in the key: it is never stored, never served from the cache, and it
+    never answers for another body, such as an empty one that must get its 400."""
+    proxy = nginx(workers, QAIO_NGINX_BODY_BUFFER="1k", QAIO_NGINX_SENTIMENT_RATE="1000r/s")
+    big = padded({"text": "放在文件里的请求体"}, 4096)
+    statuses = [raw_post(proxy, "/v1/sentiment", big, chunked=chunked) for chunked in (False, True, False)]
+    assert [s[0] for s in statuses] == [200, 200, 200] and "HIT" not in [s[1] for s in statuses]
+    for empty in (b"", b"{}"):
+        status, _, answer = raw_post(proxy, "/v1/sentiment", empty)
+        assert status == 400 and json.loads(answer)["error"]["code"] in ("invalid_json", "invalid_request")
+    small = padded({"text": "内存里的请求体"}, 512)
+    assert [raw_post(proxy, "/v1/sentiment", small)[1] for _ in range(2)] == ["MISS", "HIT"]

@@ -48,7 +48,10 @@ def test_settings_reach_the_config(tmp_path):
     proxy = (conf.parent / "conf.d" / "qaio-proxy.inc").read_text()
     assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in proxy
     assert "${" not in text + proxy, "every template variable must be substituted"
-    assert "$request_body" in proxy and "$upstream_addr" in (conf.parent / "conf.d" / "qaio-headers.inc").read_text()
+    cache = (conf.parent / "conf.d" / "qaio-cache.inc").read_text()
+    assert "$request_body" in cache and "$upstream_addr" in (conf.parent / "conf.d" / "qaio-headers.inc").read_text()
+    assert "proxy_buffer_size 40960;" in cache  # the 32k body fits the cache key's buffer
+    assert "limit_conn qaio_per_client 32;" in proxy  # two CPU workers' slots per client address by default
 
 
 def test_a_resolver_makes_upstream_names_re_resolved(tmp_path):
@@ -94,8 +97,31 @@ def test_the_admin_token_is_checked_like_the_workers_check_it(tmp_path):
         with pytest.raises(subprocess.CalledProcessError) as err:
             render(tmp_path, QAIO_ADMIN_TOKEN=bad)
         assert "QAIO_ADMIN_TOKEN" in err.value.stderr
-    text = (render(tmp_path, QAIO_ADMIN_TOKEN="good-token_0123456789~+/=").parent / "conf.d" / "qaio.conf").read_text()
-    assert '"Bearer good-token_0123456789~+/=" 1;' in text
-    assert "location ~ ^/admin/127\\.0\\.0\\.1:8001(/(?:drain|undrain|state))$" in text
-    unset = (render(tmp_path / "unset").parent / "conf.d" / "qaio.conf").read_text()
-    assert "Bearer" not in unset and "admin endpoints disabled" in unset
+    conf_d = render(tmp_path, QAIO_ADMIN_TOKEN="good-token_0123456789~+/=").parent / "conf.d"
+    assert (conf_d / "qaio-admin-token.inc").read_text() == '"~^(?i:bearer) good-token_0123456789~\\+/=$" 1;\n'
+    assert "location ~ ^/admin/127\\.0\\.0\\.1:8001(/(?:drain|undrain|state))$" in (conf_d / "qaio.conf").read_text()
+    unset = (render(tmp_path / "unset").parent / "conf.d" / "qaio-admin-token.inc").read_text()
+    assert "bearer" not in unset.lower() and "admin endpoints disabled" in unset
+
+
+def test_the_admin_token_is_in_no_file_others_can_read(tmp_path):
+    token = "Secret.Token+0123456789"
+    conf = render(tmp_path, QAIO_ADMIN_TOKEN=token)
+    holding = [path for path in tmp_path.rglob("*") if path.is_file() and token.encode() in path.read_bytes()]
+    assert holding == []  # the file holds it as a pattern, escaped
+    token_file = conf.parent / "conf.d" / "qaio-admin-token.inc"
+    assert token_file.stat().st_mode & 0o077 == 0
+    assert token_file.read_text() == '"~^(?i:bearer) Secret\\.Token\\+0123456789$" 1;\n'
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path != token_file:
+            assert b"Token" not in path.read_bytes(), path
+
+
+def test_real_ip_and_the_per_client_cap_are_settings(tmp_path):
+    conf = render(tmp_path, QAIO_NGINX_REAL_IP_FROM="10.0.0.0/8,fd00::/8", QAIO_NGINX_CONN_PER_CLIENT="0")
+    text = (conf.parent / "conf.d" / "qaio.conf").read_text()
+    assert "set_real_ip_from 10.0.0.0/8; set_real_ip_from fd00::/8;" in text and "real_ip_recursive on;" in text
+    assert "limit_conn qaio_per_client" not in (conf.parent / "conf.d" / "qaio-proxy.inc").read_text()
+    bad = subprocess.run([str(RENDER_NGINX), str(tmp_path / "bad")], capture_output=True, text=True,
+                         env={**os.environ, "QAIO_NGINX_REAL_IP_FROM": "10.0.0.0/8; allow all"})
+    assert bad.returncode != 0 and "QAIO_NGINX_REAL_IP_FROM" in bad.stderr

@@ -46,8 +46,7 @@ def test_request_id_is_made_at_the_edge_or_kept(proxy):
 
 def test_json_access_log_line(proxy):
     requests.post(proxy.url + "/v1/sentiment", json={"text": "日志"}, headers={"X-Request-ID": "log-42"}, timeout=30)
-    line = next(line for line in proxy.access_log.read_text().splitlines() if '"log-42"' in line)
-    entry = __import__("json").loads(line)
+    entry = proxy.log_entries('"log-42"')[0]
     assert entry["status"] == 200 and entry["upstream"].startswith("127.0.0.1:")
     assert entry["cache"] in ("MISS", "HIT") and float(entry["upstream_time"]) >= 0
 

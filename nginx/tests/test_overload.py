@@ -88,7 +88,7 @@ def test_three_times_capacity_is_shed_fast_with_503_and_the_stack_recovers(gunic
         assert ready["queue_depth"] == 0 and ready["status"] == "ready"
 
     # Retries are bounded: every request reached at most two workers (QAIO_NGINX_NEXT_UPSTREAM_TRIES).
-    entries = [json.loads(line) for line in proxy.access_log.read_text().splitlines() if '"/v1/chat"' in line]
+    entries = proxy.log_entries('"/v1/chat"', count=len(results))
     attempts = [len([a for a in e["upstream"].split(",") if a.strip()]) for e in entries if e["upstream"]]
     assert len(entries) == len(results) and max(attempts) <= 2
     assert sum(attempts) <= 2 * len(results)

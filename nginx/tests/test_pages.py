@@ -20,7 +20,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import ADMIN_TOKEN
-from qwen_worker.testing import REPO, served_by
+from qwen_worker.testing import REPO, eventually, served_by
+from qwen_worker.testing import metric as worker_metric
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTIFACTS = REPO / "artifacts" / "screenshots"
@@ -78,11 +79,6 @@ def wait_turn(browser, index: int, states=("done",), timeout: float = 90):
     WebDriverWait(browser, timeout).until(
         lambda d: len(turns(d)) > index and turns(d)[index].get_attribute("data-state") in states)
     return turns(browser)[index]
-
-
-def worker_metric(worker, name: str, labels: str = "") -> float:
-    text = requests.get(worker.url + "/metrics", timeout=10).text
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M))
 
 
 # ---- the conversation page --------------------------------------------------------------------------
@@ -174,11 +170,9 @@ def test_stop_generating_closes_the_stream_and_the_worker_stops_the_row(tiny_mod
     turn = wait_turn(browser, 0, states=("stopped",), timeout=10)
     assert browser.find_element(By.ID, "send").is_displayed()
     # The worker stopped the row: no slot held, the token count stands still, well short of 1024.
-    deadline = time.monotonic() + 10
-    while worker_metric(worker, "qaio_live_slots") != 0:
-        assert time.monotonic() < deadline, "the worker kept generating after Stop"
-        time.sleep(0.1)
-    generated = worker_metric(worker, "qaio_generated_tokens_total", '{task="chat"}')
+    eventually(lambda: worker_metric(worker, "qaio_live_slots") == 0, what="the worker stops generating after Stop")
+    generated = eventually(lambda: worker_metric(worker, "qaio_generated_tokens_total", '{task="chat"}'),
+                           what="the stopped row's tokens counted")
     time.sleep(0.5)
     assert 0 < generated == worker_metric(worker, "qaio_generated_tokens_total", '{task="chat"}') < 1024
     assert turn.get_attribute("data-state") == "stopped" and turn.find_element(By.CSS_SELECTOR, ".notice").text
@@ -204,8 +198,9 @@ def test_a_rate_limited_turn_says_so_and_is_retried_after_retry_after(workers, n
     third = wait_turn(browser, 2, timeout=30)
     assert third.find_element(By.CSS_SELECTOR, ".reply").text and not third.find_element(By.CSS_SELECTOR, ".error").text
     assert not third.find_element(By.CSS_SELECTOR, ".notice").text
-    statuses = [json.loads(line)["status"] for line in proxy.access_log.read_text().splitlines()
-                if '"/v1/chat"' in line]
+    # The third turn's answer reached the page, so its log line is being written: wait for it.
+    statuses = eventually(lambda: (s := [e["status"] for e in proxy.log_entries('"/v1/chat"', 3)])[-1] == 200 and s,
+                          what="the third turn's 200 in the access log")
     assert statuses[:2] == [200, 200] and 429 in statuses and statuses[-1] == 200
     assert len(statuses) <= 2 + 5  # at most the page's attempts, one a second
 

@@ -12,7 +12,7 @@ from flask import Flask, g, request
 from . import logs, metrics
 from .config import WorkerConfig
 from .connection import arrival, disconnect_probe
-from .errors import register_error_handlers
+from .errors import ApiError, register_error_handlers
 from .service import WorkerService
 
 log = logging.getLogger("qaio")
@@ -39,6 +39,7 @@ def create_app(config: WorkerConfig | Mapping[str, Any] | None = None, service: 
 
     register_error_handlers(app)
     _install_request_tracking(app, config, service)
+    _install_metrics_port(app, config)
     metrics.install(app, service.metrics, gpu_index=_gpu_index(service),
                     other_heaps=service.remote.engine_heap if service.remote is not None else None)
 
@@ -89,6 +90,21 @@ def _install_request_tracking(app: Flask, config: WorkerConfig, service: WorkerS
                 "duration_ms": round((time.monotonic() - g.get("started", time.monotonic())) * 1000, 2),
                 **g.get("log_fields", {})})
         return response
+
+
+def _install_metrics_port(app: Flask, config: WorkerConfig) -> None:
+    """With QAIO_METRICS_PORT, that port serves /metrics and nothing else, and QAIO_PORT everything but
+    /metrics: decided by the port the connection really came in on, never by a header."""
+    if not config.metrics_port:
+        return
+
+    @app.before_request
+    def _by_port():
+        sock = request.environ.get("gunicorn.socket")
+        if sock is None:  # not served by gunicorn (the test client): one port
+            return
+        if (sock.getsockname()[1] == config.metrics_port) != (request.path == "/metrics"):
+            raise ApiError(404, "not_found", "no such endpoint")
 
 
 def _observe_on_close(response, metrics, task: str | None, started: float) -> None:

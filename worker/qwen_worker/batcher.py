@@ -18,10 +18,10 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from .errors import ApiError
-from .engine.engine import StepFailed
+from .engine.engine import RowFailed, StepFailed
 from .health import Health
 from .metrics import WorkerMetrics
-from .model import ModelService, free_device_cache, is_oom
+from .model import ModelService, free_device_cache, is_fatal_device_error, is_oom
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ GENERATE = "generate"
 RUNNING_GRACE_S = 5.0
 CLIENT_POLL_S = 0.1  # how often a waiting request checks that its client is still connected
 SWITCH_INTERVAL_S = 0.0005
+# A row the engine refuses (RowFailed.code) is the client's request, never the model's failure.
+ROW_ERRORS = {"prompt_too_long": 413, "invalid_token_id": 400}
 
 
 @dataclasses.dataclass
@@ -110,6 +112,9 @@ def deadline_error() -> ApiError:
 def check_accepting(health, metrics: WorkerMetrics, retry_after_s: int, drain: bool = True) -> None:
     """503 draining or not_ready (counted) unless the model takes requests; `drain`: whether this
     process decides about draining (an API process leaves it to its engine)."""
+    if health.broken:
+        metrics.rejected("not_ready")
+        raise device_error(retry_after_s)
     if drain and health.draining:
         metrics.rejected("draining")
         raise ApiError(503, "draining", "this instance is draining and takes no new requests; retry on another",
@@ -117,6 +122,11 @@ def check_accepting(health, metrics: WorkerMetrics, retry_after_s: int, drain: b
     if not health.accepting():
         metrics.rejected("not_ready")
         raise ApiError(503, "not_ready", "the model is not ready", retry_after=retry_after_s)
+
+
+def device_error(retry_after_s: int) -> ApiError:
+    return ApiError(503, "device_error", "the model's device failed; this instance is restarting, retry on another",
+                    retry_after=retry_after_s)
 
 
 def client_gone_error() -> ApiError:
@@ -137,6 +147,13 @@ class Batcher:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._scoring = 0  # sentiment texts in the pass running now
+        self.device_error: Exception | None = None  # a sticky device error: the engine thread stopped on it
+        # Generations a failed pass took down, answered once the failure is counted (metrics, health),
+        # so that a client told 503 finds /readyz and /metrics saying why.
+        self._failed: list[tuple[Job, Exception]] = []
+        # What to do after a sticky device error, once its requests are answered: end this process, so
+        # that its supervisor (gunicorn's master, compose, Kubernetes) starts a fresh one (None: stay).
+        self.on_device_error: Callable[[], None] | None = None
 
     @property
     def engine(self):
@@ -149,6 +166,8 @@ class Batcher:
     def submit(self, job: Job) -> Job:
         self.check_accepting()
         with self._cond:
+            if self.device_error is not None:  # the engine thread has ended (or is ending) on it
+                raise device_error(self.config.retry_after_s)
             if len(self._queue) >= self.config.queue_capacity:
                 self.metrics.rejected("queue_full")
                 raise ApiError(503, "queue_full", "too many requests are waiting for the model",
@@ -196,8 +215,9 @@ class Batcher:
 
     def _run(self) -> None:
         engine = self.engine
+        stopping = ApiError(503, "not_ready", "the worker is stopping", retry_after=self.config.retry_after_s)
         try:
-            while True:
+            while self.device_error is None:
                 work = self._next_work()
                 if work is None:
                     return
@@ -206,12 +226,27 @@ class Batcher:
                     self._start_generation(job)
                 if sentiment:
                     self._execute_sentiment(sentiment)
-                if engine.has_work():
+                if engine.has_work() and self.device_error is None:
                     self._step()
                 self.metrics.live_slots.set(engine.live())
                 self.after_pass()
         finally:
-            engine.fail_all(ApiError(503, "not_ready", "the worker is stopping", retry_after=self.config.retry_after_s))
+            error = device_error(self.config.retry_after_s) if self.device_error is not None else stopping
+            engine.fail_all(error)
+            self._answer_failed()
+            self._fail_queued(error)
+            self.after_pass()
+        if self.device_error is not None and self.on_device_error is not None:
+            self.on_device_error()
+
+    def _fail_queued(self, error: ApiError) -> None:
+        """The engine thread ends: nothing queued will ever run, so answer it now."""
+        with self._cond:
+            queued, self._queue = list(self._queue), collections.deque()
+            self.metrics.queue_depth.set(0)
+        for job in queued:
+            job.finished_at = time.monotonic()
+            job.future.set_exception(error)
 
     def _next_work(self) -> tuple[list[Job], list[Job]] | None:
         """Generation jobs for the free slots and the sentiment jobs to score now; None when stopping."""
@@ -265,7 +300,10 @@ class Batcher:
         job.started_at = time.monotonic()
         try:
             self.engine.add(job.payload, lambda row, error, job=job: self._generation_done(job, error))
-        except Exception as exc:  # a row the engine refuses fails alone
+        except RowFailed as refused:  # a row the engine's tables cannot hold fails alone
+            self._refuse(job, refused)
+            return
+        except Exception as exc:
             self._fail([job], exc)
             return
         job.batch_size = self.engine.live()  # the rows generating together as this one joins
@@ -274,20 +312,48 @@ class Batcher:
     def _step(self) -> None:
         try:
             self.engine.step()
-        except StepFailed as failure:  # its rows were answered through _generation_done
+        except StepFailed as failure:  # its rows came back through _generation_done
             self._after_failure(failure.cause, len(failure.rows))
+        finally:
+            self._answer_failed()
+
+    def _answer_failed(self) -> None:
+        failed, self._failed = self._failed, []
+        for job, error in failed:
+            job.future.set_exception(self._api_error(error))
 
     def _generation_done(self, job: Job, error: Exception | None) -> None:
         """Called on the engine thread when a generation ends."""
         job.finished_at = time.monotonic()
         if error is not None:
-            job.future.set_exception(self._api_error(error))
+            self._failed.append((job, error))  # answered by _answer_failed, after the failure is counted
             return
         self.health.record_success()
         self.metrics.observe_batch(GENERATE, [job], job.finished_at - job.started_at, size_observed=True)
         job.future.set_result(job.payload)
 
+    def _refuse(self, job: Job, refused: RowFailed) -> None:
+        self.metrics.rejected(refused.code)
+        job.finished_at = time.monotonic()
+        job.future.set_exception(self._api_error(refused))
+
+    def _admissible(self, batch: list[Job]) -> list[Job]:
+        """The sentiment jobs the engine can score; the others are refused one by one, so a text too long
+        for the position table never takes its pass (and the innocent texts in it) down."""
+        admitted = []
+        for job in batch:
+            try:
+                self.engine.check_score_prompt(job.payload)
+            except RowFailed as refused:
+                self._refuse(job, refused)
+                continue
+            admitted.append(job)
+        return admitted
+
     def _execute_sentiment(self, batch: list[Job]) -> None:
+        batch = self._admissible(batch)
+        if not batch:
+            return
         started = time.monotonic()
         for job in batch:
             job.started_at = started
@@ -310,12 +376,19 @@ class Batcher:
     def _api_error(self, exc: Exception) -> ApiError:
         if isinstance(exc, ApiError):
             return exc
+        if isinstance(exc, RowFailed):
+            return ApiError(ROW_ERRORS.get(exc.code, 400), exc.code, str(exc))
+        if is_fatal_device_error(exc):
+            return device_error(self.config.retry_after_s)
         if is_oom(exc):
             return ApiError(503, "out_of_memory", "the model ran out of device memory; retry with a smaller request",
                             retry_after=self.config.retry_after_s)
         return ApiError(503, "model_error", "the model failed on this batch", retry_after=self.config.retry_after_s)
 
     def _after_failure(self, exc: Exception, size: int) -> None:
+        if is_fatal_device_error(exc):
+            self._device_failed(exc, size)
+            return
         if is_oom(exc):
             free_device_cache(self.model.device)
             reason = "out_of_memory"
@@ -324,6 +397,17 @@ class Batcher:
             reason = "model_error"
         self.metrics.model_failures.labels(reason=reason).inc()
         self.health.record_failure()
+
+    def _device_failed(self, exc: Exception, size: int) -> None:
+        """A device error that is not an out-of-memory (illegal access, device-side assert) leaves the
+        CUDA context unusable for good: stop the engine (what it holds is answered 503 as the thread
+        ends), and fail /healthz and /readyz so that the instance is replaced."""
+        log.critical("sticky device error in a batch of %d: the engine stops and this instance must be "
+                     "restarted", size, exc_info=exc)
+        self.metrics.model_failures.labels(reason="device_error").inc()
+        self.device_error = exc
+        self.health.mark_broken(f"device error: {type(exc).__name__}: {str(exc).strip()[:200]}")
+        self.metrics.ready.set(0)
 
     def _fail(self, batch: list[Job], exc: Exception) -> None:
         finished = time.monotonic()

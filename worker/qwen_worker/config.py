@@ -42,6 +42,9 @@ class WorkerConfig:
     # HTTP server (read by gunicorn.conf.py)
     host: str = _setting("127.0.0.1", "Address gunicorn binds to")
     port: int = _setting(8001, "Port gunicorn binds to", minimum=1)
+    metrics_port: int = _setting(0, "A second port that serves /metrics and nothing else, which then leaves "
+                                    "QAIO_PORT (so a NetworkPolicy can let Prometheus reach the metrics and not "
+                                    "the API); 0: /metrics on QAIO_PORT", minimum=0)
     engine_process: str = _setting("auto", "`on`: the model runs in an engine process of its own and gunicorn's "
                                            "processes only speak HTTP (so HTTP never shares the engine's GIL); "
                                            "`off`: each gunicorn process runs its own model; `auto`: on with a GPU",
@@ -83,7 +86,9 @@ class WorkerConfig:
     max_body_bytes: int = _setting(65536, "Largest request body accepted (413 beyond)", minimum=1)
     max_input_chars: int = _setting(4000, "Longest text or single message accepted (413 beyond)", minimum=1)
     max_messages: int = _setting(64, "Most messages in one chat request", minimum=1)
-    max_prompt_tokens: int = _setting(4096, "Longest chat prompt in tokens after templating (413 beyond)", minimum=16)
+    max_prompt_tokens: int = _setting(4096, "Longest prompt in tokens after templating, for every task (chat, "
+                                            "analyze, sentiment, OpenAI): 413 prompt_too_long beyond, before "
+                                            "anything is queued", minimum=16)
     # Generation defaults
     default_max_tokens: int = _setting(128, "max_tokens when a chat request gives none", minimum=1)
     max_tokens_limit: int = _setting(1024, "Largest max_tokens a client may ask for", minimum=1)
@@ -98,6 +103,11 @@ class WorkerConfig:
     # Health
     failure_threshold: int = _setting(3, "Model failures in a row that make /readyz answer 503", minimum=1)
     failure_cooldown_s: float = _setting(30.0, "How long /readyz stays 503 after that", minimum=0)
+    device_error_exit_s: float = _setting(5.0, "After a sticky device error (a CUDA error that is not an "
+                                               "out-of-memory), the engine stops, what it held is answered 503 "
+                                               "and /healthz fails; this many seconds later the process exits so "
+                                               "that gunicorn, compose or Kubernetes start a fresh one (0: never "
+                                               "exit, only fail /healthz)", minimum=0)
     log_level: str = _setting("INFO", "Python log level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     # Operations
     admin_token: str = _setting("", "Bearer token of the admin endpoints (POST /admin/drain, /admin/undrain); nginx "
@@ -148,6 +158,8 @@ class WorkerConfig:
             problems.append("QAIO_DEFAULT_MAX_TOKENS must not exceed QAIO_MAX_TOKENS_LIMIT")
         if not 0 < self.default_top_p <= 1:
             problems.append("QAIO_DEFAULT_TOP_P must be in (0, 1]")
+        if self.metrics_port and self.metrics_port == self.port:
+            problems.append("QAIO_METRICS_PORT must differ from QAIO_PORT")
         if self.admin_token and not ADMIN_TOKEN.fullmatch(self.admin_token):
             problems.append("QAIO_ADMIN_TOKEN must be at least 16 of A-Z a-z 0-9 . _ ~ + / = -")
         if problems:

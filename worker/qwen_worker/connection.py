@@ -7,7 +7,7 @@ import socket
 import time
 from typing import Callable
 
-_REQUEST_START = re.compile(r"t=(\d{9,11}(?:\.\d{1,6})?)")
+_REQUEST_START = re.compile(r"t=([0-9]{9,11}(?:\.[0-9]{1,6})?)", re.ASCII)
 MAX_FRONT_DOOR_AGE_S = 3600.0  # an older stamp is a broken clock, not a request that waited an hour
 
 

@@ -39,6 +39,11 @@ class RemoteHealth:
         return self.lost or self.status.get("load_error")
 
     @property
+    def broken(self) -> str | None:
+        """Why this instance cannot recover by itself: its engine is gone, or hit a sticky device error."""
+        return self.lost or self.status.get("broken")
+
+    @property
     def draining(self) -> bool:
         return bool(self.status.get("draining"))
 

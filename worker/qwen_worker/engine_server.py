@@ -18,10 +18,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection, Listener
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from typing import Callable
 
 from . import memory
@@ -38,6 +40,9 @@ STATUS_INTERVAL_S = 0.25
 # Reading the C heap (mallinfo2) takes ~8 ms with the 0.5B model loaded, holding malloc's arena locks
 # that the engine thread allocates under: read it this seldom, not with every status.
 HEAP_INTERVAL_S = 5.0
+# A connecting process proves it was started beside this engine within this time, or is dropped: the
+# accept loop never waits on it (a silent client would otherwise block every later API process).
+HANDSHAKE_TIMEOUT_S = 5.0
 
 
 def engine_status(service: WorkerService, heap: dict | None) -> dict:
@@ -47,7 +52,7 @@ def engine_status(service: WorkerService, heap: dict | None) -> dict:
     # accepting: loaded; whether a draining engine refuses is decided here, per request.
     status = {"accepting": health.state == "ready", "ready": health.ready(), "reason": health.reason(),
               "load_error": health.load_error, "queue_depth": service.batcher.depth(), "model": None,
-              "draining": health.draining, "busy": service.batcher.busy(),
+              "draining": health.draining, "busy": service.batcher.busy(), "broken": health.broken,
               "pid": os.getpid(), "heap": heap}
     if status["accepting"]:
         status["model"] = {"name": model.name, "source": model.served_source, "identity": model.identity,
@@ -182,6 +187,16 @@ class ApiConnection:
             pass
 
 
+def _receive_timeout(conn: Connection, seconds: float) -> None:
+    """A receive timeout on the connection's socket (0: none): a read that waits longer fails."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                        struct.pack("ll", int(seconds), int((seconds % 1) * 1_000_000)))
+    finally:
+        sock.close()
+
+
 def _error_tuple(err: ApiError) -> tuple:
     return err.status, err.code, err.message, err.retry_after
 
@@ -195,8 +210,11 @@ class EngineServer:
 
     def __init__(self, service: WorkerService, address: str, authkey: bytes):
         self.service = service
-        self.listener = Listener(address, family="AF_UNIX", authkey=authkey)
-        self.connections: list[ApiConnection] = []  # replaced whole by the accept thread, read by others
+        self.authkey = authkey
+        # No authkey here: Listener.accept() would run the handshake itself, blocking, with no timeout.
+        self.listener = Listener(address, family="AF_UNIX")
+        self.connections: list[ApiConnection] = []  # replaced whole by a handshake thread, read by others
+        self._admitting = threading.Lock()
         self._heap: dict | None = None
         service.batcher.after_pass = self.flush_all
 
@@ -213,14 +231,29 @@ class EngineServer:
         while True:
             try:
                 conn = self.listener.accept()
-            except Exception:  # a client with the wrong key, or one that hung up mid-handshake
-                log.warning("engine: refused a connection", exc_info=True)
+            except OSError:
+                log.warning("engine: accept failed", exc_info=True)
                 continue
             count += 1
-            connection = ApiConnection(conn, self.service, f"api-{count}", self.status)
-            connection.post(("status", self.status()))
+            threading.Thread(target=self._admit, args=(conn, f"api-{count}"), name=f"handshake-{count}",
+                             daemon=True).start()
+
+    def _admit(self, conn: Connection, name: str) -> None:
+        """The authkey handshake, bounded in time; then the connection is one of the API processes."""
+        try:
+            _receive_timeout(conn, HANDSHAKE_TIMEOUT_S)
+            deliver_challenge(conn, self.authkey)
+            answer_challenge(conn, self.authkey)
+            _receive_timeout(conn, 0)
+        except Exception:  # the wrong key, a client that hung up, or one that said nothing in time
+            log.warning("engine: refused a connection (%s)", name, exc_info=True)
+            conn.close()
+            return
+        connection = ApiConnection(conn, self.service, name, self.status)
+        connection.post(("status", self.status()))
+        with self._admitting:
             self.connections = [c for c in self.connections if not c.closed] + [connection]
-            connection.start()
+        connection.start()
 
     def status(self) -> dict:
         return engine_status(self.service, self._heap)
@@ -257,6 +290,9 @@ def main() -> None:
     log.info("configuration", extra={"config": config.as_log_dict()})
     address, authkey = os.environ[SOCKET_ENV], bytes.fromhex(os.environ[AUTHKEY_ENV])
     service = WorkerService(config)
+    # After a sticky device error: exit, so that the API processes see the engine gone and stop the
+    # instance for its supervisor to replace (a SIGTERM would wait for them to hang up first).
+    service.exit_process = lambda: os._exit(70)
     server = EngineServer(service, address, authkey)
     stopping = threading.Event()
     # SIGTERM comes from the master once its API processes have exited, or to the whole process group

@@ -16,6 +16,7 @@ class Health:
         self._failures_in_a_row = 0
         self._cooldown_until = 0.0
         self.draining = False  # an operator asked it to take no new work (POST /admin/drain)
+        self.broken: str | None = None  # a sticky device error: /healthz fails, the instance must restart
 
     def mark_ready(self) -> None:
         with self._lock:
@@ -29,6 +30,12 @@ class Health:
         with self._lock:
             self.state = "failed"
             self.load_error = error
+
+    def mark_broken(self, error: str) -> None:
+        """The device failed for good: nothing is accepted any more and the liveness probe fails."""
+        with self._lock:
+            self.state = "failed"
+            self.load_error = self.broken = error
 
     def record_success(self) -> None:
         with self._lock:

@@ -82,6 +82,19 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+# CUDA errors that are not an out-of-memory poison the context: every later call fails the same way.
+_STICKY_DEVICE_ERROR = re.compile(
+    r"CUDA error|device-side assert|illegal memory access|illegal instruction|misaligned address|"
+    r"unspecified launch failure|CUBLAS_STATUS_(?!ALLOC_FAILED)|CUDNN_STATUS_EXECUTION_FAILED|"
+    r"cudaErrorLaunch|uncorrectable ECC error")
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """A device error that leaves the process unusable (CUDA's sticky errors), never an out-of-memory.
+    torch raises these as torch.AcceleratorError (RuntimeError in older releases); the message decides."""
+    return not is_oom(exc) and bool(_STICKY_DEVICE_ERROR.search(str(exc)))
+
+
 def free_device_cache(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()

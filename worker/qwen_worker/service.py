@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import signal
 import threading
 import time
 from typing import Iterator
@@ -50,6 +52,10 @@ class WorkerService:
         self.model = model or ModelService(config)
         self.health = Health(config.failure_threshold, config.failure_cooldown_s)
         self.batcher = Batcher(self.model, config, self.metrics, self.health)
+        self.batcher.on_device_error = self._after_device_error
+        # How this process ends itself after a sticky device error: gunicorn's worker stops gracefully on
+        # SIGTERM and its master forks a fresh one; the engine process exits (engine_server sets it).
+        self.exit_process = lambda: os.kill(os.getpid(), signal.SIGTERM)
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -89,6 +95,16 @@ class WorkerService:
             self.health.mark_failed(f"{type(exc).__name__}: {exc}")
         finally:
             self._loaded.set()
+
+    def _after_device_error(self) -> None:
+        """The engine stopped on a sticky device error and has answered what it held: end this process
+        after QAIO_DEVICE_ERROR_EXIT_S, so that its supervisor starts one with a fresh device context."""
+        delay = self.config.device_error_exit_s
+        if delay > 0:
+            log.critical("exiting in %.1f s after a sticky device error", delay)
+            timer = threading.Timer(delay, self.exit_process)
+            timer.daemon = True
+            timer.start()
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
         return self._loaded.wait(timeout)
@@ -132,16 +148,24 @@ class WorkerService:
         self.batcher.check_accepting()
         return self.model.prompter
 
+    def check_prompt_tokens(self, prompt_ids: list[int], what: str = "the prompt") -> None:
+        """413 for a prompt longer than QAIO_MAX_PROMPT_TOKENS: every task is bounded in tokens before it
+        is queued (a character limit is no bound: one character can be several tokens)."""
+        limit = self.config.max_prompt_tokens
+        if len(prompt_ids) > limit:
+            self.metrics.rejected("prompt_too_long")
+            raise ApiError(413, "prompt_too_long", f"{what} is {len(prompt_ids)} tokens; at most {limit} are "
+                                                   f"accepted (QAIO_MAX_PROMPT_TOKENS)")
+
     def submit_sentiment(self, text: str, lang: str, deadline: float, task: str = "sentiment") -> Job:
-        self.check_deadline(deadline)
         ids = self.prompter.sentiment_ids(text, lang)
+        self.check_prompt_tokens(ids, "the sentiment prompt of this text")
+        self.check_deadline(deadline)
         return self.batcher.submit(Job(SENTIMENT, task, ids, deadline))
 
     def submit_generation(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,
                           deadline: float, task: str, stream: "TokenStream | None" = None) -> Job:
-        if len(prompt_ids) > self.config.max_prompt_tokens:
-            raise ApiError(413, "prompt_too_long", f"the prompt is {len(prompt_ids)} tokens; "
-                                                   f"at most {self.config.max_prompt_tokens} are accepted")
+        self.check_prompt_tokens(prompt_ids)
         self.check_deadline(deadline)
         row = GenerationRow(prompt_ids, max_tokens, temperature, top_p, deadline,
                             on_token=stream.put_token if stream else None)
@@ -158,6 +182,12 @@ class WorkerService:
 
     def analyze_ids(self, text: str, label: str) -> list[int]:
         return self.prompter.analyze_ids(text, label)
+
+    def check_analyze_tokens(self, text: str) -> None:
+        """Both prompts of an analyze request within the token limit before either is queued: the reply's
+        prompt depends on the label, so each label's is measured."""
+        for label in LABELS_ZH:
+            self.check_prompt_tokens(self.analyze_ids(text, label), "the reply prompt of this text")
 
 
 class TokenStream:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,6 +17,30 @@ REPO = Path(__file__).resolve().parents[2]
 GUNICORN_CONF = REPO / "worker" / "gunicorn.conf.py"
 RENDER_NGINX = REPO / "nginx" / "render-config.sh"
 STACK_SCRIPT = REPO / "scripts" / "stack.sh"
+
+
+# How long a test waits for state that another thread or process writes after the answer it got
+# (metrics, mirrors of the engine, log lines): long enough for a machine loaded by other work.
+EVENTUALLY_S = 30.0
+
+
+def eventually(predicate, timeout: float = EVENTUALLY_S, what: str = "the condition", interval: float = 0.05):
+    """predicate()'s first truthy value, polled until `timeout`: tests wait for conditions, never for time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"not within {timeout} s: {what}")
+        time.sleep(interval)
+
+
+def metric(server, name: str, labels: str = "") -> float:
+    """The sum of one series of a worker's /metrics (`labels` as exposed, e.g. '{task="chat"}')."""
+    text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()
+    pattern = rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$"
+    return sum(float(v) for v in re.findall(pattern, text, re.M))
 
 
 def free_port() -> int:
@@ -127,6 +152,18 @@ class NginxServer:
     def access_log(self) -> Path:
         return Path(self.prefix) / "logs" / "access.log"
 
+    def log_entries(self, contains: str, count: int = 1) -> list[dict]:
+        """The access log's JSON entries whose line contains `contains`, once there are `count` of them:
+        nginx writes a request's line after its last byte, so a client can read its answer first."""
+        import json
+
+        def entries():
+            lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
+            found = [json.loads(line) for line in lines if contains in line]
+            return found if len(found) >= count else None
+
+        return eventually(entries, what=f"{count} access-log lines with {contains}")
+
     def stop(self) -> None:
         _stop_group(self.proc, signal.SIGQUIT)
 
@@ -169,3 +206,42 @@ class LocalStack:
 
     def stop(self) -> subprocess.CompletedProcess:
         return subprocess.run([str(STACK_SCRIPT), "down"], env=self.env, capture_output=True, text=True, timeout=300)
+
+
+STICKY_DEVICE_ERROR = "CUDA error: an illegal memory access was encountered"
+
+
+def device_error_app(trigger: str = "inject a device error"):
+    """gunicorn's app for tests of a sticky device error in a real worker process: create_app() whose
+    engine raises what CUDA raises after an illegal memory access at the first decode step of any chat
+    whose prompt holds `trigger` (a whole message), through the same code path a real one takes."""
+    from . import create_app
+    from .config import WorkerConfig
+    from .service import WorkerService
+
+    config = WorkerConfig.from_env()
+    service = WorkerService(config)
+    build_engine = service.model._build_engine
+
+    def armed(*args, **kwargs):
+        engine = build_engine(*args, **kwargs)
+        trigger_ids = service.model.prompter.plain(trigger)
+        marked: set[int] = set()
+        add, decode = engine.add, engine.runner.decode
+
+        def add_marking(row, on_done):
+            ids = row.prompt_ids
+            if any(ids[i:i + len(trigger_ids)] == trigger_ids for i in range(len(ids) - len(trigger_ids) + 1)):
+                marked.add(id(row))
+            add(row, on_done)
+
+        def decode_failing(rows, width):
+            if any(id(row) in marked for row in engine.scheduler.rows.values()):
+                raise RuntimeError(STICKY_DEVICE_ERROR)
+            return decode(rows, width)
+
+        engine.add, engine.runner.decode = add_marking, decode_failing
+        return engine
+
+    service.model._build_engine = armed  # before the loader thread starts (create_app starts it)
+    return create_app(config, service=service)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 from typing import Any
 
@@ -132,12 +133,22 @@ def messages(body: dict, max_messages: int, max_chars: int) -> list[Message]:
     return result
 
 
+# Header values we parse as numbers: ASCII digits only (str.isdigit() also takes superscripts and
+# other scripts' digits, which int() then refuses or reads), and short enough for any int().
+_HEADER_INT = re.compile(r"[0-9]{1,12}", re.ASCII)
+
+
+def header_int(name: str, minimum: int) -> int | None:
+    """An integer request header; absent: None; anything but 1-12 ASCII digits, or below minimum: 400."""
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not _HEADER_INT.fullmatch(value) or int(value) < minimum:
+        raise bad_request(f"{name} must be an integer of at least {minimum} (up to 12 digits)", "invalid_header")
+    return int(value)
+
+
 def deadline_ms(body: dict, default_ms: int) -> int:
     """The request's deadline: the task default, lowered by `deadline_ms` or the X-Deadline-Ms header."""
-    requested = [optional_int(body, "deadline_ms", 1, default_ms * 1000, None)]
-    header = request.headers.get("X-Deadline-Ms")
-    if header is not None:
-        if not header.isdigit() or int(header) < 1:
-            raise bad_request("X-Deadline-Ms must be a positive integer")
-        requested.append(int(header))
+    requested = [optional_int(body, "deadline_ms", 1, default_ms * 1000, None), header_int("X-Deadline-Ms", 1)]
     return min([default_ms] + [r for r in requested if r is not None])

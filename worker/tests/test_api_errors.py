@@ -63,6 +63,11 @@ HOSTILE = [
      400, "invalid_request"),
     ("too many messages", C, js({"messages": [USER] * 65}), 413, "too_many_messages"),
     ("prompt over the token limit", C, long_conversation(), 413, "prompt_too_long"),
+    # Legal in characters, past the position table in tokens: every path is bounded in tokens.
+    ("sentiment text over the token limit", S, js({"text": "𠀀𪚥𠮷" * 1000}), 413, "prompt_too_long"),
+    ("analyze text over the token limit", A, js({"text": "🧪🦜🫠" * 1000}), 413, "prompt_too_long"),
+    ("openai message over the token limit", O, js({"messages": [{"role": "user", "content": "龘" * 3000}]}),
+     413, "prompt_too_long"),
     ("max_tokens zero", C, js({"text": "hi", "max_tokens": 0}), 400, "invalid_request"),
     ("max_tokens string", C, js({"text": "hi", "max_tokens": "10"}), 400, "invalid_request"),
     ("max_tokens bool", C, js({"text": "hi", "max_tokens": True}), 400, "invalid_request"),
@@ -89,8 +94,13 @@ def test_hostile_input_gets_a_json_4xx(client, path, kwargs, status, code):
     assert error["message"] and error["request_id"] == response.headers["X-Request-ID"]
 
 
-def test_bad_deadline_header_and_unknown_routes(client):
-    assert client.post(S, json={"text": "hi"}, headers={"X-Deadline-Ms": "soon"}).status_code == 400
+@pytest.mark.parametrize("value", ["soon", "²", "١٢٣", "9" * 5000, "1e3", "-1", "0", "0x10", "+5", "1.5", " 5"])
+def test_a_bad_deadline_header_is_a_json_400(client, value):
+    response = client.post(S, json={"text": "hi"}, headers={"X-Deadline-Ms": value})
+    assert response.status_code == 400 and response.get_json()["error"]["code"] == "invalid_header"
+
+
+def test_unknown_routes(client):
     for response, status, code in ((client.get(S), 405, "method_not_allowed"),
                                    (client.get("/v1/nope"), 404, "not_found")):
         assert response.status_code == status and response.get_json()["error"]["code"] == code

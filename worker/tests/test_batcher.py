@@ -103,12 +103,23 @@ def test_deadline_ends_a_stream_with_finish_reason_deadline(make_app):
     assert 0 < final["usage"]["completion_tokens"] < 1000
 
 
-def test_model_failures_in_a_row_drain_readiness_but_the_worker_keeps_serving(make_app):
+def test_model_failures_in_a_row_drain_readiness_but_the_worker_keeps_serving(make_app, monkeypatch):
     app = make_app(failure_threshold=2, failure_cooldown_s=300)
     service, client = app.extensions["qaio"], app.test_client()
-    out_of_vocabulary = [10 ** 9]  # a real failure inside the model: embedding index out of range
+    runner = service.model.engine.runner
+    score = runner.score
+    failures = iter([IndexError("index out of range in self")] * 2)  # the model fails two passes, then not
+
+    def failing(*args, **kwargs):
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "score", failing)
     for _ in range(2):
-        job = service.batcher.submit(Job(SENTIMENT, "sentiment", out_of_vocabulary, service.deadline(5000)))
+        job = service.batcher.submit(Job(SENTIMENT, "sentiment", service.prompter.sentiment_ids("坏了", "zh"),
+                                         service.deadline(5000)))
         with pytest.raises(ApiError) as err:
             job.wait()
         assert (err.value.status, err.value.code) == (503, "model_error")

@@ -64,3 +64,22 @@ def test_metrics_add_up_across_gunicorn_processes(gunicorn_server):
         count = re.search(r'^qaio_queue_wait_seconds_count\{task="sentiment"\} (\S+)$', text, re.M)
         assert count and float(count.group(1)) == 40.0, text[-3000:]
     assert re.search(r'^qaio_model_info\{.*model="tiny".*\} 1\.0$', text, re.M)
+
+
+@pytest.mark.parametrize("layout", [{}, {"QAIO_ENGINE_PROCESS": "on", "QAIO_WORKERS": "2", "QAIO_THREADS": "16"}],
+                         ids=["one process", "engine process"])
+def test_a_metrics_port_serves_metrics_and_nothing_else(gunicorn_server, layout):
+    """For a NetworkPolicy that lets Prometheus reach the metrics and not the API: the port the connection
+    came in on decides, whatever its Host header says."""
+    from qwen_worker.testing import free_port
+
+    metrics_port = free_port()
+    server = gunicorn_server(QAIO_METRICS_PORT=str(metrics_port), **layout)
+    metrics_url = f"http://127.0.0.1:{metrics_port}"
+    assert "qaio_ready" in requests.get(metrics_url + "/metrics", timeout=10).text
+    for method, path in (("POST", "/v1/sentiment"), ("GET", "/readyz"), ("POST", "/admin/drain"), ("GET", "/")):
+        refused = requests.request(method, metrics_url + path, json={"text": "好"}, timeout=10,
+                                   headers={"Host": f"127.0.0.1:{server.port}"})
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
+    assert requests.get(server.url + "/metrics", timeout=10, headers={"Host": f"127.0.0.1:{metrics_port}"}).status_code == 404
+    assert requests.post(server.url + "/v1/sentiment", json={"text": "好"}, timeout=30).status_code == 200

@@ -1,29 +1,16 @@
 """A worker under more than it can hold: deadlines from the front door, no compute for clients who
 left; real gunicorn over real sockets (the disconnect check needs one), in both process layouts."""
 import json
-import re
 import socket
 import time
 
 import pytest
 import requests
 
+from qwen_worker.testing import eventually, metric
+
 LONG = 1000
 LAYOUTS = {"one process": {"QAIO_ENGINE_PROCESS": "off"}, "engine process": {"QAIO_ENGINE_PROCESS": "on"}}
-
-
-def metric(server, name: str, labels: str = "") -> float:
-    text = requests.get(server.url + "/metrics", timeout=5).text
-    return sum(float(v) for v in re.findall(rf"^{re.escape(name)}{re.escape(labels)} ([0-9.e+-]+)$", text, re.M))
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def open_request(server, path: str, body: dict, headers: dict | None = None) -> socket.socket:
@@ -49,11 +36,11 @@ def generated(server) -> float:
 
 def test_a_client_that_leaves_mid_generation_costs_no_more_compute(small_worker):
     sock = open_request(small_worker, "/v1/chat", {"text": "a long story", "max_tokens": LONG, "temperature": 0})
-    wait_until(lambda: metric(small_worker, "qaio_live_slots") == 1, 10, "the generation runs")
+    eventually(lambda: metric(small_worker, "qaio_live_slots") == 1, what="the generation runs")
     time.sleep(0.3)
     sock.close()
-    wait_until(lambda: metric(small_worker, "qaio_live_slots") == 0, 10, "its row is stopped")
-    done = generated(small_worker)
+    eventually(lambda: metric(small_worker, "qaio_live_slots") == 0, what="its row is stopped")
+    done = eventually(lambda: generated(small_worker), what="its tokens counted (once, as the row ends)")
     assert done < LONG
     time.sleep(0.5)
     assert generated(small_worker) == done
@@ -61,17 +48,17 @@ def test_a_client_that_leaves_mid_generation_costs_no_more_compute(small_worker)
 
 def test_a_client_that_leaves_while_queued_is_never_computed(small_worker):
     blocker = open_request(small_worker, "/v1/chat", {"text": "story", "max_tokens": LONG, "temperature": 0})
-    wait_until(lambda: metric(small_worker, "qaio_live_slots") == 1, 10, "the slot is taken")
+    eventually(lambda: metric(small_worker, "qaio_live_slots") == 1, what="the slot is taken")
     queued = open_request(small_worker, "/v1/chat", {"text": "next", "max_tokens": 50, "temperature": 0})
-    wait_until(lambda: requests.get(small_worker.url + "/readyz", timeout=5).json()["queue_depth"] == 1, 10,
-               "the second request queues")
+    eventually(lambda: requests.get(small_worker.url + "/readyz", timeout=5).json()["queue_depth"] == 1,
+               what="the second request queues")
     queued.close()
-    wait_until(lambda: metric(small_worker, "qaio_rejections_total", '{reason="client_gone"}') == 1, 10,
-               "the queued request is dropped when its client leaves")
-    wait_until(lambda: requests.get(small_worker.url + "/readyz", timeout=5).json()["queue_depth"] == 0, 10,
-               "and the queue says so")
+    eventually(lambda: metric(small_worker, "qaio_rejections_total", '{reason="client_gone"}') == 1,
+               what="the queued request is dropped when its client leaves")
+    eventually(lambda: requests.get(small_worker.url + "/readyz", timeout=5).json()["queue_depth"] == 0,
+               what="and the queue says so")
     blocker.close()
-    wait_until(lambda: metric(small_worker, "qaio_live_slots") == 0, 10, "the blocker is stopped")
+    eventually(lambda: metric(small_worker, "qaio_live_slots") == 0, what="the blocker is stopped")
     total = generated(small_worker)
     time.sleep(0.5)
     assert generated(small_worker) == total, "the dropped request never generated"
@@ -87,15 +74,16 @@ def test_the_deadline_counts_from_the_front_door(small_worker):
     assert metric(small_worker, "qaio_rejections_total", '{reason="deadline_on_arrival"}') == 1
     assert generated(small_worker) == 0
 
-    # Stamped 1 s ago with 1.5 s, queued behind a long generation: 504 about 0.5 s after it was sent.
+    # Stamped 4 s ago with 5 s, queued behind a long generation: 504 about 1 s after it was sent (5 s
+    # if the deadline counted from the worker; the margin holds on a loaded machine).
     blocker = open_request(small_worker, "/v1/chat", {"text": "story", "max_tokens": LONG, "temperature": 0})
-    wait_until(lambda: metric(small_worker, "qaio_live_slots") == 1, 10, "the slot is taken")
+    eventually(lambda: metric(small_worker, "qaio_live_slots") == 1, what="the slot is taken")
     sent = time.monotonic()
-    waited = requests.post(url, json={"text": "waited", "max_tokens": 5, "deadline_ms": 1500},
-                           headers={"X-Request-Start": f"t={time.time() - 1:.3f}"}, timeout=10)
+    waited = requests.post(url, json={"text": "waited", "max_tokens": 5, "deadline_ms": 5000},
+                           headers={"X-Request-Start": f"t={time.time() - 4:.3f}"}, timeout=30)
     elapsed = time.monotonic() - sent
     assert waited.status_code == 504
-    assert elapsed < 1.4, f"answered {elapsed:.2f} s after sending: the deadline counted from the worker"
+    assert elapsed < 3.5, f"answered {elapsed:.2f} s after sending: the deadline counted from the worker"
     blocker.close()
 
 

@@ -10,7 +10,15 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/healthz")
 def healthz():
-    return jsonify({"status": "alive", "instance": service().config.instance_id})
+    """Liveness: fails only when this instance cannot recover by itself (a sticky device error, or its
+    engine process is gone), so that its supervisor restarts it."""
+    svc = service()
+    broken = svc.health.broken
+    if broken:
+        response = jsonify({"status": "broken", "instance": svc.config.instance_id, "error": broken})
+        response.status_code = 503
+        return response
+    return jsonify({"status": "alive", "instance": svc.config.instance_id})
 
 
 @bp.get("/readyz")

@@ -42,6 +42,8 @@ def _sentiment(body: dict, task: str, default_deadline_ms: int):
         lang = detect_language(text)
     deadline = svc.deadline(v.deadline_ms(body, default_deadline_ms), g.arrived)
     g.log_fields.update(task=task, input_chars=len(text))
+    if task == "analyze":
+        svc.check_analyze_tokens(text)
     job = svc.submit_sentiment(text, lang, deadline, task=task)
     return text, lang, job, sentiment_view(job.wait(g.client_gone))
 

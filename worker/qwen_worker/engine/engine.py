@@ -18,8 +18,14 @@ log = logging.getLogger(__name__)
 OnDone = Callable[[GenerationRow, Exception | None], None]
 
 
-class RowFailed(RuntimeError):
-    """A row could not run (bad input, or the engine is stopping)."""
+class RowFailed(ValueError):
+    """A row the engine's tables cannot hold (a position past them, a token id outside the vocabulary),
+    refused before it reaches the device: it fails alone, and says nothing about the device's health.
+    `code`: prompt_too_long | invalid_token_id."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 class StepFailed(RuntimeError):
@@ -53,14 +59,24 @@ class Engine:
     def add(self, row: GenerationRow, on_done: OnDone) -> None:
         """Admit a row into a free slot; it prefills at the next step. Bad rows fail here, not on the device
         (an out-of-range token id on a GPU would kill the whole CUDA context)."""
-        row.on_done = on_done
         self._check_token_ids(row.prompt_ids)
+        if row.total_tokens() > self.scheduler.max_tokens:
+            raise RowFailed("prompt_too_long", f"a row of {len(row.prompt_ids)} prompt + {row.max_new_tokens} new "
+                                               f"tokens exceeds the slot size {self.scheduler.max_tokens}")
+        row.on_done = on_done
         self.scheduler.admit(row)
 
     def _check_token_ids(self, ids: Sequence[int]) -> None:
         vocab = self.runner.stack.vocab_size
         if not ids or min(ids) < 0 or max(ids) >= vocab:
-            raise RowFailed(f"prompt token ids must be in [0, {vocab})")
+            raise RowFailed("invalid_token_id", f"prompt token ids must be in [0, {vocab})")
+
+    def check_score_prompt(self, prompt: Sequence[int]) -> None:
+        """Raise RowFailed unless a whole sentiment prompt (cached prefix included) fits the position table."""
+        self._check_token_ids(prompt)
+        if len(prompt) > self.runner.max_tokens:
+            raise RowFailed("prompt_too_long", f"a sentiment prompt of {len(prompt)} tokens exceeds the "
+                                               f"{self.runner.max_tokens} positions the engine holds")
 
     def run(self, rows: Sequence[GenerationRow]) -> None:
         """Admit rows and step until every row is done; raises the first row's error. For benchmarks,
@@ -176,6 +192,12 @@ class Engine:
 
     # ---- sentiment -----------------------------------------------------------------------------
     def score(self, prefix, texts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Label logits of texts after `prefix`; the batcher refused rows that do not fit (check_score_prompt),
+        so a RowFailed here is a caller's bug and fails the pass before any device work."""
+        prefix_len = prefix[0][0].shape[2] if prefix else 0
         for text in texts:
             self._check_token_ids(text)
+            if prefix_len + len(text) > self.runner.max_tokens:
+                raise RowFailed("prompt_too_long", f"a sentiment prompt of {prefix_len + len(text)} tokens exceeds "
+                                                   f"the {self.runner.max_tokens} positions the engine holds")
         return self.runner.score(prefix, texts)

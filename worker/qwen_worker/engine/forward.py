@@ -81,6 +81,7 @@ class DecoderStack:
         with torch.inference_mode():
             cos, sin = base.rotary_emb(torch.empty(1, dtype=weight.dtype, device=weight.device), positions)
         self.cos, self.sin = cos[0].clone(), sin[0].clone()  # [positions, head_dim]
+        self.max_position = max_positions  # the last row of the RoPE tables
         self.fused: list[dict] | None = None
 
     def fuse(self) -> None:
@@ -193,7 +194,10 @@ class DecoderStack:
         final hidden state at each row's index `last`: [B, labels] in float32. Nothing is cached."""
         batch, width = tokens.shape
         prefix_len = prefix[0][0].shape[2] if prefix else 0
-        positions = (prefix_len + torch.arange(width, device=tokens.device))[None].expand(batch, width)
+        # Padding past a row's last token may run beyond the tables (widths are rounded up to buckets):
+        # its position is clamped, since nothing reads it; real positions were checked by the engine.
+        positions = (prefix_len + torch.arange(width, device=tokens.device)).clamp(max=self.max_position)
+        positions = positions[None].expand(batch, width)
         cols = torch.arange(prefix_len + width, device=tokens.device)
         mask = (cols[None, None] <= positions[:, :, None]).expand(batch, width, prefix_len + width)
         mask = _fold_mask(mask, self.heads // self.kv_heads, self.cos.dtype)

@@ -23,7 +23,7 @@ class Scheduler:
         return len(self.rows)
 
     def admit(self, row: GenerationRow) -> None:
-        if row.total_tokens() > self.max_tokens:
+        if row.total_tokens() > self.max_tokens:  # Engine.add refuses such rows first, with a code
             raise ValueError(f"a row of {row.total_tokens()} tokens exceeds the slot size {self.max_tokens}")
         row.slot = self.allocator.allocate()
         row.cached = 0

@@ -1,0 +1,98 @@
+"""Rows the engine's tables cannot hold: refused one by one before the device sees them, bounded in
+tokens at the HTTP boundary on every path, and never counted as the model's failure."""
+import pytest
+import torch
+
+from qwen_worker.batcher import GENERATE, SENTIMENT, Job
+from qwen_worker.engine import GenerationRow
+from qwen_worker.errors import ApiError
+
+# Astral CJK characters: one character each, two or three byte tokens each for this tokenizer. 3,000
+# of them are a legal text (under QAIO_MAX_INPUT_CHARS) of about 7,000 tokens: past the position table.
+MANY_TOKENS = "𠀀𪚥𠮷" * 1000
+
+
+def test_the_texts_are_legal_in_characters_and_past_the_engine_in_tokens(app):
+    service = app.extensions["qaio"]
+    assert len(MANY_TOKENS) <= service.config.max_input_chars
+    assert len(service.prompter.sentiment_ids(MANY_TOKENS, "zh")) > service.model.engine.runner.max_tokens
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/sentiment", {"text": MANY_TOKENS}),
+    ("/v1/analyze", {"text": MANY_TOKENS, "max_tokens": 2}),
+    ("/v1/chat", {"text": MANY_TOKENS, "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": MANY_TOKENS}], "max_tokens": 2}),
+], ids=["sentiment", "analyze", "chat", "openai"])
+def test_every_path_is_bounded_in_tokens_before_it_is_queued(client, path, body):
+    response = client.post(path, json=body)
+    assert response.status_code == 413, response.get_data(as_text=True)[:300]
+    error = response.get_json()["error"]
+    assert error["code"] == "prompt_too_long" and "at most 4096" in error["message"]
+
+
+def _submit_sentiment(service, ids):
+    return service.batcher.submit(Job(SENTIMENT, "sentiment", ids, service.deadline(30_000)))
+
+
+def _outcome(job):
+    try:
+        return job.wait()
+    except ApiError as err:
+        return err
+
+
+def test_a_sentiment_row_past_the_position_table_fails_alone_in_its_pass(make_app):
+    """Past the HTTP bound (a direct submission): the engine refuses that row only; the texts scored in
+    the same pass get their answers, and the worker stays ready with no failure counted."""
+    app = make_app(batch_wait_ms=300.0, max_batch_size=8)
+    service = app.extensions["qaio"]
+    innocent = service.prompter.sentiment_ids("味道很好", "zh")
+    oversized = service.prompter.sentiment_ids(MANY_TOKENS, "zh")
+    bad_token = innocent[:-3] + [service.model.engine.runner.stack.vocab_size + 5] + innocent[-2:]
+    for _ in range(3):  # three in a row used to put the worker into cooling_down
+        jobs = [_submit_sentiment(service, ids) for ids in (innocent, oversized, innocent, bad_token, innocent)]
+        outcomes = [_outcome(job) for job in jobs]
+        assert [type(o) for o in outcomes] == [dict, ApiError, dict, ApiError, dict]
+        assert (outcomes[1].status, outcomes[1].code) == (413, "prompt_too_long")
+        assert (outcomes[3].status, outcomes[3].code) == (400, "invalid_token_id")
+        assert max(job.batch_size for job in jobs) == 3  # the innocent three shared one pass
+    assert service.health.reason() == "ready"
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    assert 'qaio_model_failures_total{reason="model_error"} 0.0' in metrics
+    assert 'qaio_rejections_total{reason="prompt_too_long"} 3.0' in metrics
+
+
+def test_a_generation_row_the_slots_cannot_hold_fails_alone(make_app):
+    app = make_app()
+    service = app.extensions["qaio"]
+    engine = service.model.engine
+    prompt = service.prompter.chat_ids([])
+    too_long = GenerationRow(prompt + [prompt[-1]] * engine.runner.max_tokens, 4)
+    bad_token = GenerationRow(prompt[:-1] + [-1], 4)
+    fine = GenerationRow(prompt, 3)
+    jobs = [service.batcher.submit(Job(GENERATE, "chat", row, service.deadline(30_000)))
+            for row in (too_long, fine, bad_token, fine.__class__(prompt, 3))]
+    outcomes = [_outcome(job) for job in jobs]
+    assert (outcomes[0].status, outcomes[0].code) == (413, "prompt_too_long")
+    assert (outcomes[2].status, outcomes[2].code) == (400, "invalid_token_id")
+    assert len(outcomes[1].tokens) == len(outcomes[3].tokens) == 3
+    assert engine.free_slots() == engine.runner.slots and service.health.reason() == "ready"
+
+
+def test_padding_past_the_tables_is_never_an_index(make_app):
+    """On a GPU the widths are rounded up to buckets: a text near the limit pads past the position table.
+    Padding positions are clamped, so the longest admissible prompt scores like a short one."""
+    from qwen_worker.engine.model_runner import _round_up
+
+    app = make_app(max_prompt_tokens=120, max_tokens_limit=8, default_max_tokens=8)
+    runner = app.extensions["qaio"].model.engine.runner
+    prefix = next(iter(app.extensions["qaio"].model.prefix_kv.values()))
+    prefix_len = prefix[0][0].shape[2]
+    fits = runner.max_tokens - prefix_len
+    width = _round_up(fits, runner.widths)  # the GPU's width bucket for this text
+    assert fits > 0 and prefix_len + width > runner.max_tokens  # its padding runs past the tables
+    texts = [[100] * fits, [100]]
+    padded = runner._score_group(prefix, texts, width)  # the pass the GPU runs for this group
+    assert padded.shape == (2, 3) and bool(padded.isfinite().all())
+    assert torch.allclose(padded, runner._score_group(prefix, texts, fits), atol=1e-4)  # padding changes nothing
