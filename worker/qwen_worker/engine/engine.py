@@ -60,9 +60,8 @@ class Engine:
         """Admit a row into a free slot; it prefills at the next step. Bad rows fail here, not on the device
         (an out-of-range token id on a GPU would kill the whole CUDA context)."""
         self._check_token_ids(row.prompt_ids)
-        if row.total_tokens() > self.scheduler.max_tokens:
-            raise RowFailed("prompt_too_long", f"a row of {len(row.prompt_ids)} prompt + {row.max_new_tokens} new "
-                                               f"tokens exceeds the slot size {self.scheduler.max_tokens}")
+        self._check_positions(row.total_tokens(), f"a row's {len(row.prompt_ids)} prompt + {row.max_new_tokens} "
+                                                  f"new tokens")
         row.on_done = on_done
         self.scheduler.admit(row)
 
@@ -71,12 +70,15 @@ class Engine:
         if not ids or min(ids) < 0 or max(ids) >= vocab:
             raise RowFailed("invalid_token_id", f"prompt token ids must be in [0, {vocab})")
 
+    def _check_positions(self, tokens: int, what: str) -> None:
+        """A row's positions must fit the RoPE table and a KV slot (both hold runner.max_tokens)."""
+        if tokens > self.runner.max_tokens:
+            raise RowFailed("prompt_too_long", f"{what} exceed the {self.runner.max_tokens} positions the engine holds")
+
     def check_score_prompt(self, prompt: Sequence[int]) -> None:
         """Raise RowFailed unless a whole sentiment prompt (cached prefix included) fits the position table."""
         self._check_token_ids(prompt)
-        if len(prompt) > self.runner.max_tokens:
-            raise RowFailed("prompt_too_long", f"a sentiment prompt of {len(prompt)} tokens exceeds the "
-                                               f"{self.runner.max_tokens} positions the engine holds")
+        self._check_positions(len(prompt), f"a sentiment prompt's {len(prompt)} tokens")
 
     def run(self, rows: Sequence[GenerationRow]) -> None:
         """Admit rows and step until every row is done; raises the first row's error. For benchmarks,
@@ -197,7 +199,5 @@ class Engine:
         prefix_len = prefix[0][0].shape[2] if prefix else 0
         for text in texts:
             self._check_token_ids(text)
-            if prefix_len + len(text) > self.runner.max_tokens:
-                raise RowFailed("prompt_too_long", f"a sentiment prompt of {prefix_len + len(text)} tokens exceeds "
-                                                   f"the {self.runner.max_tokens} positions the engine holds")
+            self._check_positions(prefix_len + len(text), f"a sentiment prompt's {prefix_len + len(text)} tokens")
         return self.runner.score(prefix, texts)
