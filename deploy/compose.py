@@ -90,12 +90,13 @@ def compose(worker_names: list[str], gpu_ids: list[int] | None) -> dict:
         "networks": ["frontend", "backend"],
         "depends_on": {**{name: {"condition": "service_healthy"} for name in worker_names},
                        "nginx-log-exporter": {"condition": "service_started"}},
-        # Hardened like the other services: the entrypoint renders the configuration into tmpfs, and
-        # nginx runs as the image's nginx user (101), so it needs no capability at all.
-        "user": "101:101",
+        # Hardened like the other services: the entrypoint renders the configuration into tmpfs; the
+        # master keeps only what it needs to hand its workers to the image's nginx user (101) and give
+        # them the cache (podman's tmpfs is root's, so a master running as 101 could not write there).
         "read_only": True,
         "tmpfs": ["/var/cache/nginx", "/etc/nginx/conf.d", "/run", "/tmp"],
         "cap_drop": ["ALL"],
+        "cap_add": ["CHOWN", "SETGID", "SETUID"],
         "security_opt": ["no-new-privileges:true"],
         "restart": "unless-stopped",
     }

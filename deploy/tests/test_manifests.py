@@ -146,4 +146,4 @@ def test_compose_runs_the_front_door_locked_down_like_the_workers():
         service = services[name]
         assert service["read_only"] and service["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in service["security_opt"], name
-    assert services["nginx"]["user"] == "101:101" and "/etc/nginx/conf.d" in services["nginx"]["tmpfs"]
+    assert services["nginx"]["cap_add"] == ["CHOWN", "SETGID", "SETUID"] and "/etc/nginx/conf.d" in services["nginx"]["tmpfs"]
