@@ -52,7 +52,7 @@ test: $(STAMP)
 
 model-smol: $(SMOL_MODEL)/qaio_stand_in.json
 $(SMOL_MODEL)/qaio_stand_in.json: | $(STAMP)
-	$(PY) -m qwen_worker.stand_in_model --out $(SMOL_MODEL)
+	$(PY) -m qaio_models.stand_in --out $(SMOL_MODEL)
 
 # Sentiment quality of the model a running stack (or worker) serves; starts a worker on the stand-in
 # model when nothing answers at QAIO_EVAL_URL. QAIO_EVAL_SIZE reviews (default 400), balanced.
@@ -61,11 +61,11 @@ eval: $(STAMP)
 
 model-tiny: $(TINY_MODEL)/qaio_demo_model.json
 $(TINY_MODEL)/qaio_demo_model.json: | $(STAMP)
-	$(PY) -m qwen_worker.demo_model --shape tiny --out $(TINY_MODEL)
+	$(PY) -m qaio_models.demo --shape tiny --out $(TINY_MODEL)
 
 model-0.5b: $(SHAPE_MODEL)/qaio_demo_model.json
 $(SHAPE_MODEL)/qaio_demo_model.json: | $(STAMP)
-	$(PY) -m qwen_worker.demo_model --shape qwen2.5-0.5b --out $(SHAPE_MODEL)
+	$(PY) -m qaio_models.demo --shape qwen2.5-0.5b --out $(SHAPE_MODEL)
 
 demo-models: model-tiny model-0.5b
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_worker import stand_in_model
-from qwen_worker.demo_model import build
+from qaio_models import stand_in as stand_in_model
+from qaio_models.demo import build
 from qwen_worker.testing import REPO, SHARED_CPU_WORKER_ENV, GunicornServer, LocalStack, NginxServer
 
 

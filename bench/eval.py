@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     server = None
     if http_status(args.url.rstrip("/") + "/readyz") != 200 and http_status(args.url.rstrip("/") + "/nginx-health") != 200:
-        from qwen_worker import stand_in_model
+        from qaio_models import stand_in as stand_in_model
 
         if args.model.endswith("smollm2-135m-instruct") and not stand_in_model.is_built(Path(args.model)):
             stand_in_model.build(Path(args.model))

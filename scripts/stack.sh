@@ -72,7 +72,7 @@ up() {
     qwen2.5-0.5b) demo_dir="$root/models/qwen2.5-0.5b-shape" ;;
     *) demo_dir="$root/models/$shape" ;;
   esac
-  model=$("$python" -m qwen_worker.model_source --model "${QAIO_MODEL:-}" \
+  model=$("$python" -m qaio_models.source --model "${QAIO_MODEL:-}" \
     --stand-in-dir "$root/models/smollm2-135m-instruct" --demo-dir "$demo_dir" --demo-shape "$shape")
   export QAIO_MODEL="$model"  # the workers serve it and nginx keys its cache by it
   if [ "$gpus" -eq 0 ] && [ -z "${QAIO_TORCH_THREADS:-}" ]; then

@@ -16,7 +16,7 @@ ca=${QAIO_BUILD_CA:-/etc/ssl/certs/ca-certificates.crt}
 project=qaio
 
 "$root/deploy/podman/setup.sh"
-[ -d "$demo" ] || "$python" -m qwen_worker.demo_model tiny "$demo"
+[ -d "$demo" ] || "$python" -m qaio_models.demo tiny "$demo"
 
 started=$(date +%s)
 echo "== building images"

@@ -9,10 +9,12 @@ from typing import Any, Mapping
 
 from flask import Flask, g, request
 
-from . import logs, metrics
+from . import logs
+from .api import metrics
 from .config import WorkerConfig
 from .connection import arrival, disconnect_probe
 from .errors import ApiError, register_error_handlers
+from .devices import cuda_expected
 from .service import WorkerService
 
 log = logging.getLogger("qaio")
@@ -34,14 +36,13 @@ def create_app(config: WorkerConfig | Mapping[str, Any] | None = None, service: 
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
     app.json.ensure_ascii = False  # Chinese stays readable in responses
     # Under gunicorn.conf.py with an engine process, this process is one of its API processes.
-    service = service or WorkerService(config, use_engine_process=True)
+    service = service or WorkerService(config)
     app.extensions["qaio"] = service
 
     register_error_handlers(app)
     _install_request_tracking(app, config, service)
     _install_metrics_port(app, config)
-    metrics.install(app, service.metrics, gpu_index=_gpu_index(service),
-                    other_heaps=service.remote.engine_heap if service.remote is not None else None)
+    metrics.install(app, service.metrics, gpu_index=_gpu_index(config), other_heaps=service.client.other_heaps)
 
     from .api import admin, health, openai_compat, tasks
     for blueprint in (health.bp, tasks.bp, openai_compat.bp, admin.bp):
@@ -51,9 +52,10 @@ def create_app(config: WorkerConfig | Mapping[str, Any] | None = None, service: 
     return app
 
 
-def _gpu_index(service: WorkerService) -> int | None:
-    device = service.model.device
-    return (device.index or 0) if device.type == "cuda" else None
+def _gpu_index(config: WorkerConfig) -> int | None:
+    if not cuda_expected(config.device):
+        return None
+    return int(config.device.partition(":")[2] or 0)
 
 
 def _install_request_tracking(app: Flask, config: WorkerConfig, service: WorkerService) -> None:
@@ -76,7 +78,7 @@ def _install_request_tracking(app: Flask, config: WorkerConfig, service: WorkerS
         # The front door names the model its cache key holds; an answer from another model (a worker
         # that fell back, or one mid-rollout) must never be stored under that key.
         cache_model = request.headers.get("X-Qaio-Cache-Model")
-        same_model = cache_model is None or cache_model == service.model.identity
+        same_model = cache_model is None or cache_model == service.model().identity
         if g.get("cacheable") and same_model and response.status_code == 200 and config.cache_ttl_s > 0:
             response.headers["X-Accel-Expires"] = str(config.cache_ttl_s)
         else:

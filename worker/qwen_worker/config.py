@@ -171,6 +171,8 @@ class WorkerConfig:
         queue = self.queue_capacity or max(64, 2 * batch)
         fill.update(max_batch_size=batch, queue_capacity=queue, threads=self.threads or batch + queue + SPARE_THREADS)
         engine_process = self.engine_process if self.engine_process != "auto" else ("on" if on_gpu else "off")
+        fill.update(prefill_chunk_tokens=self.prefill_chunk_tokens or (2048 if on_gpu else 512),
+                    cuda_graphs=self.cuda_graphs if self.cuda_graphs != "auto" else ("on" if on_gpu else "off"))
         fill.update(engine_process=engine_process,
                     workers=self.workers or (4 if engine_process == "on" and on_gpu else 1))
         if not self.instance_id:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of a worker: HTTP (prometheus-flask-exporter), batching, model, GPU.
+"""Prometheus metrics of a worker: requests, the engine loop, the model, the GPU (served by api/metrics.py).
 
 With several gunicorn processes, gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before the
 processes start; prometheus_client then keeps values in shared files and /metrics sums them.
@@ -7,15 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
 
-from flask import Flask, Response, request
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
-from prometheus_flask_exporter import PrometheusMetrics
-
-from .memory import HeapCollector
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +72,14 @@ class WorkerMetrics:
     def rejected(self, reason: str) -> None:
         self.rejections.labels(reason=reason).inc()
 
-    def observe_batch(self, kind: str, batch: Sequence, compute_seconds: float, size_observed: bool = False) -> None:
-        if not size_observed:
-            self.batch_size.labels(kind=kind).observe(len(batch))
-        for job in batch:
-            self.queue_wait.labels(task=job.task).observe(job.queue_ms / 1000)
-            self.compute.labels(task=job.task).observe(compute_seconds)
-            if kind == "generate":
-                self.generated_tokens.labels(task=job.task).inc(len(job.payload.tokens))
-                self.prompt_tokens.labels(task=job.task).inc(len(job.payload.prompt_ids))
-            else:
-                self.prompt_tokens.labels(task=job.task).inc(len(job.payload))
+    def observe_done(self, task: str, queue_s: float, compute_s: float, prompt_tokens: int,
+                     generated_tokens: int = 0) -> None:
+        """One request the engine completed: its wait, the model time that served it, its tokens."""
+        self.queue_wait.labels(task=task).observe(queue_s)
+        self.compute.labels(task=task).observe(compute_s)
+        self.prompt_tokens.labels(task=task).inc(prompt_tokens)
+        if generated_tokens:
+            self.generated_tokens.labels(task=task).inc(generated_tokens)
 
     def observe_step(self, seconds: float, rows: int, path: str) -> None:
         """One decode step: `path` is `graph` (a CUDA graph replayed) or `eager` (no graph for its shape)."""
@@ -124,32 +115,3 @@ class GpuCollector:
             family = GaugeMetricFamily(name, doc, labels=["gpu"])
             family.add_metric([self.label], value)
             yield family
-
-
-def install(app: Flask, metrics: WorkerMetrics, gpu_index: int | None, other_heaps=None) -> None:
-    """HTTP metrics on every route but /metrics itself, and the /metrics endpoint; `other_heaps`: the
-    C heaps of other processes of this instance (the engine process), by pid."""
-    exporter = PrometheusMetrics(app, registry=metrics.registry, path=None, defaults_prefix="flask",
-                                 group_by="endpoint", excluded_paths=["^/metrics$", "^/healthz$", "^/readyz$"])
-    heap = HeapCollector(other_heaps)
-    metrics.registry.register(heap)
-    gpu = None
-    if gpu_index is not None:
-        try:
-            gpu = GpuCollector(gpu_index)
-            metrics.registry.register(gpu)
-        except Exception:  # NVML missing in the container: the model still serves
-            log.warning("GPU metrics unavailable (NVML could not be initialised)", exc_info=True)
-
-    @app.get("/metrics")
-    @exporter.do_not_track()
-    def prometheus_metrics():
-        registry = metrics.registry
-        if multiprocess_mode():
-            registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            registry.register(heap)
-            if gpu is not None:
-                registry.register(gpu)
-        encode, content_type = choose_encoder(request.headers.get("Accept"))
-        return Response(encode(registry), content_type=content_type)

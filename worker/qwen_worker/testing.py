@@ -211,21 +211,15 @@ class LocalStack:
 STICKY_DEVICE_ERROR = "CUDA error: an illegal memory access was encountered"
 
 
-def device_error_app(trigger: str = "inject a device error"):
-    """gunicorn's app for tests of a sticky device error in a real worker process: create_app() whose
-    engine raises what CUDA raises after an illegal memory access at the first decode step of any chat
-    whose prompt holds `trigger` (a whole message), through the same code path a real one takes."""
-    from . import create_app
-    from .config import WorkerConfig
-    from .service import WorkerService
-
-    config = WorkerConfig.from_env()
-    service = WorkerService(config)
-    build_engine = service.model._build_engine
+def arm_device_error(model, trigger: str = "inject a device error") -> None:
+    """Make `model` (a ModelService, before it loads) raise what CUDA raises after an illegal memory
+    access at the first decode step of any generation whose prompt holds `trigger` (a whole message),
+    through the same code path a real one takes."""
+    build_engine = model.build_engine
 
     def armed(*args, **kwargs):
         engine = build_engine(*args, **kwargs)
-        trigger_ids = service.model.prompter.plain(trigger)
+        trigger_ids = model.prompter.plain(trigger)
         marked: set[int] = set()
         add, decode = engine.add, engine.runner.decode
 
@@ -243,5 +237,19 @@ def device_error_app(trigger: str = "inject a device error"):
         engine.add, engine.runner.decode = add_marking, decode_failing
         return engine
 
-    service.model._build_engine = armed  # before the loader thread starts (create_app starts it)
+    model.build_engine = armed
+
+
+def device_error_app():
+    """gunicorn's app for tests of a sticky device error in a real one-process worker: create_app()
+    whose engine fails as arm_device_error says."""
+    from . import create_app
+    from .client.inprocess import InProcessClient
+    from .config import WorkerConfig
+    from .service import WorkerService
+
+    config = WorkerConfig.from_env()
+    service = WorkerService(config)
+    assert isinstance(service.client, InProcessClient), "the engine-process layout arms its engine server"
+    arm_device_error(service.client.host.model)  # before the loader thread starts (create_app starts it)
     return create_app(config, service=service)

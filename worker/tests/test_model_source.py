@@ -1,7 +1,7 @@
 """Which model the local stack serves: the real one, else the stand-in, else the demo model; loudly."""
 from pathlib import Path
 
-from qwen_worker.model_source import resolve
+from qaio_models.source import resolve
 
 
 def test_an_explicit_model_is_used_as_given(tmp_path):
@@ -29,7 +29,7 @@ def test_without_cache_or_hub_the_stand_in_is_served_before_the_demo(stand_in_mo
 
 
 def test_when_the_stand_in_cannot_be_built_the_demo_model_still_serves(tmp_path, monkeypatch, capsys):
-    from qwen_worker import stand_in_model
+    from qaio_models import stand_in as stand_in_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))

@@ -22,24 +22,23 @@ def _authorize():
         raise ApiError(401, "unauthorized", "the admin endpoints need Authorization: Bearer <QAIO_ADMIN_TOKEN>")
 
 
-def _state():
+def _state(status):
+    """The engine's state as its answer to this request said (an engine process's, not a mirror's)."""
     svc = service()
-    return jsonify({"instance": svc.config.instance_id, "status": svc.readiness(),
-                    "draining": svc.health.draining, "requests_held": svc.batcher.busy()})
+    return jsonify({"instance": svc.config.instance_id, "status": svc.readiness(status),
+                    "draining": status.draining, "requests_held": status.busy})
 
 
 @bp.post("/drain")
 def drain():
-    service().set_draining(True)
-    return _state()
+    return _state(service().set_draining(True))
 
 
 @bp.post("/undrain")
 def undrain():
-    service().set_draining(False)
-    return _state()
+    return _state(service().set_draining(False))
 
 
 @bp.get("/state")
 def state():
-    return _state()
+    return _state(service().control_status())

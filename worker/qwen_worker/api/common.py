@@ -6,7 +6,7 @@ from typing import Iterable, Iterator
 
 from flask import Response, current_app, g, stream_with_context
 
-from ..batcher import Job
+from ..client import RequestHandle
 from ..service import WorkerService
 
 
@@ -14,17 +14,18 @@ def service() -> WorkerService:
     return current_app.extensions["qaio"]
 
 
-def envelope(jobs: Iterable[Job], **fields) -> dict:
+def envelope(jobs: Iterable[RequestHandle], **fields) -> dict:
     """Every task response: ids, instance, the model served (and whether it is a demo or a stand-in),
     the task's fields and timing."""
     jobs = list(jobs)
     svc = service()
+    model = svc.model()
     timing = {"queue_ms": round(sum(j.queue_ms for j in jobs), 2),
               "compute_ms": round(sum(j.compute_ms for j in jobs), 2),
               "batch_size": max(j.batch_size for j in jobs)}
     g.log_fields.update(timing)
-    return {"request_id": g.request_id, "instance": svc.config.instance_id, "model": svc.model.name,
-            "demo_model": svc.model.is_demo, "stand_in_model": svc.model.is_stand_in, **fields, "timing": timing}
+    return {"request_id": g.request_id, "instance": svc.config.instance_id, "model": model.name,
+            "demo_model": model.demo_info is not None, "stand_in_model": model.stand_in_info is not None, **fields, "timing": timing}
 
 
 def sse(events: Iterator[dict | str]) -> Response:

@@ -13,7 +13,7 @@ def healthz():
     """Liveness: fails only when this instance cannot recover by itself (a sticky device error, or its
     engine process is gone), so that its supervisor restarts it."""
     svc = service()
-    broken = svc.health.broken
+    broken = svc.status().broken
     if broken:
         response = jsonify({"status": "broken", "instance": svc.config.instance_id, "error": broken})
         response.status_code = 503
@@ -24,21 +24,22 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     svc = service()
-    health = svc.health
-    body = {"status": svc.readiness(), "instance": svc.config.instance_id, **svc.model.describe(),
-            "queue_depth": svc.batcher.depth(), "queue_capacity": svc.config.queue_capacity,
-            "requests_held": svc.batcher.busy()}
-    if svc.model.is_demo:
+    status = svc.status()
+    model = svc.model(status)
+    body = {"status": svc.readiness(status), "instance": svc.config.instance_id, **model.describe,
+            "queue_depth": status.queue_depth, "queue_capacity": svc.config.queue_capacity,
+            "requests_held": status.busy}
+    if model.demo_info is not None:
         body["warning"] = "demo model: random weights, answers are meaningless"
-    elif svc.model.is_stand_in:
-        info = svc.model.stand_in_info
+    elif model.stand_in_info is not None:
+        info = model.stand_in_info
         body["warning"] = f"stand-in model: {info['name']}, not {info['stands_in_for']}; {info['note']}"
-    if svc.model.fallback_reason:
-        body["fallback_reason"] = f"QAIO_MODEL={svc.config.model} could not be loaded: {svc.model.fallback_reason}"
-    if health.load_error:
-        body["error"] = health.load_error
+    if model.fallback_reason:
+        body["fallback_reason"] = f"QAIO_MODEL={svc.config.model} could not be loaded: {model.fallback_reason}"
+    if status.load_error:
+        body["error"] = status.load_error
     response = jsonify(body)
-    if not health.ready():
+    if not status.ready:
         response.status_code = 503
         response.headers["Retry-After"] = str(svc.config.retry_after_s)
     return response

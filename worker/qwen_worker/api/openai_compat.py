@@ -6,11 +6,11 @@ import time
 from flask import Blueprint, g, jsonify
 
 from .. import validation as v
+from ..client import RequestHandle
 from ..errors import ApiError, bad_request
-from ..engine import GenerationRow
-from ..service import TokenStream
+from ..protocol import RequestFailed
 from .common import envelope, service, sse
-from .tasks import finished_row, generation_params, usage
+from .tasks import error_event, finished, generation_params, usage
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
@@ -50,15 +50,13 @@ def chat_completions():
     prompt = svc.chat_ids(messages)
     completion_id = f"chatcmpl-{g.request_id}"
     created = int(time.time())
+    job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat", stream=stream)
     if stream:
-        tokens = svc.token_stream(g.client_gone)
-        job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat", stream=tokens)
-        return sse(_chunks(tokens, job, completion_id, created, bool(options.get("include_usage"))))
-    job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat")
-    row = finished_row(job)
+        return sse(_chunks(job, completion_id, created, bool(options.get("include_usage"))))
+    row = finished(job)
     return jsonify({
         "id": completion_id, "object": "chat.completion", "created": created, "model": svc.config.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": svc.model.decode(row.tokens)},
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": svc.decode(row.tokens)},
                      "finish_reason": _FINISH[row.finish_reason], "logprobs": None}],
         "usage": usage(row),
         "system_fingerprint": svc.config.instance_id,
@@ -66,7 +64,7 @@ def chat_completions():
     })
 
 
-def _chunks(tokens: TokenStream, job, completion_id: str, created: int, include_usage: bool):
+def _chunks(job: RequestHandle, completion_id: str, created: int, include_usage: bool):
     model = service().config.model_name
 
     def chunk(delta: dict, finish_reason=None, **extra) -> dict:
@@ -75,12 +73,12 @@ def _chunks(tokens: TokenStream, job, completion_id: str, created: int, include_
 
     yield chunk({"role": "assistant", "content": ""})
     try:
-        for delta in tokens.deltas():
+        for delta in service().deltas(job, g.client_gone):
             yield chunk({"content": delta})
-        row: GenerationRow = job.future.result(timeout=0)
-    except ApiError as err:
-        yield {"error": {"code": err.code, "message": err.message, "request_id": g.request_id}}
+    except (ApiError, RequestFailed) as err:
+        yield error_event(err)
         return
+    row = job
     yield chunk({}, _FINISH[row.finish_reason])
     if include_usage:
         yield {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,

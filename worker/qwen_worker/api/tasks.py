@@ -4,19 +4,19 @@ from __future__ import annotations
 from flask import Blueprint, g, jsonify
 
 from .. import validation as v
-from ..batcher import deadline_error
-from ..errors import ApiError
-from ..engine import GenerationRow
+from ..client import RequestHandle
+from ..errors import ApiError, engine_error
 from ..prompts import detect_language
-from ..service import TokenStream, sentiment_view
+from ..protocol import RequestFailed
+from ..service import sentiment_view
 from .common import envelope, service, sse
 
 bp = Blueprint("tasks", __name__, url_prefix="/v1")
 
 
-def usage(row: GenerationRow) -> dict:
-    return {"prompt_tokens": len(row.prompt_ids), "completion_tokens": len(row.tokens),
-            "total_tokens": len(row.prompt_ids) + len(row.tokens)}
+def usage(handle: RequestHandle) -> dict:
+    return {"prompt_tokens": handle.prompt_tokens, "completion_tokens": len(handle.tokens),
+            "total_tokens": handle.prompt_tokens + len(handle.tokens)}
 
 
 def generation_params(body: dict) -> dict:
@@ -26,12 +26,19 @@ def generation_params(body: dict) -> dict:
             "top_p": v.optional_number(body, "top_p", 0.0, 1.0, cfg.default_top_p, exclusive_min=True)}
 
 
-def finished_row(job) -> GenerationRow:
-    """The generated row of a non-streaming job; a generation cut by its deadline is a 504."""
-    row: GenerationRow = job.wait(g.client_gone)
-    if row.finish_reason == "deadline":
-        raise deadline_error()
-    return row
+def finished(handle: RequestHandle) -> RequestHandle:
+    """A non-streaming generation, once done; one cut by its deadline is a 504."""
+    handle.wait(g.client_gone)
+    if handle.finish_reason == "deadline":
+        raise RequestFailed("deadline_exceeded", "the request's deadline passed before it completed")
+    return handle
+
+
+def error_event(err: Exception) -> dict:
+    """A stream that fails after its 200 ends with this event."""
+    if isinstance(err, RequestFailed):
+        err = engine_error(err)
+    return {"error": {"code": err.code, "message": err.message, "request_id": g.request_id}}
 
 
 def _sentiment(body: dict, task: str, default_deadline_ms: int):
@@ -45,7 +52,7 @@ def _sentiment(body: dict, task: str, default_deadline_ms: int):
     if task == "analyze":
         svc.check_analyze_tokens(text)
     job = svc.submit_sentiment(text, lang, deadline, task=task)
-    return text, lang, job, sentiment_view(job.wait(g.client_gone))
+    return text, lang, job, sentiment_view(job.wait(g.client_gone).scores)
 
 
 @bp.post("/sentiment")
@@ -66,26 +73,22 @@ def chat():
     deadline = svc.deadline(v.deadline_ms(body, svc.config.chat_deadline_ms), g.arrived)
     g.log_fields.update(task="chat", input_chars=sum(len(m.content) for m in messages), stream=stream)
     prompt = svc.chat_ids(messages)
+    job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat", stream=stream)
     if stream:
-        tokens = svc.token_stream(g.client_gone)
-        job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat", stream=tokens)
-        return sse(_chat_events(tokens, job))
-    job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat")
-    row = finished_row(job)
+        return sse(_chat_events(job))
+    finished(job)
     g.cacheable = params["temperature"] == 0
-    return jsonify(envelope([job], reply=svc.model.decode(row.tokens), finish_reason=row.finish_reason,
-                            usage=usage(row)))
+    return jsonify(envelope([job], reply=svc.decode(job.tokens), finish_reason=job.finish_reason, usage=usage(job)))
 
 
-def _chat_events(tokens: TokenStream, job):
+def _chat_events(job: RequestHandle):
     try:
-        for delta in tokens.deltas():
+        for delta in service().deltas(job, g.client_gone):
             yield {"delta": delta}
-        row: GenerationRow = job.future.result(timeout=0)
-    except ApiError as err:
-        yield {"error": {"code": err.code, "message": err.message, "request_id": g.request_id}}
+    except (ApiError, RequestFailed) as err:
+        yield error_event(err)
         return
-    yield {"done": True, **envelope([job], finish_reason=row.finish_reason, usage=usage(row))}
+    yield {"done": True, **envelope([job], finish_reason=job.finish_reason, usage=usage(job))}
 
 
 @bp.post("/analyze")
@@ -97,8 +100,8 @@ def analyze():
     prompt = svc.analyze_ids(text, result["label"])
     # Both steps share the request's one deadline, which the sentiment job carries.
     chat_job = svc.submit_generation(prompt, **params, deadline=sentiment_job.deadline, task="analyze")
-    row = finished_row(chat_job)
+    finished(chat_job)
     g.cacheable = params["temperature"] == 0
     return jsonify(envelope([sentiment_job, chat_job], sentiment=result, lang=lang,
-                            reply=svc.model.decode(row.tokens), finish_reason=row.finish_reason,
-                            usage=usage(row)))
+                            reply=svc.decode(chat_job.tokens), finish_reason=chat_job.finish_reason,
+                            usage=usage(chat_job)))

@@ -194,7 +194,7 @@ class Engine:
 
     # ---- sentiment -----------------------------------------------------------------------------
     def score(self, prefix, texts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Label logits of texts after `prefix`; the batcher refused rows that do not fit (check_score_prompt),
+        """Label logits of texts after `prefix`; the engine loop refused rows that do not fit (check_score_prompt),
         so a RowFailed here is a caller's bug and fails the pass before any device work."""
         prefix_len = prefix[0][0].shape[2] if prefix else 0
         for text in texts:

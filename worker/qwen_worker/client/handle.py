@@ -1,0 +1,151 @@
+"""One request as the HTTP side holds it: its outputs as they come, waiting with its deadline, text
+deltas of a stream, and cancelling. The same whichever client (in-process or remote) is behind it."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Iterator, Sequence
+
+from ..protocol import Output, Request, RequestFailed
+
+# A running generation is stopped by the engine at its deadline (finish_reason "deadline"); the handle
+# waits this much longer for that last output before it gives up on its own.
+RUNNING_GRACE_S = 5.0
+CLIENT_POLL_S = 0.1  # how often a waiting request checks that its client is still connected
+MAX_WAIT_S = 3600.0  # one wait at most (an infinite timeout overflows)
+
+
+class RequestHandle:
+    def __init__(self, request: Request, cancel: Callable[["RequestHandle", str], None]):
+        self.request = request
+        self._cancel = cancel
+        self._outputs: queue.SimpleQueue[Output] = queue.SimpleQueue()
+        self.enqueued_at = time.monotonic()
+        self.started_at: float | None = None
+        self.finished_at: float | None = None
+        self.batch_size = 0
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.scores: dict[str, float] | None = None
+        self.error: RequestFailed | None = None
+        self.done = False
+        self.first: Output | None = None  # the first output that arrived (a remote stream waits for it)
+        self.arrived = threading.Event()
+
+    @property
+    def deadline(self) -> float:
+        return self.request.deadline
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt)
+
+    @property
+    def queue_ms(self) -> float:
+        end = self.started_at if self.started_at is not None else (self.finished_at or time.monotonic())
+        return max(end - self.enqueued_at, 0.0) * 1000
+
+    @property
+    def compute_ms(self) -> float:
+        if self.started_at is None:
+            return 0.0
+        return ((self.finished_at or time.monotonic()) - self.started_at) * 1000
+
+    def deliver(self, output: Output) -> None:
+        """Called by the client's receiving thread (or the engine loop) with each output."""
+        self._outputs.put(output)
+        if self.first is None:
+            self.first = output
+            self.arrived.set()
+
+    def cancel(self, reason: str = "client_gone") -> None:
+        """Nobody waits any more: the engine drops it from its queue or stops it at the next step."""
+        if not self.done:
+            self.done = True
+            self._cancel(self, reason)
+
+    # ---- waiting --------------------------------------------------------------------------------
+    def wait(self, client_gone: Callable[[], bool] | None = None) -> "RequestHandle":
+        """Until the final output; RequestFailed when the request failed, its deadline passed (after the
+        grace, once running) or its client left (checked every CLIENT_POLL_S)."""
+        while self.finished_at is None and not self._receive(client_gone).final:
+            pass
+        self._raise_error()
+        return self
+
+    def deltas(self, decode: Callable[[Sequence[int]], str], coalesce_s: float = 0.0,
+               client_gone: Callable[[], bool] | None = None) -> Iterator[str]:
+        """Text as it is generated; ends with the request (its outcome is on the handle then).
+
+        The first token goes out at once; later ones at most every `coalesce_s`, as one delta of all tokens
+        that arrived meanwhile: at thousands of tokens per second, an event (a thread wake-up and a socket
+        write) per token would cost the HTTP layer more than the model."""
+        sent, send_after = 0, 0.0
+        try:
+            while True:
+                final = self._receive(client_gone).final
+                if coalesce_s and not final:
+                    delay = send_after - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    final = self._receive_ready()
+                # Byte-level BPE decodes token by token without context, so only the tokens not yet sent
+                # need decoding; they wait while they end inside a multi-byte character.
+                text = decode(self.tokens[sent:])
+                if text and (final or not text.endswith("\ufffd")):
+                    sent = len(self.tokens)
+                    yield text
+                    send_after = time.monotonic() + coalesce_s
+                if final:
+                    self._raise_error()
+                    return
+        except GeneratorExit:
+            self.cancel("client_gone")  # the client went away: stop generating for it
+            raise
+
+    def _receive(self, client_gone) -> Output:
+        """The next output, applied; raises when the deadline (and grace) passed or the client left."""
+        while True:
+            budget = self.deadline - time.monotonic() + (RUNNING_GRACE_S if self.started_at is not None else 0.0)
+            budget = min(max(budget, 0.01), MAX_WAIT_S)
+            timeout = min(budget, CLIENT_POLL_S) if client_gone is not None else budget
+            try:
+                return self._apply(self._outputs.get(timeout=timeout))
+            except queue.Empty:
+                if client_gone is not None and client_gone():
+                    self.cancel("client_gone")
+                    raise RequestFailed("client_closed_request",
+                                        "the client closed the connection before the answer") from None
+                if timeout >= budget and self._outputs.empty():
+                    self.cancel("deadline_in_queue")
+                    raise RequestFailed("deadline_exceeded",
+                                        "the request's deadline passed before it completed") from None
+
+    def _receive_ready(self) -> bool:
+        """Apply every output already here; whether the final one was among them."""
+        final = False
+        while not final:
+            try:
+                final = self._apply(self._outputs.get_nowait()).final
+            except queue.Empty:
+                break
+        return final
+
+    def _apply(self, output: Output) -> Output:
+        self.tokens.extend(output.tokens)
+        if output.started_at is not None:
+            self.started_at = output.started_at
+        if output.batch_size:
+            self.batch_size = output.batch_size
+        if output.final:
+            self.done = True
+            self.finished_at = output.finished_at or time.monotonic()
+            self.finish_reason, self.scores = output.finish_reason, output.scores
+            if output.error is not None:
+                self.error = RequestFailed(output.error, output.message)
+        return output
+
+    def _raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error

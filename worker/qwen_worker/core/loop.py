@@ -1,0 +1,282 @@
+"""The engine loop: one thread that feeds the engine from the queue and reports every pass to a sink.
+
+Each pass: queued generations join the running batch while KV slots are free, the sentiment requests
+waiting now are scored as one pass between two decode steps (an idle loop first waits batch_wait_ms to
+fill it), then one engine step runs. What the pass produced (started, streamed tokens, final outputs)
+goes to `sink` as one list. The loop knows requests, outputs and error codes; nothing of HTTP.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from typing import Callable
+
+from ..engine import GenerationRow
+from ..engine.engine import RowFailed, StepFailed
+from ..health import Health
+from ..metrics import WorkerMetrics
+from ..protocol import GENERATE, SENTIMENT, Output, Request, RequestFailed
+from .failures import failure_code, free_device_cache, is_fatal_device_error, is_oom
+from .queue import RequestQueue, Work
+
+log = logging.getLogger(__name__)
+
+Sink = Callable[[list[Output]], None]
+# The loop gives up the GIL at every device call; with hundreds of HTTP threads runnable, Python's
+# default 5 ms switch interval would let each of those hand-backs cost up to 5 ms.
+SWITCH_INTERVAL_S = 0.0005
+REFUSALS = {"device_error": "the model's device failed; this instance is restarting, retry on another",
+            "draining": "this instance is draining and takes no new requests; retry on another",
+            "not_ready": "the model is not ready"}
+
+
+class EngineLoop:
+    def __init__(self, model, config, metrics: WorkerMetrics, health: Health, sink: Sink):
+        self.model = model  # a loaded ModelService: its engine generates, it scores sentiment
+        self.config = config
+        self.metrics = metrics
+        self.health = health
+        self.sink = sink
+        self.queue = RequestQueue(config.queue_capacity, metrics)
+        self._running: dict[int, Work] = {}  # generations holding a slot, by request id
+        self._outbox: list[Output] = []  # what this pass produced (engine thread only)
+        self._scoring = 0  # sentiment requests in the pass running now
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.device_error: Exception | None = None  # a sticky device error: the loop stopped on it
+        self._failed: list[tuple[Work, Exception]] = []  # answered once the failure is counted
+        self.on_device_error: Callable[[], None] = lambda: None  # after the loop ended on one
+
+    @property
+    def engine(self):
+        return self.model.engine
+
+    # ---- any thread ---------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Queue a request; RequestFailed (counted) when the engine cannot take it now."""
+        refusal = self._refusal()
+        if refusal is not None:
+            self.metrics.rejected("not_ready" if refusal == "device_error" else refusal)
+            raise RequestFailed(refusal, REFUSALS[refusal])
+        self.queue.put(Work(request))
+
+    def _refusal(self) -> str | None:
+        if self.health.broken or self.device_error is not None:
+            return "device_error"
+        if self.health.draining:
+            return "draining"
+        return None if self.health.accepting() and not self._stopping else "not_ready"
+
+    def cancel(self, request_id: int, reason: str = "client_gone") -> None:
+        """A queued request leaves the queue (counted as `reason`); a generating one stops at the next step."""
+        if self.queue.remove(request_id) is not None:
+            self.metrics.rejected(reason)
+            return
+        work = self._running.get(request_id)
+        if work is not None and work.row is not None:
+            work.row.cancelled.set()
+
+    def busy(self) -> int:
+        """Requests held: queued, scoring or generating (what a drain waits for)."""
+        return len(self.queue) + self._scoring + len(self._running)
+
+    def start(self) -> None:
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self.queue.cond:
+            self._stopping = True
+            self.queue.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ---- the engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while self.device_error is None:
+                work = self._next_work()
+                if work is None:
+                    return
+                generation, sentiment = work
+                for item in generation:
+                    self._start_generation(item)
+                if sentiment:
+                    self._score(sentiment)
+                if engine.has_work() and self.device_error is None:
+                    self._step()
+                self.metrics.live_slots.set(engine.live())
+                self._flush()
+        finally:
+            code = "device_error" if self.device_error is not None else "not_ready"
+            why = REFUSALS["device_error"] if self.device_error is not None else "the worker is stopping"
+            engine.fail_all(RequestFailed(code, why))
+            self._answer_failed()
+            for item in self.queue.drain_all():  # nothing queued will ever run
+                self._final(item, error=RequestFailed(code, why))
+            self._flush()
+        if self.device_error is not None:
+            self.on_device_error()
+
+    def _next_work(self) -> tuple[list[Work], list[Work]] | None:
+        """Generations for the free slots and the sentiment requests to score now; None when stopping."""
+        engine, queue, cfg = self.engine, self.queue, self.config
+        with queue.cond:
+            while not self._stopping and not len(queue) and not engine.has_work():
+                queue.cond.wait()
+            if self._stopping:
+                return None
+            generation: list[Work] = []
+            queue.take(GENERATE, generation, engine.free_slots())
+            sentiment: list[Work] = []
+            if queue.has(SENTIMENT):
+                # Idle: worth waiting a little to fill the pass. Busy: the decode steps must go on.
+                gather_until = time.monotonic() + cfg.batch_wait_ms / 1000
+                while True:
+                    queue.take(SENTIMENT, sentiment, cfg.max_batch_size)
+                    remaining = gather_until - time.monotonic()
+                    if engine.has_work() or generation or len(sentiment) >= cfg.max_batch_size \
+                            or remaining <= 0 or self._stopping:
+                        break
+                    queue.cond.wait(remaining)
+        return self._drop_expired(generation), self._drop_expired(sentiment)
+
+    def _drop_expired(self, batch: list[Work]) -> list[Work]:
+        now = time.monotonic()
+        live = []
+        for work in batch:
+            if now >= work.request.deadline:
+                self.metrics.rejected("deadline_in_queue")
+                self._final(work, error=RequestFailed("deadline_exceeded", "the request's deadline passed in the queue"))
+            else:
+                live.append(work)
+        return live
+
+    def _start_generation(self, work: Work) -> None:
+        r = work.request
+        work.started_at = time.monotonic()
+        work.row = GenerationRow(r.prompt, r.max_tokens, r.temperature, r.top_p, r.deadline)
+        try:
+            self.engine.add(work.row, lambda row, error, work=work: self._generation_done(work, error))
+        except RowFailed as refused:  # a row the engine's tables cannot hold fails alone
+            self._refuse(work, refused)
+            return
+        except Exception as exc:
+            self._fail([work], exc)
+            return
+        self._running[work.id] = work
+        work.batch_size = self.engine.live()  # the rows generating together as this one joins
+        self.metrics.batch_size.labels(kind=GENERATE).observe(work.batch_size)
+        self._outbox.append(Output(work.id, started_at=work.started_at, batch_size=work.batch_size))
+
+    def _step(self) -> None:
+        try:
+            self.engine.step()
+        except StepFailed as failure:  # its rows came back through _generation_done
+            self._after_failure(failure.cause, len(failure.rows))
+        finally:
+            self._answer_failed()
+
+    def _generation_done(self, work: Work, error: Exception | None) -> None:
+        self._running.pop(work.id, None)
+        if error is not None:
+            self._failed.append((work, error))  # answered by _answer_failed, after the failure is counted
+            return
+        self.health.record_success()
+        row = work.row
+        finished = time.monotonic()
+        self.metrics.observe_done(work.request.task, work.started_at - work.enqueued_at, finished - work.started_at,
+                                  len(row.prompt_ids), len(row.tokens))
+        self._final(work, finish_reason=row.finish_reason, finished_at=finished)
+
+    def _answer_failed(self) -> None:
+        failed, self._failed = self._failed, []
+        for work, error in failed:
+            self._final(work, error=error)
+
+    def _refuse(self, work: Work, refused: RowFailed) -> None:
+        self.metrics.rejected(refused.code)
+        self._final(work, error=refused)
+
+    def _score(self, batch: list[Work]) -> None:
+        admitted = []
+        for work in batch:  # a text the position table cannot hold never takes its pass down
+            try:
+                self.engine.check_score_prompt(work.request.prompt)
+            except RowFailed as refused:
+                self._refuse(work, refused)
+                continue
+            admitted.append(work)
+        if not admitted:
+            return
+        started = time.monotonic()
+        for work in admitted:
+            work.started_at, work.batch_size = started, len(admitted)
+        self._scoring = len(admitted)
+        try:
+            results = self.model.score_sentiment([work.request.prompt for work in admitted])
+        except Exception as exc:  # a model failure fails this pass, never the process
+            self._fail(admitted, exc)
+            return
+        finally:
+            self._scoring = 0
+        finished = time.monotonic()
+        self.health.record_success()
+        self.metrics.batch_size.labels(kind=SENTIMENT).observe(len(admitted))
+        for work, scores in zip(admitted, results):
+            self.metrics.observe_done(work.request.task, started - work.enqueued_at, finished - started,
+                                      len(work.request.prompt))
+            self._final(work, scores=scores, finished_at=finished)
+
+    def _fail(self, batch: list[Work], exc: Exception) -> None:
+        self._after_failure(exc, len(batch))
+        for work in batch:
+            self._final(work, error=exc)
+
+    def _after_failure(self, exc: Exception, size: int) -> None:
+        if is_fatal_device_error(exc):
+            self._device_failed(exc, size)
+            return
+        if is_oom(exc):
+            free_device_cache(self.model.device)
+            reason = "out_of_memory"
+        else:
+            log.error("model failure in a batch of %d", size, exc_info=exc)
+            reason = "model_error"
+        self.metrics.model_failures.labels(reason=reason).inc()
+        self.health.record_failure()
+
+    def _device_failed(self, exc: Exception, size: int) -> None:
+        """A sticky device error leaves the CUDA context unusable for good: stop the loop (what it holds
+        is answered as it ends) and mark health broken, so that the instance is replaced."""
+        log.critical("sticky device error in a batch of %d: the engine stops and this instance must be "
+                     "restarted", size, exc_info=exc)
+        self.metrics.model_failures.labels(reason="device_error").inc()
+        self.device_error = exc
+        self.health.mark_broken(f"device error: {type(exc).__name__}: {str(exc).strip()[:200]}")
+        self.metrics.ready.set(0)
+
+    def _final(self, work: Work, error: Exception | None = None, **fields) -> None:
+        """The request's last output, with every generated token not sent yet."""
+        output = Output(work.id, started_at=work.started_at, batch_size=work.batch_size, **fields)
+        if work.row is not None:
+            output.tokens = work.row.tokens[work.sent:]
+        if error is not None:
+            output.error, output.message = (error.code, error.message) if isinstance(error, RequestFailed) \
+                else failure_code(error)
+            output.finished_at = output.finished_at or time.monotonic()
+        self._outbox.append(output)
+
+    def _flush(self) -> None:
+        """Send what this pass produced: streamed tokens of running generations, then the rest."""
+        for work in self._running.values():
+            if work.request.stream and len(work.row.tokens) > work.sent:
+                self._outbox.append(Output(work.id, tokens=work.row.tokens[work.sent:]))
+                work.sent = len(work.row.tokens)
+        if self._outbox:
+            outputs, self._outbox = self._outbox, []
+            self.sink(outputs)

@@ -1,0 +1,90 @@
+"""The engine's bounded queue of requests not yet taken, and each request's state on the engine side."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+import time
+
+from ..engine import GenerationRow
+from ..metrics import WorkerMetrics
+from ..protocol import Request, RequestFailed
+
+
+@dataclasses.dataclass(eq=False)
+class Work:
+    """A request as the engine holds it: queued, then scoring or generating."""
+
+    request: Request
+    enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
+    started_at: float | None = None
+    row: GenerationRow | None = None  # a generation's row once it holds a slot
+    sent: int = 0  # generated tokens already sent in earlier outputs
+    batch_size: int = 0
+
+    @property
+    def id(self) -> int:
+        return self.request.id
+
+    @property
+    def kind(self) -> str:
+        return self.request.kind
+
+
+class RequestQueue:
+    """FIFO per kind, bounded in requests; `cond` is the engine thread's wake-up."""
+
+    def __init__(self, capacity: int, metrics: WorkerMetrics):
+        self.capacity = capacity
+        self.metrics = metrics
+        self.cond = threading.Condition()
+        self._items: collections.deque[Work] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, work: Work) -> None:
+        with self.cond:
+            if len(self._items) >= self.capacity:
+                self.metrics.rejected("queue_full")
+                raise RequestFailed("queue_full", "too many requests are waiting for the model")
+            self._items.append(work)
+            self._changed()
+            self.cond.notify()
+
+    def remove(self, request_id: int) -> Work | None:
+        """Take a request out if it is still queued."""
+        with self.cond:
+            for work in self._items:
+                if work.id == request_id:
+                    self._items.remove(work)
+                    self._changed()
+                    return work
+        return None
+
+    def has(self, kind: str) -> bool:
+        """Caller holds cond."""
+        return any(work.kind == kind for work in self._items)
+
+    def take(self, kind: str, batch: list[Work], limit: int) -> None:
+        """Move queued requests of `kind`, oldest first, into batch until it holds `limit` (caller holds cond)."""
+        if len(batch) >= limit:
+            return
+        kept: collections.deque[Work] = collections.deque()
+        while self._items:
+            work = self._items.popleft()
+            if work.kind == kind and len(batch) < limit:
+                batch.append(work)
+            else:
+                kept.append(work)
+        self._items = kept
+        self._changed()
+
+    def drain_all(self) -> list[Work]:
+        with self.cond:
+            items, self._items = list(self._items), collections.deque()
+            self._changed()
+        return items
+
+    def _changed(self) -> None:
+        self.metrics.queue_depth.set(len(self._items))

@@ -1,0 +1,190 @@
+"""The one model of an engine: device and dtype, loading (with its fallback and its markers), and the
+engine and sentiment scorer built on it."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from ..config import WorkerConfig
+from ..cpu_linear import onednn_available, pack_linears
+from ..engine.engine import Engine
+from ..prompts import ChatMLPrompter
+from .building import build_engine, warm_up
+from .sentiment import SentimentScorer, compute_prefix_kv
+
+log = logging.getLogger(__name__)
+
+DEMO_MARKER = "qaio_demo_model.json"  # written by qaio_models.demo into every model it builds
+STAND_IN_MARKER = "qaio_stand_in.json"  # written by qaio_models.stand_in beside the stand-in's weights
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_key(source: str) -> str:
+    """A model id or path as the front door's cache key holds it: characters outside [A-Za-z0-9._/:-]
+    become `_` (nginx/qaio-env.envsh applies the same rule to QAIO_MODEL)."""
+    return re.sub(r"[^A-Za-z0-9._/:-]", "_", source)
+
+
+def _read_marker(source: str, marker: str) -> dict | None:
+    path = os.path.join(source, marker)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        # bf16 has no fast path on most CPUs (prefill 4-5x slower here); GPUs want it.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[setting]
+
+
+class ServedModel:
+    """What responses say about the served model: a demo (random weights) or the offline stand-in."""
+
+    demo_info: dict | None = None
+    stand_in_info: dict | None = None
+
+    @property
+    def is_demo(self) -> bool:
+        return self.demo_info is not None
+
+    @property
+    def is_stand_in(self) -> bool:
+        return self.stand_in_info is not None
+
+
+class ModelService(ServedModel):
+    """Owns the tokenizer and model of this process; every call comes from the engine loop's thread."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.tokenizer = None
+        self.model = None
+        self.prompter: ChatMLPrompter | None = None
+        self.demo_info: dict | None = None
+        self.stand_in_info: dict | None = None  # the offline stand-in (qaio_models.stand_in) is served
+        self.served_source = config.model  # what is served: QAIO_MODEL, or QAIO_FALLBACK_MODEL when it failed
+        self.fallback_reason: str | None = None
+        self.load_seconds: float | None = None
+        self.parameter_count: int | None = None
+        self.packed_linears = 0  # nn.Linear layers running on oneDNN
+        self.engine: Engine | None = None
+        self.scorer: SentimentScorer | None = None
+
+    @property
+    def name(self) -> str:
+        """The served model's name: QAIO_MODEL_NAME, or the fallback's own name once it stood in."""
+        if self.served_source == self.config.model:
+            return self.config.model_name
+        return self.served_source.rstrip("/").split("/")[-1]
+
+    @property
+    def identity(self) -> str:
+        """The served model as the front door's cache key names it (model_key of its source)."""
+        return model_key(self.served_source)
+
+    def load(self) -> None:
+        started = time.monotonic()
+        if self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        try:
+            model = self._load_from(self.config.model)
+        except Exception as exc:
+            if not self.config.fallback_model:
+                raise
+            self.fallback_reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            log.error("could not load QAIO_MODEL=%s (%s); serving QAIO_FALLBACK_MODEL=%s instead",
+                      self.config.model, self.fallback_reason, self.config.fallback_model)
+            model = self._load_from(self.config.fallback_model)
+        self._prepare(model)
+        self.load_seconds = time.monotonic() - started
+
+    def _load_from(self, source: str):
+        self.demo_info = _read_marker(source, DEMO_MARKER)
+        self.stand_in_info = _read_marker(source, STAND_IN_MARKER)
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        # dtype is always explicit: transformers otherwise takes it from config.json (bf16 for Qwen).
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
+        self.served_source = source
+        return model
+
+    def _prepare(self, model) -> None:
+        model.to(self.device).eval()
+        self.parameter_count = sum(p.numel() for p in model.parameters())
+        self.eos_token_ids = self._eos_ids(model)
+        self.model = model
+        self.prompter = ChatMLPrompter(self.tokenizer)
+        # The sentiment head: the output embedding rows of the three label tokens, taken before the
+        # linears are repacked for the CPU (a packed head has no plain weight left).
+        head = model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("an output layer with a bias is not supported")
+        label_head = head.weight.detach()[list(self.prompter.label_token_ids)].clone()
+        prefix_kv = {}
+        if self.config.prefix_cache:
+            for prefix in self.prompter.sentiment_prefix_ids.values():
+                prefix_kv[tuple(prefix)] = compute_prefix_kv(model, prefix, self.device)
+        if self._use_onednn_linear():
+            self.packed_linears = pack_linears(model)
+        self.engine = self.build_engine(model, label_head)
+        self.scorer = SentimentScorer(self.engine, self.device, prefix_kv)
+
+    def build_engine(self, model, label_head: torch.Tensor) -> Engine:
+        return build_engine(model, self.config, self.device, self.dtype, label_head, self.eos_token_ids)
+
+    def _use_onednn_linear(self) -> bool:
+        setting = self.config.cpu_linear
+        if setting == "default" or self.device.type != "cpu" or self.dtype != torch.float32:
+            return False
+        if setting == "onednn" and not onednn_available():
+            raise RuntimeError("QAIO_CPU_LINEAR=onednn but this torch has no oneDNN linear")
+        return onednn_available()
+
+    def _eos_ids(self, model) -> set[int]:
+        ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        for candidate in (self.tokenizer.eos_token_id, model.config.eos_token_id):
+            if isinstance(candidate, int):
+                ids.add(candidate)
+            elif candidate:
+                ids.update(candidate)
+        return {i for i in ids if i is not None and i >= 0}
+
+    def warmup(self) -> None:
+        warm_up(self)
+
+    def score_sentiment(self, prompts: Sequence[Sequence[int]]) -> list[dict[str, float]]:
+        """Label probabilities (softmax over the label tokens' logits) after each prompt."""
+        return self.scorer.score(prompts)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def describe(self) -> dict:
+        runner = self.engine.runner if self.engine is not None else None
+        return {"model": self.name, "source": self.served_source, "configured_model": self.config.model,
+                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "demo_model": self.is_demo, "stand_in_model": self.is_stand_in,
+                "cpu_linear": "onednn" if self.packed_linears else "default",
+                "prefix_cache": bool(self.scorer and self.scorer.prefix_kv),
+                "slots": runner.slots if runner else None,
+                "cuda_graphs": len(runner.graphs) if runner else 0,
+                "compiled": runner.compiled if runner else False,
+                "graph_capture_seconds": round(runner.capture_seconds, 2) if runner else None}
