@@ -28,11 +28,10 @@ def sentiment_view(scores: dict[str, float]) -> dict:
 class WorkerService:
     """What the blueprints use; the engine is behind `client`, in this process or in an engine process."""
 
-    def __init__(self, config: WorkerConfig, client: EngineClient | None = None):
+    def __init__(self, config: WorkerConfig, client: EngineClient | None = None, metrics: WorkerMetrics | None = None):
         self.config = config
-        self.metrics = WorkerMetrics()
+        self.metrics = metrics or WorkerMetrics()
         self.client = client or make_client(config, self.metrics)
-        self._prompter: ChatMLPrompter | None = None
 
     # ---- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -93,19 +92,17 @@ class WorkerService:
     @property
     def prompter(self) -> ChatMLPrompter:
         """The model's prompt builder; 503 (not_ready, device_error) while the engine takes no requests."""
-        status, tokenizer = self.status(), self.client.tokenizer
-        if status.broken or not status.accepting or tokenizer is None:
+        status, prompter = self.status(), self.client.prompter
+        if status.broken or not status.accepting or prompter is None:
             self.metrics.rejected("not_ready")
             code = "device_error" if status.broken else "not_ready"
             message = "the model's device failed; this instance is restarting, retry on another" if status.broken \
                 else "the model is not ready"
             raise engine_error(RequestFailed(code, message), self.config.retry_after_s)
-        if self._prompter is None or self._prompter.tokenizer is not tokenizer:
-            self._prompter = ChatMLPrompter(tokenizer)
-        return self._prompter
+        return prompter
 
     def decode(self, token_ids) -> str:
-        return self.client.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self.client.prompter.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     def check_prompt_tokens(self, prompt_ids: list[int], what: str = "the prompt") -> None:
         """413 for a prompt longer than QAIO_MAX_PROMPT_TOKENS: every task is bounded in tokens before it

@@ -36,6 +36,11 @@ def eventually(predicate, timeout: float = EVENTUALLY_S, what: str = "the condit
         time.sleep(interval)
 
 
+def engine_host(service):
+    """The engine host (model, loop, health) of an in-process worker's service, for tests that reach in."""
+    return service.client.host
+
+
 def metric(server, name: str, labels: str = "") -> float:
     """The sum of one series of a worker's /metrics (`labels` as exposed, e.g. '{task="chat"}')."""
     text = urllib.request.urlopen(server.url + "/metrics", timeout=10).read().decode()

@@ -1,19 +1,19 @@
 """Worker fixtures: in-process apps on the tiny model (the model itself comes from the root conftest)."""
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from qwen_worker import create_app
 from qwen_worker.prompts import Message
-from qwen_worker.service import TokenStream
+from qwen_worker.protocol import Cancel
 
 
 def wait_ready(app, timeout: float = 120) -> None:
     service = app.extensions["qaio"]
     assert service.wait_loaded(timeout), "model did not load in time"
-    assert service.health.ready(), f"worker not ready: {service.health.reason()} {service.health.load_error}"
+    status = service.status()
+    assert status.ready, f"worker not ready: {status.state} {status.load_error}"
+
 
 
 @pytest.fixture(scope="session")
@@ -45,24 +45,24 @@ def client(app):
 
 
 class GenerationBlocker:
-    """Keeps a worker's batcher busy with a long generation, to put requests behind it."""
+    """Keeps a worker's engine busy with a long generation, to put requests behind it."""
 
     def __init__(self):
         self.jobs = []
 
     def occupy(self, service, max_tokens: int = 3000):
         """Start a long generation and return its job once it is really running (first token out)."""
-        first_token = threading.Event()
-        stream = TokenStream(service.model.decode)
-        stream.put_token = lambda token: first_token.set()
         job = service.submit_generation(service.chat_ids([Message("user", "tell me a long story")]), max_tokens,
-                                        0.0, 1.0, service.deadline(60_000), task="chat", stream=stream)
-        self.jobs.append(job)
-        assert first_token.wait(30)
+                                        0.0, 1.0, service.deadline(60_000), task="chat", stream=True)
+        self.jobs.append((service, job))
+        while not job.tokens:
+            assert not job.receive().final, "the long generation ended early"
         return job
 
     def release(self, job) -> None:
-        job.payload.cancelled.set()
+        """Stop it in the engine (the handle still waits for its last output)."""
+        service = next(svc for svc, held in self.jobs if held is job)
+        service.client.send_cancel(Cancel(job.request.id))
         assert job.wait().finish_reason == "cancelled"
 
 
@@ -70,5 +70,5 @@ class GenerationBlocker:
 def blocker():
     keeper = GenerationBlocker()
     yield keeper
-    for job in keeper.jobs:
-        job.payload.cancelled.set()
+    for service, job in keeper.jobs:
+        service.client.send_cancel(Cancel(job.request.id))

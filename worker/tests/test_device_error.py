@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from qwen_worker.model import is_fatal_device_error, is_oom
-from qwen_worker.testing import STICKY_DEVICE_ERROR, eventually
+from qwen_worker.core.failures import is_fatal_device_error, is_oom
+from qwen_worker.testing import STICKY_DEVICE_ERROR, engine_host, eventually
 
 
 @pytest.mark.parametrize("message, fatal", [
@@ -30,7 +30,8 @@ def test_which_errors_are_sticky(message, fatal):
 def test_a_sticky_device_error_stops_the_engine_and_fails_liveness(make_app):
     app = make_app(max_batch_size=2, queue_capacity=8, device_error_exit_s=0)
     service = app.extensions["qaio"]
-    runner = service.model.engine.runner
+    host = engine_host(service)
+    runner = host.model.engine.runner
     decode = runner.decode
     broken = {"now": False}
 
@@ -44,7 +45,7 @@ def test_a_sticky_device_error_stops_the_engine_and_fails_liveness(make_app):
     chat = {"text": "讲一个很长的故事", "max_tokens": 1000, "temperature": 0}
     with ThreadPoolExecutor(4) as pool:
         held = [pool.submit(client.post, "/v1/chat", json=chat) for _ in range(4)]  # 2 generating, 2 queued
-        eventually(lambda: service.model.engine.live() == 2 and service.batcher.depth() == 2,
+        eventually(lambda: host.model.engine.live() == 2 and service.status().queue_depth == 2,
                    what="two rows generating and two queued")
         broken["now"] = True
         answers = [f.result(timeout=60) for f in held]
@@ -57,8 +58,8 @@ def test_a_sticky_device_error_stops_the_engine_and_fails_liveness(make_app):
     assert client.get("/readyz").status_code == 503
     later = client.post("/v1/sentiment", json={"text": "还在吗"})
     assert later.status_code == 503 and later.get_json()["error"]["code"] == "device_error"
-    eventually(lambda: not service.batcher._thread.is_alive(), what="the engine thread ends")
-    assert service.model.engine.live() == 0
+    eventually(lambda: not host.loop._thread.is_alive(), what="the engine thread ends")
+    assert host.model.engine.live() == 0
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'qaio_model_failures_total{reason="device_error"} 1.0' in metrics and "qaio_ready 0.0" in metrics
 

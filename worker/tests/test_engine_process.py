@@ -131,7 +131,8 @@ def test_a_silent_connection_to_the_engine_socket_blocks_nobody(split_server):
     from multiprocessing.connection import Client
 
     from qwen_worker.engine_process import AUTHKEY_ENV, SOCKET_ENV
-    from qwen_worker.engine_server import HANDSHAKE_TIMEOUT_S
+    from qwen_worker.engine_socket import HANDSHAKE_TIMEOUT_S
+    from qwen_worker.protocol import Status, check_hello, decode, hello
 
     environ = dict(item.split("=", 1) for item in
                    Path(f"/proc/{engine_pid(split_server)}/environ").read_text().split("\0") if "=" in item)
@@ -142,13 +143,15 @@ def test_a_silent_connection_to_the_engine_socket_blocks_nobody(split_server):
 
     def connect():
         conn = Client(address, family="AF_UNIX", authkey=authkey)
-        admitted["status"] = conn.recv()  # the engine greets every API process with its status
+        conn.send(hello())
+        check_hello(conn.recv())
+        admitted["status"] = decode(conn.recv()[0])  # the engine greets every API process with its status
         conn.close()
 
     thread = threading.Thread(target=connect, daemon=True)
     thread.start()
     thread.join(HANDSHAKE_TIMEOUT_S - 1)  # well before the silent one could time out
-    assert admitted.get("status") and admitted["status"][0][0] == "status", "a silent connection blocked the accept loop"
+    assert isinstance(admitted.get("status"), Status), "a silent connection blocked the accept loop"
     silent.settimeout(HANDSHAKE_TIMEOUT_S + 30)
     try:
         leftover = silent.recv(4096)  # the engine's challenge, then nothing until it hangs up

@@ -2,7 +2,9 @@
 import threading
 
 from qwen_worker import create_app
+from qwen_worker.client.inprocess import InProcessClient
 from qwen_worker.config import WorkerConfig
+from qwen_worker.metrics import WorkerMetrics
 from qwen_worker.model import ModelService
 from qwen_worker.service import WorkerService
 
@@ -19,7 +21,8 @@ class GatedModel(ModelService):
 
 def test_ready_only_after_load_and_warmup(tiny_model_dir):
     config = WorkerConfig.from_env({}, model=tiny_model_dir, instance_id="gated")
-    service = WorkerService(config, model=GatedModel(config))
+    metrics = WorkerMetrics()
+    service = WorkerService(config, InProcessClient(config, metrics, model=GatedModel(config)), metrics)
     client = create_app(config, service=service).test_client()
     try:
         assert client.get("/healthz").status_code == 200

@@ -5,6 +5,7 @@ import torch
 from qwen_worker.config import WorkerConfig
 from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService, resolve_dtype
+from qwen_worker.model.building import check_kv_fits
 from qwen_worker.prompts import LABELS, Message
 
 TEXTS = ["很快，好吃，味道足，量大", "送餐太慢了，饭菜都凉了", "The food was great, thanks!",
@@ -82,6 +83,6 @@ def test_kv_slots_that_would_not_fit_the_gpu_fail_the_load_naming_the_settings(m
     needed = 2 * 2 * 16 * 2 * 5121 * 16 * 4
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (needed, 8 * needed))
     with pytest.raises(RuntimeError, match="QAIO_MAX_BATCH_SIZE"):
-        model._check_kv_fits(model.model, 5120)
+        check_kv_fits(model.model, 16, 5120, model.device, model.dtype)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * needed, 8 * needed))
-    model._check_kv_fits(model.model, 5120)
+    check_kv_fits(model.model, 16, 5120, model.device, model.dtype)

@@ -20,9 +20,9 @@ def pair(tiny_model_dir):
 
 def test_one_cached_prefix_per_language(pair):
     reused, full = pair
-    assert len(reused.prefix_kv) == 2 and not full.prefix_kv
+    assert len(reused.scorer.prefix_kv) == 2 and not full.scorer.prefix_kv
     prefix = reused.prompter.sentiment_prefix_ids["zh"]
-    keys, values = reused.prefix_kv[tuple(prefix)][0]
+    keys, values = reused.scorer.prefix_kv[tuple(prefix)][0]
     assert keys.shape[0] == 1 and keys.shape[2] == len(prefix)
 
 
@@ -38,7 +38,7 @@ def test_prefix_reuse_equals_full_computation_in_mixed_padded_batches(pair):
 
 @pytest.mark.parametrize("lengths", [[5] * 10, [3, 60, 10, 12, 9, 40, 15, 11, 8, 100, 14, 13, 16, 7, 20, 25], [1], []])
 def test_length_buckets_cover_every_row_once_and_bound_padding(lengths):
-    from qwen_worker.model import MAX_PADDING_SHARE, MIN_BUCKET_TOKENS, length_buckets
+    from qwen_worker.model.sentiment import MAX_PADDING_SHARE, MIN_BUCKET_TOKENS, length_buckets
 
     buckets = length_buckets(lengths)
     assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))

@@ -3,9 +3,9 @@ tokens at the HTTP boundary on every path, and never counted as the model's fail
 import pytest
 import torch
 
-from qwen_worker.batcher import GENERATE, SENTIMENT, Job
-from qwen_worker.engine import GenerationRow
-from qwen_worker.errors import ApiError
+from qwen_worker.errors import ENGINE_ERRORS
+from qwen_worker.protocol import RequestFailed
+from qwen_worker.testing import engine_host
 
 # Astral CJK characters: one character each, two or three byte tokens each for this tokenizer. 3,000
 # of them are a legal text (under QAIO_MAX_INPUT_CHARS) of about 7,000 tokens: past the position table.
@@ -15,7 +15,7 @@ MANY_TOKENS = "𠀀𪚥𠮷" * 1000
 def test_the_texts_are_legal_in_characters_and_past_the_engine_in_tokens(app):
     service = app.extensions["qaio"]
     assert len(MANY_TOKENS) <= service.config.max_input_chars
-    assert len(service.prompter.sentiment_ids(MANY_TOKENS, "zh")) > service.model.engine.runner.max_tokens
+    assert len(service.prompter.sentiment_ids(MANY_TOKENS, "zh")) > engine_host(service).model.engine.runner.max_tokens
 
 
 @pytest.mark.parametrize("path, body", [
@@ -32,13 +32,16 @@ def test_every_path_is_bounded_in_tokens_before_it_is_queued(client, path, body)
 
 
 def _submit_sentiment(service, ids):
-    return service.batcher.submit(Job(SENTIMENT, "sentiment", ids, service.deadline(30_000)))
+    """Straight to the engine, past the HTTP side's token bound."""
+    return service.client.sentiment("sentiment", ids, service.deadline(30_000))
 
 
 def _outcome(job):
     try:
-        return job.wait()
-    except ApiError as err:
+        job.wait()
+        return job.scores if job.request.kind == "sentiment" else job
+    except RequestFailed as err:
+        err.status = ENGINE_ERRORS[err.code][0]
         return err
 
 
@@ -49,15 +52,15 @@ def test_a_sentiment_row_past_the_position_table_fails_alone_in_its_pass(make_ap
     service = app.extensions["qaio"]
     innocent = service.prompter.sentiment_ids("味道很好", "zh")
     oversized = service.prompter.sentiment_ids(MANY_TOKENS, "zh")
-    bad_token = innocent[:-3] + [service.model.engine.runner.stack.vocab_size + 5] + innocent[-2:]
+    bad_token = innocent[:-3] + [engine_host(service).model.engine.runner.stack.vocab_size + 5] + innocent[-2:]
     for _ in range(3):  # three in a row used to put the worker into cooling_down
         jobs = [_submit_sentiment(service, ids) for ids in (innocent, oversized, innocent, bad_token, innocent)]
         outcomes = [_outcome(job) for job in jobs]
-        assert [type(o) for o in outcomes] == [dict, ApiError, dict, ApiError, dict]
+        assert [type(o) for o in outcomes] == [dict, RequestFailed, dict, RequestFailed, dict]
         assert (outcomes[1].status, outcomes[1].code) == (413, "prompt_too_long")
         assert (outcomes[3].status, outcomes[3].code) == (400, "invalid_token_id")
         assert max(job.batch_size for job in jobs) == 3  # the innocent three shared one pass
-    assert service.health.reason() == "ready"
+    assert service.status().state == "ready"
     metrics = app.test_client().get("/metrics").get_data(as_text=True)
     assert 'qaio_model_failures_total{reason="model_error"} 0.0' in metrics
     assert 'qaio_rejections_total{reason="prompt_too_long"} 3.0' in metrics
@@ -66,18 +69,16 @@ def test_a_sentiment_row_past_the_position_table_fails_alone_in_its_pass(make_ap
 def test_a_generation_row_the_slots_cannot_hold_fails_alone(make_app):
     app = make_app()
     service = app.extensions["qaio"]
-    engine = service.model.engine
+    engine = engine_host(service).model.engine
     prompt = service.prompter.chat_ids([])
-    too_long = GenerationRow(prompt + [prompt[-1]] * engine.runner.max_tokens, 4)
-    bad_token = GenerationRow(prompt[:-1] + [-1], 4)
-    fine = GenerationRow(prompt, 3)
-    jobs = [service.batcher.submit(Job(GENERATE, "chat", row, service.deadline(30_000)))
-            for row in (too_long, fine, bad_token, fine.__class__(prompt, 3))]
+    rows = [(prompt + [prompt[-1]] * engine.runner.max_tokens, 4), (prompt, 3), (prompt[:-1] + [-1], 4), (prompt, 3)]
+    jobs = [service.client.generate("chat", ids, service.deadline(30_000), max_tokens, 0.0, 1.0)
+            for ids, max_tokens in rows]
     outcomes = [_outcome(job) for job in jobs]
     assert (outcomes[0].status, outcomes[0].code) == (413, "prompt_too_long")
     assert (outcomes[2].status, outcomes[2].code) == (400, "invalid_token_id")
     assert len(outcomes[1].tokens) == len(outcomes[3].tokens) == 3
-    assert engine.free_slots() == engine.runner.slots and service.health.reason() == "ready"
+    assert engine.free_slots() == engine.runner.slots and service.status().state == "ready"
 
 
 def test_padding_past_the_tables_is_never_an_index(make_app):
@@ -86,8 +87,9 @@ def test_padding_past_the_tables_is_never_an_index(make_app):
     from qwen_worker.engine.model_runner import _round_up
 
     app = make_app(max_prompt_tokens=120, max_tokens_limit=8, default_max_tokens=8)
-    runner = app.extensions["qaio"].model.engine.runner
-    prefix = next(iter(app.extensions["qaio"].model.prefix_kv.values()))
+    model = engine_host(app.extensions["qaio"]).model
+    runner = model.engine.runner
+    prefix = next(iter(model.scorer.prefix_kv.values()))
     prefix_len = prefix[0][0].shape[2]
     fits = runner.max_tokens - prefix_len
     width = _round_up(fits, runner.widths)  # the GPU's width bucket for this text

@@ -16,7 +16,7 @@ class EngineClient(abc.ABC):
     Request ids start at this process's pid << 32, so that the ids of every API process sharing one
     engine process are distinct without the engine renumbering them."""
 
-    tokenizer = None  # the served model's tokenizer, once the engine is ready (prompts are built here)
+    prompter = None  # the served model's prompt builder (its tokenizer), once the engine is ready
 
     def __init__(self):
         self._handles: dict[int, RequestHandle] = {}

@@ -69,7 +69,7 @@ class RequestHandle:
     def wait(self, client_gone: Callable[[], bool] | None = None) -> "RequestHandle":
         """Until the final output; RequestFailed when the request failed, its deadline passed (after the
         grace, once running) or its client left (checked every CLIENT_POLL_S)."""
-        while self.finished_at is None and not self._receive(client_gone).final:
+        while self.finished_at is None and not self.receive(client_gone).final:
             pass
         self._raise_error()
         return self
@@ -84,7 +84,7 @@ class RequestHandle:
         sent, send_after = 0, 0.0
         try:
             while True:
-                final = self._receive(client_gone).final
+                final = self.receive(client_gone).final
                 if coalesce_s and not final:
                     delay = send_after - time.monotonic()
                     if delay > 0:
@@ -104,7 +104,7 @@ class RequestHandle:
             self.cancel("client_gone")  # the client went away: stop generating for it
             raise
 
-    def _receive(self, client_gone) -> Output:
+    def receive(self, client_gone=None) -> Output:
         """The next output, applied; raises when the deadline (and grace) passed or the client left."""
         while True:
             budget = self.deadline - time.monotonic() + (RUNNING_GRACE_S if self.started_at is not None else 0.0)

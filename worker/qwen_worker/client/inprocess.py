@@ -19,8 +19,8 @@ class InProcessClient(EngineClient):
                                exit_process=lambda: os.kill(os.getpid(), signal.SIGTERM))
 
     @property
-    def tokenizer(self):
-        return self.host.model.tokenizer if self.host.health.state == "ready" else None
+    def prompter(self):
+        return self.host.model.prompter if self.host.health.state == "ready" else None
 
     def send_request(self, request: Request, handle=None) -> None:
         self.host.submit(request)

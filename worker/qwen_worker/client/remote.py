@@ -12,6 +12,7 @@ from multiprocessing.connection import Client, Connection
 
 from ..engine_process import AUTHKEY_ENV, ENGINE_PID_ENV, MASTER_PID_ENV, SOCKET_ENV
 from ..metrics import WorkerMetrics
+from ..prompts import ChatMLPrompter
 from ..protocol import Cancel, Control, Output, Request, RequestFailed, Status, check_hello, decode, encode, hello
 from .base import EngineClient
 
@@ -94,11 +95,11 @@ class RemoteClient(EngineClient):
 
     # ---- from the engine ----------------------------------------------------------------------
     def _on_status(self, status: Status) -> None:
-        if status.accepting and self.tokenizer is None and status.model is not None:
+        if status.accepting and self.prompter is None and status.model is not None:
             try:
                 from transformers import AutoTokenizer
 
-                self.tokenizer = AutoTokenizer.from_pretrained(status.model.source)
+                self.prompter = ChatMLPrompter(AutoTokenizer.from_pretrained(status.model.source))
             except Exception as exc:
                 log.exception("could not load the tokenizer of %s", status.model.source)
                 self.lost = f"tokenizer of {status.model.source}: {type(exc).__name__}: {exc}"
@@ -114,7 +115,7 @@ class RemoteClient(EngineClient):
         status = self._status
         if self.lost is not None:
             return Status("failed", broken=self.lost, load_error=self.lost, model=status.model)
-        if status.accepting and self.tokenizer is None:  # prompts cannot be built here yet
+        if status.accepting and self.prompter is None:  # prompts cannot be built here yet
             return Status("loading", queue_depth=status.queue_depth, model=status.model)
         return status
 

@@ -7,7 +7,8 @@ import torch
 from qwen_worker.config import WorkerConfig
 from qwen_worker.engine import GenerationRow
 from qwen_worker.engine.engine import StepFailed
-from qwen_worker.model import ModelService, is_oom
+from qwen_worker.core.failures import is_oom
+from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
 
 

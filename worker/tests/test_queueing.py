@@ -1,12 +1,13 @@
-"""Batching, admission and deadlines, on in-process apps serving the real tiny model."""
-import time
+"""Batching, admission and deadlines through the HTTP side's service, on in-process apps serving the
+real tiny model (the engine loop alone: core/test_loop.py; both layouts: test_contract.py)."""
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from qwen_worker.batcher import SENTIMENT, Job
-from qwen_worker.errors import ApiError
+from qwen_worker.testing import engine_host as host, eventually
+
 from qwen_worker.prompts import Message
+from qwen_worker.protocol import RequestFailed
 
 
 def sentiment_body(text):
@@ -40,11 +41,7 @@ def test_full_queue_answers_503_with_retry_after_at_once(make_app, blocker):
     client = app.test_client()
     # A chat cannot join the running generation (batch size 1), so it waits in the queue.
     waiting = ThreadPoolExecutor(1).submit(client.post, "/v1/chat", json=CHAT)
-    for _ in range(200):
-        if service.batcher.depth() == 1:
-            break
-        time.sleep(0.01)
-    assert service.batcher.depth() == 1
+    eventually(lambda: service.status().queue_depth == 1, what="the chat waits in the queue")
     refused = client.post("/v1/chat", json=CHAT)
     assert refused.status_code == 503
     assert refused.headers["Retry-After"] == "3"
@@ -61,11 +58,13 @@ def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(mak
     long_job = blocker.occupy(service)
     prompt = service.chat_ids([Message("user", "等太久了")])
     job = service.submit_generation(prompt, 5, 0.0, 1.0, service.deadline(100), task="chat")
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(RequestFailed) as err:
         job.wait()
-    assert err.value.status == 504 and err.value.code == "deadline_exceeded"
-    assert not long_job.future.done(), "the 504 must not wait for the running generation"
-    assert job.started_at is None and service.batcher.depth() == 0, "withdrawn from the queue, never computed"
+    assert err.value.code == "deadline_exceeded"
+    assert long_job.finish_reason is None and service.status().busy == 1, \
+        "the 504 must not wait for the running generation"
+    assert job.started_at is None, "never computed"
+    eventually(lambda: service.status().queue_depth == 0, what="withdrawn from the queue")
     blocker.release(long_job)
     assert 'qaio_rejections_total{reason="deadline_in_queue"} 1.0' in app.test_client().get("/metrics").get_data(
         as_text=True)
@@ -76,12 +75,12 @@ def test_sentiment_runs_between_the_steps_of_a_running_generation(make_app, bloc
     service = app.extensions["qaio"]
     long_job = blocker.occupy(service)
     jobs = [service.submit_sentiment(text, "zh", service.deadline(30_000)) for text in ("插队一", "插队二")]
-    results = [job.wait() for job in jobs]
-    assert not long_job.future.done(), "sentiment must not wait for the whole generation"
+    results = [job.wait().scores for job in jobs]
+    assert service.status().busy == 1, "sentiment must not wait for the whole generation"
     assert all(abs(sum(r.values()) - 1) < 1e-4 for r in results)
     blocker.release(long_job)
     # ...and gives the answer it gives when it runs on its own.
-    alone = service.submit_sentiment("插队一", "zh", service.deadline(30_000)).wait()
+    alone = service.submit_sentiment("插队一", "zh", service.deadline(30_000)).wait().scores
     assert alone == pytest.approx(results[0], abs=1e-5)
 
 
@@ -106,7 +105,7 @@ def test_deadline_ends_a_stream_with_finish_reason_deadline(make_app):
 def test_model_failures_in_a_row_drain_readiness_but_the_worker_keeps_serving(make_app, monkeypatch):
     app = make_app(failure_threshold=2, failure_cooldown_s=300)
     service, client = app.extensions["qaio"], app.test_client()
-    runner = service.model.engine.runner
+    runner = host(service).model.engine.runner
     score = runner.score
     failures = iter([IndexError("index out of range in self")] * 2)  # the model fails two passes, then not
 
@@ -118,11 +117,10 @@ def test_model_failures_in_a_row_drain_readiness_but_the_worker_keeps_serving(ma
 
     monkeypatch.setattr(runner, "score", failing)
     for _ in range(2):
-        job = service.batcher.submit(Job(SENTIMENT, "sentiment", service.prompter.sentiment_ids("坏了", "zh"),
-                                         service.deadline(5000)))
-        with pytest.raises(ApiError) as err:
+        job = service.submit_sentiment("坏了", "zh", service.deadline(5000))
+        with pytest.raises(RequestFailed) as err:
             job.wait()
-        assert (err.value.status, err.value.code) == (503, "model_error")
+        assert err.value.code == "model_error"
     ready = client.get("/readyz")
     assert ready.status_code == 503 and ready.get_json()["status"] == "cooling_down"
     assert ready.headers["Retry-After"]
@@ -135,7 +133,7 @@ def test_an_out_of_memory_pass_answers_503_for_its_requests_only_and_the_worker_
 
     app = make_app(failure_threshold=5)
     service, client = app.extensions["qaio"], app.test_client()
-    runner = service.model.engine.runner
+    runner = host(service).model.engine.runner
     real_prefill = runner.prefill
     injected = []
 
@@ -152,6 +150,6 @@ def test_an_out_of_memory_pass_answers_503_for_its_requests_only_and_the_worker_
     assert injected == [1]
     served = client.post("/v1/chat", json={"text": "oom", "max_tokens": 4, "temperature": 0})
     assert served.status_code == 200 and served.get_json()["usage"]["completion_tokens"] >= 1
-    assert service.model.engine.live() == 0
+    assert host(service).model.engine.live() == 0
     metrics = client.get("/metrics").get_data(as_text=True)
     assert 'qaio_model_failures_total{reason="out_of_memory"} 1.0' in metrics

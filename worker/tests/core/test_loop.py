@@ -1,0 +1,151 @@
+"""The engine loop alone, without HTTP: requests in, per-pass outputs to a sink, on the real tiny model."""
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from qwen_worker.config import WorkerConfig
+from qwen_worker.core.loop import EngineLoop
+from qwen_worker.health import Health
+from qwen_worker.metrics import WorkerMetrics
+from qwen_worker.model import ModelService
+from qwen_worker.prompts import Message
+from qwen_worker.protocol import GENERATE, SENTIMENT, Request, RequestFailed
+from qwen_worker.testing import eventually
+
+
+class Sink:
+    """Collects the loop's outputs by request id; `passes` counts the batches it was handed."""
+
+    def __init__(self):
+        self.outputs = {}
+        self.passes = []
+        self.lock = threading.Lock()
+
+    def __call__(self, outputs):
+        with self.lock:
+            self.passes.append([o.id for o in outputs])
+            for output in outputs:
+                self.outputs.setdefault(output.id, []).append(output)
+
+    def final(self, request_id, timeout=60):
+        return eventually(lambda: next((o for o in self.outputs.get(request_id, []) if o.final), None), timeout,
+                          f"the final output of request {request_id}")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    service = ModelService(WorkerConfig.from_env({}, model=tiny_model_dir, max_batch_size=2))
+    service.load()
+    return service
+
+
+@pytest.fixture()
+def loop(model):
+    config = WorkerConfig.from_env({}, model=model.config.model, max_batch_size=2, queue_capacity=2,
+                                   batch_wait_ms=20.0)
+    health = Health(3, 30)
+    health.mark_ready()
+    sink = Sink()
+    engine_loop = EngineLoop(model, config, WorkerMetrics(), health, sink)
+    engine_loop.sink_for_tests = sink
+    engine_loop.start()
+    yield engine_loop
+    engine_loop.stop()
+
+
+def generation(model, request_id, max_tokens=4, deadline_s=60.0, stream=False):
+    # This prompt makes the tiny model's random weights generate past 3,000 tokens before any end token.
+    prompt = model.prompter.chat_ids([Message("user", "tell me a long story")])
+    return Request(request_id, GENERATE, "chat", prompt, time.monotonic() + deadline_s, max_tokens, stream=stream)
+
+
+def sentiment(model, request_id, text="味道很好"):
+    return Request(request_id, SENTIMENT, "sentiment", model.prompter.sentiment_ids(text, "zh"), time.monotonic() + 60)
+
+
+def test_generations_take_free_slots_and_the_rest_wait_then_every_token_arrives_once(loop, model):
+    sink = loop.sink_for_tests
+    for i in (1, 2, 3):
+        loop.submit(generation(model, i, max_tokens=6, stream=i == 1))
+        eventually(lambda: len(loop.queue) < 2, what="room in the queue")
+    finals = [sink.final(i) for i in (1, 2, 3)]
+    assert [f.finish_reason for f in finals] == ["length"] * 3
+    streamed = [t for o in sink.outputs[1] for t in o.tokens]
+    assert len(streamed) == 6 and len(sink.outputs[1]) > 2  # tokens came with several passes
+    assert sum(len(o.tokens) for o in sink.outputs[2]) == 6 and len(finals[1].tokens) == 6  # unstreamed: at the end
+    started = {i: next(o for o in sink.outputs[i] if o.started_at is not None).started_at for i in (1, 2, 3)}
+    assert started[3] >= min(finals[0].finished_at, finals[1].finished_at)  # the third waited for a free slot
+
+
+def test_sentiment_is_scored_between_the_steps_of_a_running_generation(loop, model):
+    sink = loop.sink_for_tests
+    loop.submit(generation(model, 10, max_tokens=3000, stream=True))
+    eventually(lambda: any(o.tokens for o in sink.outputs.get(10, [])), what="generating")
+    loop.submit(sentiment(model, 11))
+    scores = sink.final(11).scores
+    assert abs(sum(scores.values()) - 1) < 1e-4
+    assert not [o for o in sink.outputs[10] if o.final], "sentiment must not wait for the generation"
+    loop.cancel(10)
+    assert sink.final(10).finish_reason == "cancelled"
+
+
+def test_a_queued_request_cancelled_leaves_the_queue_and_is_never_computed(loop, model):
+    sink = loop.sink_for_tests
+    loop.submit(generation(model, 20, max_tokens=400))
+    loop.submit(generation(model, 21, max_tokens=400))
+    eventually(lambda: loop.busy() == 2 and len(loop.queue) == 0, what="both slots taken")
+    loop.submit(generation(model, 22))
+    loop.cancel(22, "client_gone")
+    assert len(loop.queue) == 0 and 22 not in sink.outputs
+    assert loop.metrics.rejections.labels(reason="client_gone")._value.get() == 1
+    loop.cancel(20)
+    loop.cancel(21)
+    assert sink.final(20).finish_reason == sink.final(21).finish_reason == "cancelled"
+
+
+def test_deadline_in_the_queue_and_a_full_queue(loop, model):
+    sink = loop.sink_for_tests
+    for i in (30, 31):
+        loop.submit(generation(model, i, max_tokens=400))
+    eventually(lambda: loop.busy() == 2 and len(loop.queue) == 0, what="both slots taken")
+    expired = generation(model, 32, deadline_s=0.2)
+    loop.submit(expired)
+    loop.submit(generation(model, 33))
+    with pytest.raises(RequestFailed) as full:
+        loop.submit(generation(model, 34))
+    assert full.value.code == "queue_full"
+    eventually(lambda: time.monotonic() > expired.deadline, what="32's deadline passes while it waits")
+    loop.cancel(30)  # a slot frees after 32's deadline passed: it is answered, never started
+    assert sink.final(32).error == "deadline_exceeded" and sink.final(32).started_at is None
+    assert sink.final(33).finish_reason == "length"
+    loop.cancel(31)
+    sink.final(31)
+
+
+def test_a_running_generation_ends_at_its_deadline(loop, model):
+    loop.submit(generation(model, 40, max_tokens=1000, deadline_s=0.3))
+    final = loop.sink_for_tests.final(40)
+    assert final.finish_reason == "deadline" and 0 < len(final.tokens) < 1000
+
+
+def test_draining_and_stopping_refuse_with_a_code(loop, model):
+    loop.health.set_draining(True)
+    with pytest.raises(RequestFailed) as refused:
+        loop.submit(sentiment(model, 50))
+    assert refused.value.code == "draining"
+    loop.health.set_draining(False)
+    loop.submit(generation(model, 51, max_tokens=1000))
+    loop.stop()
+    assert loop.sink_for_tests.final(51).error == "not_ready"  # what it held is answered as it stops
+    with pytest.raises(RequestFailed) as stopped:
+        loop.submit(sentiment(model, 52))
+    assert stopped.value.code == "not_ready"
+
+
+def test_the_engine_side_imports_no_flask():
+    code = ("import sys, qwen_worker.engine_server, qwen_worker.core.host, qwen_worker.client.remote; "
+            "sys.exit('flask' in sys.modules or 'werkzeug' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
