@@ -12,8 +12,8 @@ from qwen_worker.testing import REPO, STACK_SCRIPT, LocalStack, http_status
 
 
 def readme_curl_commands() -> list[str]:
-    """Every curl command in README's shell blocks, continuation lines joined."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    """Every curl command in the shell blocks of README and the API page, continuation lines joined."""
+    readme = "\n".join((REPO / page).read_text(encoding="utf-8") for page in ("README.md", "docs/api.md"))
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
         for command in block.replace("\\\n", " ").splitlines():
@@ -33,7 +33,7 @@ def test_stack_serves_readme_examples_through_nginx_and_stops_cleanly(stack):
     assert f"Qwen All-in-One is up: {stack.url}" in stack.output
     assert "DEMO MODEL" in stack.output
     commands = readme_curl_commands()
-    assert len([c for c in commands if "127.0.0.1:8080" in c]) >= 6, "README should show the API through nginx"
+    assert len([c for c in commands if "127.0.0.1:8080" in c]) >= 6, "README and docs/api.md should show the API through nginx"
     assert any("127.0.0.1:8001" in c for c in commands), "README should show a worker on its own"
     for command in commands:
         command = command.replace("http://127.0.0.1:8080", stack.url)

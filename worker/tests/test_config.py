@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from qwen_worker.config import ConfigError, WorkerConfig, describe_settings
@@ -48,10 +50,25 @@ def test_local_directory_model_is_named_after_its_folder(tmp_path):
     assert WorkerConfig.from_env({"QAIO_MODEL": str(tmp_path / "my-model")}).model_name == "my-model"
 
 
-def test_readme_documents_every_setting():
-    readme = (__import__("pathlib").Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    missing = [name for name, _, _ in describe_settings() if f"`{name}`" not in readme]
-    assert not missing, f"README's configuration table lacks {missing}"
+def _rendered(default) -> str:
+    if isinstance(default, bool):
+        return str(default).lower()
+    if isinstance(default, float) and default.is_integer():
+        return str(int(default))
+    return str(default)
+
+
+def test_the_settings_page_documents_every_setting_with_its_default():
+    """docs/settings.md holds one row per WorkerConfig field, with the default the code has, and no others."""
+    page = (__import__("pathlib").Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(QAIO_[A-Z_]+)` \| ([^|]+) \|", page, re.M))
+    settings = {name: default for name, default, _ in describe_settings()}
+    assert sorted(rows) == sorted(settings), "docs/settings.md and WorkerConfig list different settings"
+    wrong = {name: (rows[name].strip(), _rendered(default)) for name, default in settings.items()
+             if default != "" and rows[name].strip() != f"`{_rendered(default)}`"}
+    assert not wrong, f"defaults in docs/settings.md differ from the code's: {wrong}"
+    assert "docs/settings.md" in (page and (__import__("pathlib").Path(__file__).resolve().parents[2] / "README.md")
+                                  .read_text(encoding="utf-8")), "README links the settings page"
 
 
 def test_sizes_follow_the_device_unless_set():

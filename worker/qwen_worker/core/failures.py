@@ -1,11 +1,14 @@
 """What a failed model pass means: the request's fault, a transient one, or a device lost for good."""
 from __future__ import annotations
 
+import logging
 import re
 
 import torch
 
 from ..engine.engine import RowFailed
+
+log = logging.getLogger(__name__)
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -45,3 +48,24 @@ def failure_code(exc: BaseException) -> tuple[str, str]:
         return exc.code, str(exc)
     code = "device_error" if is_fatal_device_error(exc) else "out_of_memory" if is_oom(exc) else "model_error"
     return code, MESSAGES[code]
+
+
+def count_failure(exc: BaseException, size: int, metrics, health, device: torch.device) -> bool:
+    """Count a failed pass of `size` requests; True for a sticky device error, which leaves the CUDA
+    context unusable for good: health is marked broken (/healthz fails) so that the instance is replaced."""
+    if is_fatal_device_error(exc):
+        log.critical("sticky device error in a batch of %d: the engine stops and this instance must be "
+                     "restarted", size, exc_info=exc)
+        metrics.model_failures.labels(reason="device_error").inc()
+        health.mark_broken(f"device error: {type(exc).__name__}: {str(exc).strip()[:200]}")
+        metrics.ready.set(0)
+        return True
+    if is_oom(exc):
+        free_device_cache(device)
+        reason = "out_of_memory"
+    else:
+        log.error("model failure in a batch of %d", size, exc_info=exc)
+        reason = "model_error"
+    metrics.model_failures.labels(reason=reason).inc()
+    health.record_failure()
+    return False

@@ -7,7 +7,6 @@ goes to `sink` as one list. The loop knows requests, outputs and error codes; no
 """
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 import time
@@ -18,10 +17,8 @@ from ..engine.engine import RowFailed, StepFailed
 from ..health import Health
 from ..metrics import WorkerMetrics
 from ..protocol import GENERATE, SENTIMENT, Output, Request, RequestFailed
-from .failures import failure_code, free_device_cache, is_fatal_device_error, is_oom
+from .failures import count_failure, failure_code
 from .queue import RequestQueue, Work
-
-log = logging.getLogger(__name__)
 
 Sink = Callable[[list[Output]], None]
 # The loop gives up the GIL at every device call; with hundreds of HTTP threads runnable, Python's
@@ -238,27 +235,8 @@ class EngineLoop:
             self._final(work, error=exc)
 
     def _after_failure(self, exc: Exception, size: int) -> None:
-        if is_fatal_device_error(exc):
-            self._device_failed(exc, size)
-            return
-        if is_oom(exc):
-            free_device_cache(self.model.device)
-            reason = "out_of_memory"
-        else:
-            log.error("model failure in a batch of %d", size, exc_info=exc)
-            reason = "model_error"
-        self.metrics.model_failures.labels(reason=reason).inc()
-        self.health.record_failure()
-
-    def _device_failed(self, exc: Exception, size: int) -> None:
-        """A sticky device error leaves the CUDA context unusable for good: stop the loop (what it holds
-        is answered as it ends) and mark health broken, so that the instance is replaced."""
-        log.critical("sticky device error in a batch of %d: the engine stops and this instance must be "
-                     "restarted", size, exc_info=exc)
-        self.metrics.model_failures.labels(reason="device_error").inc()
-        self.device_error = exc
-        self.health.mark_broken(f"device error: {type(exc).__name__}: {str(exc).strip()[:200]}")
-        self.metrics.ready.set(0)
+        if count_failure(exc, size, self.metrics, self.health, self.model.device):
+            self.device_error = exc  # the loop ends: what it holds is answered as it does
 
     def _final(self, work: Work, error: Exception | None = None, **fields) -> None:
         """The request's last output, with every generated token not sent yet."""
