@@ -1,11 +1,18 @@
 """Fixtures shared by every test folder: the tiny random-weight Qwen2 model, real workers, real nginx."""
 from __future__ import annotations
 
-import pytest
+import os
 
-from qaio_models import stand_in as stand_in_model
-from qaio_models.demo import build
-from qwen_worker.testing import REPO, SHARED_CPU_WORKER_ENV, GunicornServer, LocalStack, NginxServer
+# The engine's Triton kernels run in Triton's interpreter where there is no GPU. It must be on before
+# anything imports Triton (torch._dynamo does, through transformers), so before the imports below.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from qaio_models import stand_in as stand_in_model  # noqa: E402
+from qaio_models.demo import build  # noqa: E402
+from qwen_worker.testing import REPO, SHARED_CPU_WORKER_ENV, GunicornServer, LocalStack, NginxServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

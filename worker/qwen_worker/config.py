@@ -67,6 +67,17 @@ class WorkerConfig:
     compile: str = _setting("off", "`on`: torch.compile the engine's passes (experimental: it recompiles for each "
                                    "shape bucket, and start-up took over 10 minutes on an H100), `off`",
                             choices=("on", "off"))
+    kernels: str = _setting("torch", "Decode step's kernels: `torch` (torch's operators, attention by "
+                                     "scaled_dot_product_attention over length buckets), `triton` (the engine's own "
+                                     "kernels: attention over the KV cache by per-row lengths, RoPE fused with the K/V "
+                                     "write, add + RMSNorm, SiLU x mul; one decode graph per batch size). Off until a GPU "
+                                     "run has measured it (docs/gpu-engine-notes.md)", choices=("torch", "triton"))
+    sdpa_backend: str = _setting("auto", "Attention backend for prefill and sentiment passes: `auto` (torch's choice), "
+                                         "`efficient`, `flash`, `cudnn`, `math`",
+                                 choices=("auto", "efficient", "flash", "cudnn", "math"))
+    sample_prefilter: int = _setting(0, "Sampled rows draw from their this many most likely tokens (top-k before "
+                                        "top-p; the sort then covers k entries, not the vocabulary); 0: the whole "
+                                        "vocabulary, exact", minimum=0)
     prefill_chunk_tokens: int = _setting(0, "Prompt tokens prefilled per engine step; longer prompts go in chunks, so "
                                             "running replies wait at most one chunk (0: 2048 on a GPU, 512 on a CPU)",
                                          minimum=0)
@@ -160,6 +171,9 @@ class WorkerConfig:
             problems.append("QAIO_DEFAULT_TOP_P must be in (0, 1]")
         if self.metrics_port and self.metrics_port == self.port:
             problems.append("QAIO_METRICS_PORT must differ from QAIO_PORT")
+        if self.kernels == "triton" and not cuda_expected(self.device) and os.environ.get("TRITON_INTERPRET") != "1":
+            problems.append("QAIO_KERNELS=triton needs a GPU (on a CPU only in Triton's interpreter, "
+                            "TRITON_INTERPRET=1, which is for tests)")
         if self.admin_token and not ADMIN_TOKEN.fullmatch(self.admin_token):
             problems.append("QAIO_ADMIN_TOKEN must be at least 16 of A-Z a-z 0-9 . _ ~ + / = -")
         if problems:

@@ -40,6 +40,16 @@ def test_invalid_settings_fail_at_start(env, fragment):
         WorkerConfig.from_env(env)
 
 
+def test_the_triton_kernels_need_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ConfigError, match="QAIO_KERNELS=triton needs a GPU"):
+        WorkerConfig.from_env({"QAIO_KERNELS": "triton", "QAIO_DEVICE": "cpu"})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert WorkerConfig.from_env({"QAIO_KERNELS": "triton", "QAIO_DEVICE": "cpu"}).kernels == "triton"
+    with pytest.raises(ConfigError, match="QAIO_KERNELS must be one of"):
+        WorkerConfig.from_env({"QAIO_KERNELS": "cuda"})
+
+
 def test_unknown_override_is_an_error():
     with pytest.raises(ConfigError, match="unknown"):
         WorkerConfig.from_env({}, modle="x")

@@ -39,8 +39,10 @@ class StepFailed(RuntimeError):
 
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: set[int],
-                 observe_step: Callable[[float, int, str], None] | None = None, clock=time.monotonic):
+                 observe_step: Callable[[float, int, str], None] | None = None, clock=time.monotonic,
+                 sample_prefilter: int = 0):
         self.runner = runner
+        self.sample_prefilter = sample_prefilter
         self.scheduler = scheduler
         self.eos = eos_token_ids
         self.observe_step = observe_step or (lambda seconds, live, path: None)
@@ -115,7 +117,10 @@ class Engine:
             done = [i for i, row in enumerate(rows) if row.prefilled]
             if done:
                 picked = logits[done]
-                self._advance([rows[i] for i in done], picked, picked.argmax(dim=-1))
+                done_rows = [rows[i] for i in done]
+                now = self.clock()
+                for row, token in zip(done_rows, self._pick(done_rows, picked, picked.argmax(dim=-1))):
+                    self._accept(row, token, now)
         decoding = self.scheduler.decoding()
         if not decoding:
             return
@@ -124,10 +129,14 @@ class Engine:
         replays = self.runner.graph_replays
         try:
             logits, greedy = self.runner.decode({row.slot: (row.next_input, row.cached) for row in decoding}, width)
-            slots = torch.tensor([row.slot for row in decoding], device=logits.device)
+            by_slot: list[GenerationRow | None] = [None] * width
             for row in decoding:
                 row.cached += 1
-            self._advance(decoding, logits[slots], greedy[slots])
+                by_slot[row.slot] = row
+            tokens = self._pick(by_slot, logits, greedy)  # the step's one host sync
+            now = self.clock()
+            for row in decoding:
+                self._accept(row, tokens[row.slot], now)
         except StepFailed:
             raise
         except Exception as exc:
@@ -140,18 +149,15 @@ class Engine:
             self._finish(row, exc)
         raise StepFailed(exc, rows) from exc
 
-    def _advance(self, rows: Sequence[GenerationRow], logits: torch.Tensor, greedy: torch.Tensor) -> None:
-        """Pick each row's next token on the device, copy them to the host once, and apply them."""
-        if all(row.greedy for row in rows):
-            tokens = greedy
-        else:
-            temperature = torch.tensor([row.temperature for row in rows], dtype=torch.float32)
-            top_p = torch.tensor([row.top_p for row in rows], dtype=torch.float32)
-            to = dict(device=logits.device, non_blocking=True)
-            tokens = sample(logits, temperature.to(**to), top_p.to(**to))
-        now = self.clock()
-        for row, token in zip(rows, tokens.tolist()):
-            self._accept(row, token, now)
+    def _pick(self, rows: Sequence[GenerationRow | None], logits: torch.Tensor, greedy: torch.Tensor) -> list[int]:
+        """Each row's next token from logits / argmax aligned with rows (None: padding), chosen on the
+        device and copied to the host once. All-greedy steps never touch the logits."""
+        if all(row is None or row.greedy for row in rows):
+            return greedy.tolist()
+        temperature = torch.tensor([row.temperature if row else 0.0 for row in rows], dtype=torch.float32)
+        top_p = torch.tensor([row.top_p if row else 1.0 for row in rows], dtype=torch.float32)
+        to = dict(device=logits.device, non_blocking=True)
+        return sample(logits, temperature.to(**to), top_p.to(**to), prefilter=self.sample_prefilter).tolist()
 
     def _accept(self, row: GenerationRow, token: int, now: float) -> None:
         if token in self.eos:

@@ -7,12 +7,14 @@ eagerly, padded to width and batch buckets, so they too reuse a handful of shape
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
 from typing import Sequence
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .buckets import bucket, doubling
 from .forward import DecoderStack
@@ -41,7 +43,7 @@ class ModelRunner:
     """One model's forward passes over a SlotKVCache of `slots` slots of `max_tokens` tokens."""
 
     def __init__(self, model, *, slots: int, max_tokens: int, prefill_chunk: int, use_graphs: bool,
-                 label_head: torch.Tensor, compile: bool = False):
+                 label_head: torch.Tensor, compile: bool = False, kernels: str = "torch", sdpa_backend: str = "auto"):
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
         self.stack = DecoderStack(model, max_tokens)
@@ -60,6 +62,11 @@ class ModelRunner:
         # A slot that decodes nothing: token 0 at position 0, its key written to scratch, one key attended.
         self._idle_row = (PAD_TOKEN, 0, self.kv.scratch, 1)
         self._inputs = torch.zeros((4, slots), dtype=torch.long, device=self.device)
+        # Their host side: one pinned buffer written in place each step (no tensors built from lists),
+        # copied with one non-blocking transfer. Reusing it is safe: each step ends in a host sync.
+        self._staging = torch.zeros((4, slots), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._staging_np = self._staging.numpy()
+        self._idle_column = torch.tensor(self._idle_row)[:, None].numpy()
         self.use_graphs = use_graphs and self.device.type == "cuda"
         # On a GPU shapes are padded to buckets (graphs, kernel choices and the allocator reuse them);
         # on a CPU every padded row or token is paid in arithmetic, so passes keep their real sizes.
@@ -70,8 +77,21 @@ class ModelRunner:
         self._decode_pass = self.stack.decode
         self._prefill_pass = self.stack.prefill
         self._score_pass = self.stack.score
-        if compile:
+        self.kernels = kernels
+        # Decode graphs by (batch, attend) on the torch path; the kernels read lengths on the device,
+        # so their graphs are by batch alone.
+        self.decode_attend_lengths = self.attend_lengths
+        if kernels == "triton":
+            from .fused_decode import KernelDecode  # imports Triton: only when asked for
+
+            self._decode_pass = KernelDecode(self.stack, self.kv)
+            self.decode_attend_lengths = (max_tokens,)
+        # Prefill and scoring attention backend, chosen once rather than per shape by torch (cuDNN
+        # plans are built per shape and per thread, on the serving path).
+        self.sdpa_backend = sdpa_backend
+        if compile and kernels == "torch":
             self._decode_pass = torch.compile(self.stack.decode, dynamic=True)
+        if compile:
             self._prefill_pass = torch.compile(self.stack.prefill, dynamic=True)
             self._score_pass = torch.compile(self.stack.score, dynamic=True)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
@@ -81,13 +101,23 @@ class ModelRunner:
     def disable_compile(self) -> None:
         """Back to eager passes (a compilation failed: serve slower rather than not at all)."""
         self.compiled = False
-        self._decode_pass, self._prefill_pass, self._score_pass = self.stack.decode, self.stack.prefill, self.stack.score
+        if self.kernels == "torch":
+            self._decode_pass = self.stack.decode
+        self._prefill_pass, self._score_pass = self.stack.prefill, self.stack.score
         self.graphs.clear()
+
+    def _attention_backend(self):
+        """The context prefill and scoring passes run in: QAIO_SDPA_BACKEND's choice, or torch's."""
+        if self.sdpa_backend == "auto":
+            return contextlib.nullcontext()
+        backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                   "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[self.sdpa_backend]
+        return sdpa_kernel([backend, SDPBackend.MATH])  # math: for shapes the chosen one refuses
 
     # ---- decode --------------------------------------------------------------------------------
     def decode_shape(self, width: int, longest: int) -> tuple[int, int]:
         """The (batch, attend) bucket for slots [0, width) whose longest row attends to `longest` keys."""
-        return bucket(width, self.batch_sizes) if self.pad_shapes else width, bucket(longest, self.attend_lengths)
+        return bucket(width, self.batch_sizes) if self.pad_shapes else width, bucket(longest, self.decode_attend_lengths)
 
     def _decode_fixed(self, n: int, attend: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, positions, write_at, lengths = self._inputs[:, :n]
@@ -105,7 +135,7 @@ class ModelRunner:
         pool = None
         side = torch.cuda.Stream(self.device)
         for n in reversed(self.batch_sizes):
-            for attend in reversed(self.attend_lengths):
+            for attend in reversed(self.decode_attend_lengths):
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, autotuning
                     self._decode_fixed(n, attend)
@@ -129,10 +159,15 @@ class ModelRunner:
         """
         longest = max(position + 1 for _, position in rows.values())
         n, attend = self.decode_shape(width, longest)
-        tokens, positions, write_at, lengths = ([value] * n for value in self._idle_row)
-        for slot, (token, position) in rows.items():
-            tokens[slot], positions[slot], write_at[slot], lengths[slot] = token, position, position, position + 1
-        self._inputs[:, :n].copy_(torch.tensor([tokens, positions, write_at, lengths]), non_blocking=True)
+        staging = self._staging_np
+        staging[:, :n] = self._idle_column
+        slots = list(rows)
+        tokens, positions = zip(*rows.values())
+        staging[0, slots] = tokens
+        staging[1, slots] = positions
+        staging[2, slots] = positions
+        staging[3, slots] = [p + 1 for p in positions]
+        self._inputs[:, :n].copy_(self._staging[:, :n], non_blocking=True)
         graph = self.graphs.get((n, attend))
         if graph is not None:
             graph[0].replay()
@@ -178,8 +213,9 @@ class ModelRunner:
             longest = max(longest, chunk.start + length)
         attend = bucket(longest, self.attend_lengths)
         to = dict(device=self.device, non_blocking=True)
-        out = self._prefill_pass(self.kv, slots.to(**to), tokens.to(**to), positions.to(**to), write_at.to(**to),
-                                 last.to(**to), attend)
+        with self._attention_backend():
+            out = self._prefill_pass(self.kv, slots.to(**to), tokens.to(**to), positions.to(**to),
+                                     write_at.to(**to), last.to(**to), attend)
         return out[:len(chunks)]
 
     # ---- sentiment scoring ---------------------------------------------------------------------
@@ -209,5 +245,6 @@ class ModelRunner:
         for b, text in enumerate(texts):
             tokens[b, :len(text)] = torch.as_tensor(text, dtype=torch.long)
             last[b] = len(text) - 1
-        out = self._score_pass(prefix, tokens.to(self.device), last.to(self.device), self.label_head)
+        with self._attention_backend():
+            out = self._score_pass(prefix, tokens.to(self.device), last.to(self.device), self.label_head)
         return out[:len(texts)].cpu()

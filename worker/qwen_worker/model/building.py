@@ -23,7 +23,7 @@ def build_engine(model, config, device: torch.device, dtype: torch.dtype, label_
         check_kv_fits(model, config.max_batch_size, max_tokens, device, dtype)
     runner = ModelRunner(model, slots=config.max_batch_size, max_tokens=max_tokens, prefill_chunk=chunk,
                          use_graphs=config.cuda_graphs == "on", label_head=label_head,
-                         compile=config.compile == "on")
+                         compile=config.compile == "on", kernels=config.kernels, sdpa_backend=config.sdpa_backend)
     try:
         runner.capture_graphs()
     except Exception:
@@ -32,7 +32,8 @@ def build_engine(model, config, device: torch.device, dtype: torch.dtype, label_
         log.exception("torch.compile failed; the engine runs eager passes instead")
         runner.disable_compile()
         runner.capture_graphs()
-    return Engine(runner, Scheduler(config.max_batch_size, max_tokens, chunk), eos_token_ids)
+    return Engine(runner, Scheduler(config.max_batch_size, max_tokens, chunk), eos_token_ids,
+                  sample_prefilter=config.sample_prefilter)
 
 
 def check_kv_fits(model, slots: int, max_tokens: int, device: torch.device, dtype: torch.dtype) -> None:

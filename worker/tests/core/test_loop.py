@@ -149,3 +149,23 @@ def test_the_engine_side_imports_no_flask():
     code = ("import sys, qwen_worker.engine_server, qwen_worker.core.host, qwen_worker.client.remote; "
             "sys.exit('flask' in sys.modules or 'werkzeug' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_an_out_of_memory_scoring_pass_fails_only_its_requests_while_a_generation_goes_on(loop, model, monkeypatch):
+    sink = loop.sink_for_tests
+    real_score = model.score_sentiment
+
+    def injected_allocation_failure(prompts):
+        raise __import__("torch").cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    loop.submit(generation(model, 40, max_tokens=6))
+    eventually(lambda: 40 in sink.outputs, what="the generation started")
+    monkeypatch.setattr(model, "score_sentiment", injected_allocation_failure)
+    for request_id in (41, 42):
+        loop.submit(sentiment(model, request_id))
+    for request_id in (41, 42):
+        assert sink.final(request_id).error == "out_of_memory"
+    monkeypatch.setattr(model, "score_sentiment", real_score)
+    assert sink.final(40).finish_reason == "length"
+    loop.submit(sentiment(model, 43))
+    assert sink.final(43).scores is not None

@@ -198,3 +198,26 @@ def test_the_fused_weights_path_gives_what_the_layers_own_modules_give(tiny_mode
     prompts = [service.prompter.sentiment_ids(t, "zh") for t in ("很好吃", "太慢了，凉了")]
     for a, b in zip(fused.score_sentiment(prompts), service.score_sentiment(prompts)):
         assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_an_out_of_memory_decode_fails_the_rows_it_carried_frees_their_slots_and_the_engine_goes_on(service,
+                                                                                                    monkeypatch):
+    engine = service.engine
+    before = alone(service, "after the failure", 6)
+    doomed = [GenerationRow(prompt(service, f"doomed {i}"), 8) for i in range(2)]
+    errors = {}
+    for i, r in enumerate(doomed):
+        engine.add(r, lambda r, e, i=i: errors.__setitem__(i, e))
+    engine.step()  # prefill: both rows now decode
+
+    def injected_allocation_failure(rows, width):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(engine.runner, "decode", injected_allocation_failure)
+    with pytest.raises(StepFailed) as failed:
+        engine.step()
+    assert {id(r) for r in failed.value.rows} == {id(r) for r in doomed}
+    assert all(is_oom(errors[i]) for i in range(2)) and all(r.slot is None for r in doomed)
+    assert engine.live() == 0 and engine.free_slots() == engine.runner.slots
+    monkeypatch.undo()
+    assert alone(service, "after the failure", 6) == before

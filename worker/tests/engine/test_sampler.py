@@ -27,3 +27,26 @@ def test_a_tiny_top_p_is_greedy():
     logits = torch.randn(64, 1000)
     tokens = sample(logits, torch.full((64,), 1.3), torch.full((64,), 1e-6))
     assert torch.equal(tokens, logits.argmax(-1))
+
+
+def test_a_prefilter_draws_only_from_each_rows_top_k_and_keeps_the_distribution_within_them():
+    torch.manual_seed(3)
+    logits = torch.randn(8, 5000) * 3
+    top = logits.topk(16, dim=-1).indices
+    tokens = sample(logits.repeat(250, 1), torch.full((2000,), 1.0), torch.ones(2000),
+                    torch.Generator().manual_seed(4), prefilter=16)
+    for row, token in zip(range(2000), tokens.tolist()):
+        assert token in top[row % 8].tolist()
+    # Within the top k, the frequencies are the renormalised probabilities (row 0, 250 draws).
+    probs = logits[0, top[0]].softmax(-1)
+    drawn = tokens.view(250, 8)[:, 0]
+    assert abs((drawn == top[0, 0]).float().mean().item() - probs[0].item()) < 0.1
+
+
+def test_a_prefilter_keeps_greedy_rows_and_the_nucleus_rule():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05] + [0.0] * 60] * 1000) + 1e-9
+    temperature = torch.tensor([0.0] * 500 + [1.0] * 500)
+    top_p = torch.tensor([1.0] * 500 + [0.75] * 500)
+    tokens = sample(probs.log(), temperature, top_p, torch.Generator().manual_seed(0), prefilter=3)
+    assert (tokens[:500] == 0).all()
+    assert set(tokens[500:].tolist()) == {0, 1}

@@ -1,0 +1,70 @@
+"""The engine's logits against transformers' own forward pass, teacher-forced, in float32 on this
+CPU: prefill then one decode step per token, two rows of different lengths sharing the steps. Both
+decode paths (torch, the Triton kernels), with the real sizes a CPU uses and with the GPU's padding
+and bucketing forced, must agree with transformers within 1e-4."""
+import pytest
+import torch
+
+from qwen_worker.config import WorkerConfig
+from qwen_worker.engine.model_runner import PrefillChunk
+from qwen_worker.model import ModelService
+from qwen_worker.prompts import Message
+
+TOLERANCE = 1e-4
+
+
+def load(model_dir: str, kernels: str) -> ModelService:
+    config = WorkerConfig.from_env({}, model=model_dir, max_batch_size=4, max_prompt_tokens=256,
+                                   max_tokens_limit=64, default_max_tokens=16, kernels=kernels, cpu_linear="default")
+    service = ModelService(config)
+    service.load()
+    return service
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    return load(tiny_model_dir, "torch")
+
+
+def sequences(service) -> list[list[int]]:
+    """Two chat prompts followed by tokens to force (any ids: teacher forcing needs no model choice)."""
+    generator = torch.Generator().manual_seed(5)
+    out = []
+    for text, forced in (("你好，今天怎么样？", 12), ("a much longer question about the weather " * 3, 20)):
+        prompt = service.prompter.chat_ids([Message("user", text)])
+        out.append(prompt + torch.randint(0, 150000, (forced,), generator=generator).tolist())
+    return out
+
+
+def engine_logits(service, rows: list[list[int]], prompt_lengths: list[int]) -> list[torch.Tensor]:
+    """Each row's logits at every position from its prompt's last token on: one prefill pass, then
+    decode steps that feed the forced tokens, all rows in the same steps."""
+    runner = service.engine.runner
+    first = runner.prefill([PrefillChunk(slot, row[:n], 0) for slot, (row, n) in enumerate(zip(rows, prompt_lengths))])
+    out = [[first[slot].float()] for slot in range(len(rows))]
+    for step in range(max(len(r) - n for r, n in zip(rows, prompt_lengths)) - 1):
+        feeding = {slot: (row[n + step], n + step) for slot, (row, n) in enumerate(zip(rows, prompt_lengths))
+                   if n + step + 1 < len(row)}
+        logits, _ = runner.decode(feeding, max(feeding) + 1)
+        for slot in feeding:
+            out[slot].append(logits[slot].float())
+    return [torch.stack(o) for o in out]
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+@pytest.mark.parametrize("padded", [False, True], ids=["real sizes", "GPU padding forced"])
+def test_teacher_forced_logits_equal_transformers_in_float32(tiny_model_dir, reference, kernels, padded):
+    service = reference if kernels == "torch" else load(tiny_model_dir, kernels)
+    service.engine.runner.pad_shapes = padded
+    try:
+        rows = sequences(service)
+        prompt_lengths = [len(service.prompter.chat_ids([Message("user", t)]))
+                          for t in ("你好，今天怎么样？", "a much longer question about the weather " * 3)]
+        got = engine_logits(service, rows, prompt_lengths)
+        with torch.inference_mode():
+            for row, n, logits in zip(rows, prompt_lengths, got):
+                want = reference.model(torch.tensor([row])).logits[0, n - 1:len(row) - 1].float()
+                assert logits.shape == want.shape
+                assert (logits - want).abs().max().item() <= TOLERANCE
+    finally:
+        service.engine.runner.pad_shapes = False
