@@ -42,11 +42,12 @@ def sentiment_call(session: requests.Session, url: str, text: str) -> Outcome:
     return Outcome(time.perf_counter() - started, ok=response.status_code == 200)
 
 
-def chat_call(session: requests.Session, url: str, text: str, max_tokens: int) -> Outcome:
-    """A streamed greedy chat: time to the first delta, total time, tokens from the final event."""
+def chat_call(session: requests.Session, url: str, text: str, max_tokens: int, **sampling) -> Outcome:
+    """A streamed chat (greedy unless sampling says otherwise): time to the first delta, total time,
+    tokens from the final event."""
     started = time.perf_counter()
     ttft, tokens, ok = None, 0, False
-    body = {"text": text, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body = {"text": text, "max_tokens": max_tokens, "temperature": 0, "stream": True, **sampling}
     with session.post(url + "/v1/chat", json=body, stream=True, timeout=600) as response:
         for line in response.iter_lines(decode_unicode=True):
             if not line.startswith("data: "):
@@ -88,9 +89,10 @@ def run_level(call, texts: list[str], concurrency: int) -> LevelResult:
     return LevelResult(concurrency, time.perf_counter() - started, outcomes)
 
 
-def _level_in_process(kind: str, url: str, texts: list[str], concurrency: int, max_tokens: int, ready, go, results):
+def _level_in_process(kind: str, url: str, texts: list[str], concurrency: int, max_tokens: int, sampling: dict,
+                      ready, go, results):
     call = (lambda s, t: sentiment_call(s, url, t)) if kind == "sentiment" else \
-        (lambda s, t: chat_call(s, url, t, max_tokens))
+        (lambda s, t: chat_call(s, url, t, max_tokens, **sampling))
     ready.release()
     go.wait()
     started = time.time()
@@ -99,7 +101,7 @@ def _level_in_process(kind: str, url: str, texts: list[str], concurrency: int, m
 
 
 def run_level_processes(kind: str, url: str, texts: list[str], concurrency: int, max_tokens: int,
-                        processes: int | None = None) -> dict:
+                        processes: int | None = None, sampling: dict | None = None) -> dict:
     """run_level spread over several client processes, so that at thousands of events per second the
     client's own GIL is not what is measured. Returns the level's summary."""
     import multiprocessing
@@ -111,7 +113,7 @@ def run_level_processes(kind: str, url: str, texts: list[str], concurrency: int,
     shares = [texts[i::processes] for i in range(processes)]
     workers = [ctx.Process(target=_level_in_process,
                            args=(kind, url, shares[i], concurrency // processes + (i < concurrency % processes),
-                                 max_tokens, ready, go, results)) for i in range(processes)]
+                                 max_tokens, sampling or {}, ready, go, results)) for i in range(processes)]
     for worker in workers:
         worker.start()
     for _ in workers:

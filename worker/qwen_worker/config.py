@@ -75,6 +75,10 @@ class WorkerConfig:
     sdpa_backend: str = _setting("auto", "Attention backend for prefill and sentiment passes: `auto` (torch's choice), "
                                          "`efficient`, `flash`, `cudnn`, `math`",
                                  choices=("auto", "efficient", "flash", "cudnn", "math"))
+    sample_candidates: int = _setting(-1, "Sampled rows order only their this many most likely tokens for top-p, "
+                                          "exact: a step where some row's nucleus reaches past them sorts the whole "
+                                          "vocabulary instead; 0: always the whole vocabulary; -1: 1024 on a CPU "
+                                          "(measured), 0 on a GPU until a GPU run has measured it", minimum=-1)
     sample_prefilter: int = _setting(0, "Sampled rows draw from their this many most likely tokens (top-k before "
                                         "top-p; the sort then covers k entries, not the vocabulary); 0: the whole "
                                         "vocabulary, exact", minimum=0)
@@ -187,6 +191,7 @@ class WorkerConfig:
         engine_process = self.engine_process if self.engine_process != "auto" else ("on" if on_gpu else "off")
         fill.update(prefill_chunk_tokens=self.prefill_chunk_tokens or (2048 if on_gpu else 512),
                     cuda_graphs=self.cuda_graphs if self.cuda_graphs != "auto" else ("on" if on_gpu else "off"))
+        fill.update(sample_candidates=self.sample_candidates if self.sample_candidates >= 0 else (0 if on_gpu else 1024))
         fill.update(engine_process=engine_process,
                     workers=self.workers or (4 if engine_process == "on" and on_gpu else 1))
         if not self.instance_id:

@@ -40,9 +40,13 @@ class StepFailed(RuntimeError):
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: set[int],
                  observe_step: Callable[[float, int, str], None] | None = None, clock=time.monotonic,
-                 sample_prefilter: int = 0):
+                 sample_prefilter: int = 0, sample_candidates: int = 0):
         self.runner = runner
         self.sample_prefilter = sample_prefilter
+        self.sample_candidates = sample_candidates
+        # Host seconds per phase of the decode part of a step, summed, when a benchmark sets a dict:
+        # launch (inputs built, graph launched), wait (the host sync: device time not hidden), book (the rows).
+        self.phase_seconds: dict[str, float] | None = None
         self.scheduler = scheduler
         self.eos = eos_token_ids
         self.observe_step = observe_step or (lambda seconds, live, path: None)
@@ -129,6 +133,7 @@ class Engine:
         replays = self.runner.graph_replays
         try:
             logits, greedy = self.runner.decode({row.slot: (row.next_input, row.cached) for row in decoding}, width)
+            launched = self.clock()
             by_slot: list[GenerationRow | None] = [None] * width
             for row in decoding:
                 row.cached += 1
@@ -137,6 +142,10 @@ class Engine:
             now = self.clock()
             for row in decoding:
                 self._accept(row, tokens[row.slot], now)
+            if self.phase_seconds is not None:
+                for phase, seconds in (("launch", launched - started), ("wait", now - launched),
+                                       ("book", self.clock() - now)):
+                    self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
         except StepFailed:
             raise
         except Exception as exc:
@@ -157,7 +166,8 @@ class Engine:
         temperature = torch.tensor([row.temperature if row else 0.0 for row in rows], dtype=torch.float32)
         top_p = torch.tensor([row.top_p if row else 1.0 for row in rows], dtype=torch.float32)
         to = dict(device=logits.device, non_blocking=True)
-        return sample(logits, temperature.to(**to), top_p.to(**to), prefilter=self.sample_prefilter).tolist()
+        return sample(logits, temperature.to(**to), top_p.to(**to), prefilter=self.sample_prefilter,
+                      candidates=self.sample_candidates).tolist()
 
     def _accept(self, row: GenerationRow, token: int, now: float) -> None:
         if token in self.eos:

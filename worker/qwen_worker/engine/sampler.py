@@ -5,12 +5,15 @@ import torch
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           generator: torch.Generator | None = None, prefilter: int = 0) -> torch.Tensor:
+           generator: torch.Generator | None = None, prefilter: int = 0, candidates: int = 0) -> torch.Tensor:
     """One token per row of logits [n, vocab]. Rows with temperature 0 take their argmax; the others
-    draw from their temperature-scaled distribution cut to the top-p nucleus. No host sync.
+    draw from their temperature-scaled distribution cut to the top-p nucleus.
 
-    prefilter k > 0: only each row's k most likely tokens can be drawn (top-k, then top-p within
-    them), so the sort covers k entries instead of the whole vocabulary; 0 is exact.
+    The nucleus needs the tokens in order of probability. By default the whole vocabulary is sorted
+    (no host sync). candidates k > 0: only the k most likely are ordered (topk), which is exact when
+    every sampled row's nucleus ends within them, checked with one host sync; a row whose nucleus does
+    not falls back to the full sort for the step. prefilter k > 0: only the k most likely tokens can be
+    drawn at all (top-k, then top-p within them; no sync, not exact).
 
     The draw uses the exponential race (argmax of p / E with E ~ Exp(1) picks index i with probability
     p_i), which needs no cumulative sampling kernel and runs the same on CPU and GPU.
@@ -18,12 +21,20 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     logits = logits.float()
     greedy_tokens = logits.argmax(dim=-1)
     greedy = temperature <= 0
-    if 0 < prefilter < logits.shape[-1]:
-        logits, order = logits.topk(prefilter, dim=-1)  # sorted, most likely first
-        probs = (logits / torch.where(greedy, 1.0, temperature)[:, None]).softmax(dim=-1)
+    scale = torch.where(greedy, 1.0, temperature)[:, None]
+    vocab = logits.shape[-1]
+    if 0 < prefilter < vocab:
+        top, order = logits.topk(prefilter, dim=-1)  # sorted, most likely first
+        probs = (top / scale).softmax(dim=-1)
     else:
-        scaled = logits / torch.where(greedy, 1.0, temperature)[:, None]
-        probs, order = scaled.softmax(dim=-1).sort(dim=-1, descending=True)
+        full = (logits / scale).softmax(dim=-1)
+        probs = order = None
+        if 0 < candidates < vocab:
+            probs, order = full.topk(candidates, dim=-1)
+            if not bool(((probs.sum(dim=-1) >= top_p) | greedy).all()):
+                probs = None  # some nucleus reaches past the candidates
+        if probs is None:
+            probs, order = full.sort(dim=-1, descending=True)
     # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
     probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p[:, None], 0.0)
     race = torch.empty_like(probs).exponential_(generator=generator)

@@ -33,7 +33,7 @@ def build_engine(model, config, device: torch.device, dtype: torch.dtype, label_
         runner.disable_compile()
         runner.capture_graphs()
     return Engine(runner, Scheduler(config.max_batch_size, max_tokens, chunk), eos_token_ids,
-                  sample_prefilter=config.sample_prefilter)
+                  sample_prefilter=config.sample_prefilter, sample_candidates=config.sample_candidates)
 
 
 def check_kv_fits(model, slots: int, max_tokens: int, device: torch.device, dtype: torch.dtype) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qwen_worker.config import WorkerConfig
-from qwen_worker.engine.model_runner import PrefillChunk
+from qwen_worker.engine.teacher import reference_logits, teacher_forced_logits
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
 
@@ -36,21 +36,6 @@ def sequences(service) -> list[list[int]]:
     return out
 
 
-def engine_logits(service, rows: list[list[int]], prompt_lengths: list[int]) -> list[torch.Tensor]:
-    """Each row's logits at every position from its prompt's last token on: one prefill pass, then
-    decode steps that feed the forced tokens, all rows in the same steps."""
-    runner = service.engine.runner
-    first = runner.prefill([PrefillChunk(slot, row[:n], 0) for slot, (row, n) in enumerate(zip(rows, prompt_lengths))])
-    out = [[first[slot].float()] for slot in range(len(rows))]
-    for step in range(max(len(r) - n for r, n in zip(rows, prompt_lengths)) - 1):
-        feeding = {slot: (row[n + step], n + step) for slot, (row, n) in enumerate(zip(rows, prompt_lengths))
-                   if n + step + 1 < len(row)}
-        logits, _ = runner.decode(feeding, max(feeding) + 1)
-        for slot in feeding:
-            out[slot].append(logits[slot].float())
-    return [torch.stack(o) for o in out]
-
-
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("padded", [False, True], ids=["real sizes", "GPU padding forced"])
 def test_teacher_forced_logits_equal_transformers_in_float32(tiny_model_dir, reference, kernels, padded):
@@ -60,11 +45,10 @@ def test_teacher_forced_logits_equal_transformers_in_float32(tiny_model_dir, ref
         rows = sequences(service)
         prompt_lengths = [len(service.prompter.chat_ids([Message("user", t)]))
                           for t in ("你好，今天怎么样？", "a much longer question about the weather " * 3)]
-        got = engine_logits(service, rows, prompt_lengths)
-        with torch.inference_mode():
-            for row, n, logits in zip(rows, prompt_lengths, got):
-                want = reference.model(torch.tensor([row])).logits[0, n - 1:len(row) - 1].float()
-                assert logits.shape == want.shape
-                assert (logits - want).abs().max().item() <= TOLERANCE
+        got = teacher_forced_logits(service.engine.runner, rows, prompt_lengths)
+        for row, n, logits in zip(rows, prompt_lengths, got):
+            want = reference_logits(reference.model, row, n)
+            assert logits.shape == want.shape
+            assert (logits - want).abs().max().item() <= TOLERANCE
     finally:
         service.engine.runner.pad_shapes = False

@@ -50,3 +50,20 @@ def test_a_prefilter_keeps_greedy_rows_and_the_nucleus_rule():
     tokens = sample(probs.log(), temperature, top_p, torch.Generator().manual_seed(0), prefilter=3)
     assert (tokens[:500] == 0).all()
     assert set(tokens[500:].tolist()) == {0, 1}
+
+
+def test_candidates_are_exact_where_the_nucleus_fits_and_fall_back_where_it_does_not():
+    """Peaked rows (nucleus within the candidates) draw from the candidates with the full sort's law;
+    a flat row whose nucleus is wider than the candidates falls back to the full sort."""
+    torch.manual_seed(6)
+    peaked = torch.randn(500, 4000) * 6
+    temperature, top_p = torch.full((500,), 0.7), torch.full((500,), 0.9)
+    full = sample(peaked, temperature, top_p, torch.Generator().manual_seed(7))
+    narrowed = sample(peaked, temperature, top_p, torch.Generator().manual_seed(7), candidates=256)
+    # The race draws over k entries instead of the vocabulary: different random numbers, same law.
+    top = peaked.topk(256, dim=-1).indices
+    assert all(t in top[i].tolist() for i, t in enumerate(narrowed.tolist()))
+    assert abs((full == peaked.argmax(-1)).float().mean() - (narrowed == peaked.argmax(-1)).float().mean()) < 0.08
+    flat = torch.zeros(200, 4000)
+    drawn = sample(flat, torch.ones(200), torch.full((200,), 0.9), torch.Generator().manual_seed(8), candidates=16)
+    assert len(set(drawn.tolist())) > 100  # from ~3,600 tokens, not from 16

@@ -1,0 +1,33 @@
+"""Teacher-forced logits through the engine's own passes, for comparing the engine with transformers
+(the CPU tests in float32, bench/gpu.py in bfloat16 on a GPU)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .model_runner import ModelRunner, PrefillChunk
+
+
+def teacher_forced_logits(runner: ModelRunner, rows: Sequence[Sequence[int]],
+                          prompt_lengths: Sequence[int]) -> list[torch.Tensor]:
+    """Each row's float32 logits at every position from its prompt's last token to its second-to-last
+    token: one prefill pass of the prompts, then decode steps feeding the rest, all rows in the same
+    steps (slots 0..len(rows)-1, which must be free)."""
+    first = runner.prefill([PrefillChunk(slot, row[:n], 0) for slot, (row, n) in enumerate(zip(rows, prompt_lengths))])
+    out = [[first[slot].float()] for slot in range(len(rows))]
+    for step in range(max(len(r) - n for r, n in zip(rows, prompt_lengths)) - 1):
+        feeding = {slot: (row[n + step], n + step) for slot, (row, n) in enumerate(zip(rows, prompt_lengths))
+                   if n + step + 1 < len(row)}
+        logits, _ = runner.decode(feeding, max(feeding) + 1)
+        for slot in feeding:
+            out[slot].append(logits[slot].float())
+    return [torch.stack(o) for o in out]
+
+
+def reference_logits(model, row: Sequence[int], prompt_length: int) -> torch.Tensor:
+    """transformers' float32 logits of `row` at the same positions, one full forward pass."""
+    weight = model.get_input_embeddings().weight
+    with torch.inference_mode():
+        logits = model(torch.tensor([list(row)], device=weight.device)).logits
+    return logits[0, prompt_length - 1:len(row) - 1].float()
