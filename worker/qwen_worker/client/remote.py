@@ -33,6 +33,8 @@ class RemoteClient(EngineClient):
         self._status = Status("loading")
         self._conn: Connection | None = None
         self._send_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[tuple] = []
         self._replies: dict[int, Future] = {}
         self._control_ids = iter(range(1, 2**62))
         self._stopping = False
@@ -148,9 +150,16 @@ class RemoteClient(EngineClient):
             pass  # the engine is gone: nothing runs for it any more
 
     def _send(self, message) -> None:
+        """Messages posted while another thread is sending go in the next send, together (one
+        syscall and one pickle for many requests under load); order is kept."""
+        with self._pending_lock:
+            self._pending.append(encode(message))
         try:
             with self._send_lock:
-                self._conn.send([encode(message)])
+                with self._pending_lock:
+                    batch, self._pending = self._pending, []
+                if batch:  # empty: another thread sent ours with its own
+                    self._conn.send(batch)
         except (OSError, AttributeError, ValueError):
             raise RequestFailed("engine_lost", "the model process of this instance is not reachable") from None
 

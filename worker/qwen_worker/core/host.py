@@ -36,10 +36,14 @@ class EngineHost:
         self.heap: dict[str, int] | None = None  # this process's C heap as last read (engine process)
 
     def start(self) -> None:
-        """Load the model in the background; the status says loading meanwhile."""
-        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+        """Load the model in the background, then serve on that same thread; the status says loading meanwhile."""
+        threading.Thread(target=self._load_and_serve, name="model-loader", daemon=True).start()
 
-    def _load(self) -> None:
+    def _load_and_serve(self) -> None:
+        if self._load():
+            self.loop.run_here()
+
+    def _load(self) -> bool:
         model = self.model
         try:
             model.load()
@@ -51,16 +55,17 @@ class EngineHost:
                 model.warmup()
             info = model.describe()
             self.metrics.set_model_info(info, self.config.instance_id)
-            self.loop.start()
             HeapTrimmer(self.config.heap_trim_s).start()
             self.health.mark_ready()
             self.metrics.ready.set(1)
             log.info("model ready", extra={**info, "parameters": model.parameter_count,
                                            "load_seconds": round(model.load_seconds, 2)})
             self._warn_if_not_the_model()
+            return True
         except Exception as exc:
             log.exception("model load failed")
             self.health.mark_failed(f"{type(exc).__name__}: {exc}")
+            return False
         finally:
             self.loaded.set()
 

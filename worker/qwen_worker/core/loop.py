@@ -84,6 +84,14 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
+    def run_here(self) -> None:
+        """Serve on the calling thread until stopped: the thread that loaded and warmed the model, so
+        per-thread state it built (cuDNN execution plans, CUDA graph pools) is what serving uses."""
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
+        self._thread = threading.current_thread()
+        self._thread.name = "engine"
+        self._run()
+
     def stop(self) -> None:
         with self.queue.cond:
             self._stopping = True

@@ -228,15 +228,15 @@ class ModelRunner:
         pad 255 short ones to its length); on a CPU, where shapes cost nothing, each pass is padded
         only to its longest text.
         """
-        logits = torch.empty((len(texts), self.label_head.shape[0]), dtype=torch.float32)
         if self.device.type == "cpu":
             return self._score_group(prefix, texts, max(len(t) for t in texts))
+        logits = torch.empty((len(texts), self.label_head.shape[0]), dtype=torch.float32, device=self.device)
         groups: dict[int, list[int]] = {}
         for i, text in enumerate(texts):
             groups.setdefault(_round_up(len(text), self.widths), []).append(i)
         for width, members in groups.items():
             logits[members] = self._score_group(prefix, [texts[i] for i in members], width)
-        return logits
+        return logits.cpu()  # the pass's one device-to-host copy
 
     def _score_group(self, prefix, texts: Sequence[Sequence[int]], width: int) -> torch.Tensor:
         batch = _round_up(len(texts), self.batch_sizes, step=self.slots) if self.pad_shapes else len(texts)
@@ -247,4 +247,4 @@ class ModelRunner:
             last[b] = len(text) - 1
         with self._attention_backend():
             out = self._score_pass(prefix, tokens.to(self.device), last.to(self.device), self.label_head)
-        return out[:len(texts)].cpu()
+        return out[:len(texts)]
