@@ -82,17 +82,18 @@ class ModelRunner:
         # so their graphs are by batch alone.
         self.decode_attend_lengths = self.attend_lengths
         if kernels == "triton":
-            from .fused_decode import KernelDecode  # imports Triton: only when asked for
+            from .kernel_passes import KernelPasses  # imports Triton: only when asked for
 
-            self._decode_pass = KernelDecode(self.stack, self.kv)
+            passes = KernelPasses(self.stack, self.kv)
+            self._decode_pass, self._prefill_pass = passes.decode, passes.prefill
             self.decode_attend_lengths = (max_tokens,)
         # Prefill and scoring attention backend, chosen once rather than per shape by torch (cuDNN
         # plans are built per shape and per thread, on the serving path).
         self.sdpa_backend = sdpa_backend
         if compile and kernels == "torch":
             self._decode_pass = torch.compile(self.stack.decode, dynamic=True)
-        if compile:
             self._prefill_pass = torch.compile(self.stack.prefill, dynamic=True)
+        if compile:
             self._score_pass = torch.compile(self.stack.score, dynamic=True)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.graph_replays = 0
@@ -102,8 +103,8 @@ class ModelRunner:
         """Back to eager passes (a compilation failed: serve slower rather than not at all)."""
         self.compiled = False
         if self.kernels == "torch":
-            self._decode_pass = self.stack.decode
-        self._prefill_pass, self._score_pass = self.stack.prefill, self.stack.score
+            self._decode_pass, self._prefill_pass = self.stack.decode, self.stack.prefill
+        self._score_pass = self.stack.score
         self.graphs.clear()
 
     def _attention_backend(self):

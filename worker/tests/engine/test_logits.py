@@ -52,3 +52,29 @@ def test_teacher_forced_logits_equal_transformers_in_float32(tiny_model_dir, ref
             assert (logits - want).abs().max().item() <= TOLERANCE
     finally:
         service.engine.runner.pad_shapes = False
+
+
+def test_the_triton_passes_generate_what_the_torch_path_does_with_chunked_prefill_and_rows_joining(tiny_model_dir,
+                                                                                                   reference):
+    from qwen_worker.engine import GenerationRow
+
+    config = WorkerConfig.from_env({}, model=tiny_model_dir, max_batch_size=4, max_prompt_tokens=256,
+                                   max_tokens_limit=64, default_max_tokens=16, kernels="triton", cpu_linear="default",
+                                   prefill_chunk_tokens=16)
+    kernels = ModelService(config)
+    kernels.load()
+    texts = ["a much longer question about the weather " * 3, "你好", "短", "🍜 ok"]
+
+    def run(service):
+        rows = [GenerationRow(service.prompter.chat_ids([Message("user", t)]), n) for t, n in zip(texts[:2], (9, 5))]
+        for row in rows:
+            service.engine.add(row, lambda row, error: None)
+        service.engine.step()  # the first rows are under way when the next join
+        rows += [GenerationRow(service.prompter.chat_ids([Message("user", t)]), n) for t, n in zip(texts[2:], (7, 3))]
+        for row in rows[2:]:
+            service.engine.add(row, lambda row, error: None)
+        while service.engine.has_work():
+            service.engine.step()
+        return [row.tokens for row in rows]
+
+    assert run(kernels) == run(reference)

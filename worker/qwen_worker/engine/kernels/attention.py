@@ -62,19 +62,22 @@ def _split_pass(Q, K, V, Table, Lengths, MidO, MidL, scale, page_size,
     out = acc / tl.maximum(total, 1e-30)[:, None]
     lse = m + tl.log(tl.maximum(total, 1e-30))
     lse = tl.where(total > 0, lse, float("-inf"))
+    # A split past the row's end stores nothing; the merge does not read it.
+    g_used = g_ok & ((tl.zeros([BLOCK_G], tl.int32) + start) < length)
     tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + d[None, :], out,
-             mask=g_ok[:, None] & d_ok[None, :])
-    tl.store(MidL + b * stride_lb + heads * stride_lh + split, lse, mask=g_ok)
+             mask=g_used[:, None] & d_ok[None, :])
+    tl.store(MidL + b * stride_lb + heads * stride_lh + split, lse, mask=g_used)
 
 
 @triton.jit
-def _merge_pass(MidO, MidL, Out, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob, stride_oh,
-                SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _merge_pass(MidO, MidL, Out, Lengths, stride_mb, stride_mh, stride_ms, stride_lb, stride_lh, stride_ob,
+                stride_oh, SPLIT: tl.constexpr, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    s_ok = s < SPLITS
+    s_ok = s < tl.cdiv(tl.load(Lengths + b), SPLIT)  # the splits that held keys of this row
     lse = tl.load(MidL + b * stride_lb + h * stride_lh + s, mask=s_ok, other=float("-inf"))
     weight = tl.exp(lse - tl.max(lse, 0))
     weight = tl.where(s_ok & (lse > float("-inf")), weight, 0.0)
@@ -104,7 +107,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim, BLOCK_D=block_d,
         SPLIT=SPLIT_TOKENS, BLOCK_N=BLOCK_N)
     _merge_pass[(batch, heads)](
-        mid_o, mid_l, out, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
-        out.stride(0), out.stride(1), SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits), HEAD_DIM=dim,
-        BLOCK_D=block_d)
+        mid_o, mid_l, out, lengths, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0),
+        mid_l.stride(1), out.stride(0), out.stride(1), SPLIT=SPLIT_TOKENS, BLOCK_S=triton.next_power_of_2(splits),
+        HEAD_DIM=dim, BLOCK_D=block_d)
     return out
