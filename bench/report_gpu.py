@@ -135,7 +135,8 @@ def write(results: dict, out: Path) -> None:
     lines += ["", "## One worker over HTTP (the default GPU layout)", ""]
     for spec, http in results.get("http", {}).items():
         lines += http_section(spec, http) + [""]
-    runs = sorted(p.name for p in (out / "gpu-runs").glob("*") if p.is_file())
+    runs = sorted(p.name for p in (out / "gpu-runs").glob("*") if p.suffix in (".json", ".md"))
     lines += ["## Every run", "", "Each run's full results: " + ", ".join(f"[{r}](gpu-runs/{r})" for r in runs)
-              + ". What each run changed and predicted: [gpu-engine-notes.md](gpu-engine-notes.md).", ""]
+              + " (the 2026-11-24 H100 run is of the previous script, one process, before the engine-process "
+              "layout). What each run changed and predicted: [gpu-engine-notes.md](gpu-engine-notes.md).", ""]
     (out / "benchmarks-gpu.md").write_text("\n".join(lines), encoding="utf-8")

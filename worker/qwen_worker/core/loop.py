@@ -36,7 +36,8 @@ class EngineLoop:
         self.metrics = metrics
         self.health = health
         self.sink = sink
-        self.queue = RequestQueue(config.queue_capacity, metrics)
+        self.queue = RequestQueue(config.queue_capacity, metrics,
+                                  free_slots=lambda: max(0, config.max_batch_size - len(self._running)))
         self._running: dict[int, Work] = {}  # generations holding a slot, by request id
         self._outbox: list[Output] = []  # what this pass produced (engine thread only)
         self._scoring = 0  # sentiment requests in the pass running now

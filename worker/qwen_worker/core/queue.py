@@ -32,11 +32,16 @@ class Work:
 
 
 class RequestQueue:
-    """FIFO per kind, bounded in requests; `cond` is the engine thread's wake-up."""
+    """FIFO per kind, bounded in requests; `cond` is the engine thread's wake-up.
 
-    def __init__(self, capacity: int, metrics: WorkerMetrics):
+    `free_slots()` counts slots no generation holds: requests the engine thread has not yet moved
+    into free slots are not waiting for one, so they do not count against `capacity` (else a burst
+    arriving faster than the engine thread wakes would be refused with slots free)."""
+
+    def __init__(self, capacity: int, metrics: WorkerMetrics, free_slots=lambda: 0):
         self.capacity = capacity
         self.metrics = metrics
+        self.free_slots = free_slots
         self.cond = threading.Condition()
         self._items: collections.deque[Work] = collections.deque()
 
@@ -45,7 +50,7 @@ class RequestQueue:
 
     def put(self, work: Work) -> None:
         with self.cond:
-            if len(self._items) >= self.capacity:
+            if len(self._items) >= self.capacity + self.free_slots():
                 self.metrics.rejected("queue_full")
                 raise RequestFailed("queue_full", "too many requests are waiting for the model")
             self._items.append(work)
