@@ -178,6 +178,9 @@ class WorkerConfig:
         if self.kernels == "triton" and not cuda_expected(self.device) and os.environ.get("TRITON_INTERPRET") != "1":
             problems.append("QAIO_KERNELS=triton needs a GPU (on a CPU only in Triton's interpreter, "
                             "TRITON_INTERPRET=1, which is for tests)")
+        if self.kernels == "triton" and self.cpu_linear == "onednn":
+            problems.append("QAIO_CPU_LINEAR=onednn and QAIO_KERNELS=triton do not combine (the kernels read "
+                            "the layers' plain weights)")
         if self.admin_token and not ADMIN_TOKEN.fullmatch(self.admin_token):
             problems.append("QAIO_ADMIN_TOKEN must be at least 16 of A-Z a-z 0-9 . _ ~ + / = -")
         if problems:

@@ -48,6 +48,8 @@ def test_the_triton_kernels_need_a_gpu_or_the_interpreter(monkeypatch):
     assert WorkerConfig.from_env({"QAIO_KERNELS": "triton", "QAIO_DEVICE": "cpu"}).kernels == "triton"
     with pytest.raises(ConfigError, match="QAIO_KERNELS must be one of"):
         WorkerConfig.from_env({"QAIO_KERNELS": "cuda"})
+    with pytest.raises(ConfigError, match="QAIO_CPU_LINEAR=onednn and QAIO_KERNELS=triton do not combine"):
+        WorkerConfig.from_env({"QAIO_KERNELS": "triton", "QAIO_DEVICE": "cpu", "QAIO_CPU_LINEAR": "onednn"})
 
 
 def test_unknown_override_is_an_error():

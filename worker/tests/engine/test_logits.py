@@ -13,9 +13,10 @@ from qwen_worker.prompts import Message
 TOLERANCE = 1e-4
 
 
-def load(model_dir: str, kernels: str) -> ModelService:
+def load(model_dir: str, kernels: str, **settings) -> ModelService:
     config = WorkerConfig.from_env({}, model=model_dir, max_batch_size=4, max_prompt_tokens=256,
-                                   max_tokens_limit=64, default_max_tokens=16, kernels=kernels, cpu_linear="default")
+                                   max_tokens_limit=64, default_max_tokens=16, kernels=kernels, cpu_linear="default",
+                                   **settings)
     service = ModelService(config)
     service.load()
     return service
@@ -58,11 +59,7 @@ def test_the_triton_passes_generate_what_the_torch_path_does_with_chunked_prefil
                                                                                                    reference):
     from qwen_worker.engine import GenerationRow
 
-    config = WorkerConfig.from_env({}, model=tiny_model_dir, max_batch_size=4, max_prompt_tokens=256,
-                                   max_tokens_limit=64, default_max_tokens=16, kernels="triton", cpu_linear="default",
-                                   prefill_chunk_tokens=16)
-    kernels = ModelService(config)
-    kernels.load()
+    kernels = load(tiny_model_dir, "triton", prefill_chunk_tokens=16)
     texts = ["a much longer question about the weather " * 3, "你好", "短", "🍜 ok"]
 
     def run(service):

@@ -6,17 +6,3 @@ against the torch path (conftest.py sets TRITON_INTERPRET=1; it must be set befo
 Triton, and torch._dynamo does). That is for tests only: the interpreter is far too slow to serve.
 """
 from __future__ import annotations
-
-import os
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
-def available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True

@@ -58,11 +58,10 @@ def _split_pass(Q, K, V, Table, Lengths, MidO, MidL, scale, page_size,
                     mask=kv_ok, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    # A split past the row's end leaves lse = -inf and contributes nothing to the merge.
+    # A split past the row's end (total 0: guarded, so it computes no NaN) stores nothing, and the
+    # merge reads only the splits that held keys.
     out = acc / tl.maximum(total, 1e-30)[:, None]
     lse = m + tl.log(tl.maximum(total, 1e-30))
-    lse = tl.where(total > 0, lse, float("-inf"))
-    # A split past the row's end stores nothing; the merge does not read it.
     g_used = g_ok & ((tl.zeros([BLOCK_G], tl.int32) + start) < length)
     tl.store(MidO + b * stride_mb + heads[:, None] * stride_mh + split * stride_ms + d[None, :], out,
              mask=g_used[:, None] & d_ok[None, :])
@@ -79,8 +78,7 @@ def _merge_pass(MidO, MidL, Out, Lengths, stride_mb, stride_mh, stride_ms, strid
     d = tl.arange(0, BLOCK_D)
     s_ok = s < tl.cdiv(tl.load(Lengths + b), SPLIT)  # the splits that held keys of this row
     lse = tl.load(MidL + b * stride_lb + h * stride_lh + s, mask=s_ok, other=float("-inf"))
-    weight = tl.exp(lse - tl.max(lse, 0))
-    weight = tl.where(s_ok & (lse > float("-inf")), weight, 0.0)
+    weight = tl.where(s_ok, tl.exp(lse - tl.max(lse, 0)), 0.0)
     parts = tl.load(MidO + b * stride_mb + h * stride_mh + s[:, None] * stride_ms + d[None, :],
                     mask=s_ok[:, None] & (d[None, :] < HEAD_DIM), other=0.0)
     out = tl.sum(parts * weight[:, None], 0) / tl.sum(weight, 0)
