@@ -44,8 +44,8 @@ def create_app(config: WorkerConfig | Mapping[str, Any] | None = None, service: 
     _install_metrics_port(app, config)
     metrics.install(app, service.metrics, gpu_index=_gpu_index(config), other_heaps=service.client.other_heaps)
 
-    from .api import admin, health, openai_compat, tasks
-    for blueprint in (health.bp, tasks.bp, openai_compat.bp, admin.bp):
+    from .api import admin, completions, health, openai_compat, tasks
+    for blueprint in (health.bp, tasks.bp, openai_compat.bp, completions.bp, admin.bp):
         app.register_blueprint(blueprint)
 
     service.start()

@@ -61,6 +61,10 @@ class WorkerConfig:
     cpu_linear: str = _setting("auto", "Linear-layer kernels on CPU: `onednn` (weights prepacked once), `default` "
                                        "(torch's F.linear), `auto` (onednn for float32 on CPU when available)",
                                choices=("auto", "onednn", "default"))
+    calibration: str = _setting("auto", "Sentiment confidence calibration: `fitted` (the model's `make calibrate` fit, "
+                                        "none without one), `content_free` (label-free: divided by the scores of a "
+                                        "content-free text), `none`, `auto` (fitted where the model has a fit, else "
+                                        "none)", choices=("auto", "fitted", "content_free", "none"))
     prefix_cache: bool = _setting(True, "Compute the fixed sentiment prompt prefix's KV cache once and reuse it")
     cuda_graphs: str = _setting("auto", "Decode steps as CUDA graphs captured at start-up: `auto` (on a GPU), `on`, `off` "
                                         "(eager, for debugging)", choices=("auto", "on", "off"))
@@ -109,6 +113,11 @@ class WorkerConfig:
     max_tokens_limit: int = _setting(1024, "Largest max_tokens a client may ask for", minimum=1)
     default_temperature: float = _setting(0.7, "temperature when a chat request gives none (0: greedy)", minimum=0)
     default_top_p: float = _setting(0.9, "top_p when a chat request gives none", minimum=0)
+    default_repetition_penalty: float = _setting(1.0, "repetition_penalty when a generation request gives none "
+                                                      "(1: none; docs/eval.md measures what a penalty does)",
+                                                 minimum=0.01)
+    max_choices: int = _setting(4, "Largest `n` (choices per request, each a generation row of its own)", minimum=1)
+    max_bulk_texts: int = _setting(64, "Most texts in one bulk sentiment request (`texts: [...]`)", minimum=1)
     # Caching by the front door (nginx honours X-Accel-Expires)
     cache_ttl_s: int = _setting(600, "How long nginx may cache a deterministic answer (sentiment, greedy chat); 0: never",
                                 minimum=0)

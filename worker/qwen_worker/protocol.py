@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 SENTIMENT = "sentiment"  # score the label tokens after the prompt: one pass, between decode steps
 GENERATE = "generate"  # a generation row in the running batch
@@ -39,6 +39,11 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     stream: bool = False  # send tokens with every pass, not only with the last output
+    seed: int | None = None  # the row draws from a generator of its own, seeded with this
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int = -1  # >= 0: each token's log-probability and that many most likely alternatives
 
 
 @dataclasses.dataclass(slots=True)
@@ -48,6 +53,8 @@ class Output:
 
     id: int
     tokens: list[int] = dataclasses.field(default_factory=list)  # new since the last output
+    # Per token when the request asked for logprobs: (log-probability, top ids, their log-probabilities).
+    logprobs: list[tuple] | None = None
     finish_reason: str | None = None  # stop | length | deadline | cancelled
     scores: dict[str, float] | None = None  # a sentiment request's label probabilities
     error: str | None = None  # a code: queue_full, deadline_exceeded, model_error, ...
@@ -79,7 +86,8 @@ class Control:
 
 @dataclasses.dataclass(slots=True)
 class ModelInfo:
-    """The served model as the HTTP side needs it: its tokenizer's source and its description."""
+    """The served model as the HTTP side needs it: its tokenizer's source, its description, and the
+    calibration of its sentiment scores (calibration.Calibration.as_dict())."""
 
     name: str
     source: str
@@ -88,6 +96,7 @@ class ModelInfo:
     demo_info: dict | None = None
     stand_in_info: dict | None = None
     fallback_reason: str | None = None
+    calibration: dict | None = None
 
 
 @dataclasses.dataclass(slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
+from .calibration import NONE, Calibration
 from .client import EngineClient, RequestHandle, make_client
 from .config import WorkerConfig
 from .errors import ApiError, engine_error
@@ -17,12 +18,16 @@ log = logging.getLogger(__name__)
 LEVELS = ((0.8, "high"), (0.6, "medium"), (0.0, "low"))
 
 
-def sentiment_view(scores: dict[str, float]) -> dict:
+def sentiment_view(raw: dict[str, float], lang: str, calibration: Calibration = NONE) -> dict:
+    """The answer of one text: the label of the highest calibrated score, and the scores both ways."""
+    scores = calibration.apply(raw, lang)
     label = max(scores, key=scores.get)
     confidence = scores[label]
     level = next(name for threshold, name in LEVELS if confidence >= threshold)
     return {"label": label, "label_zh": LABELS_ZH[label], "confidence": round(confidence, 6), "level": level,
-            "scores": {k: round(v, 6) for k, v in scores.items()}}
+            "scores": {k: round(v, 6) for k, v in scores.items()},
+            "uncalibrated_scores": {k: round(v, 6) for k, v in raw.items()},
+            "calibration": calibration.describe(lang)}
 
 
 class WorkerService:
@@ -56,6 +61,17 @@ class WorkerService:
         cfg = self.config
         return ModelInfo(cfg.model_name, cfg.model, model_key(cfg.model),
                          {"model": cfg.model_name, "source": cfg.model, "configured_model": cfg.model})
+
+    def calibration(self, model: ModelInfo | None = None) -> Calibration:
+        """How the served model's sentiment scores are calibrated (as its engine loaded it)."""
+        model = model or self.model()
+        cached = getattr(self, "_calibration", None)
+        if cached is None or cached[0] != model.calibration:
+            cached = self._calibration = (model.calibration, Calibration.from_dict(model.calibration))
+        return cached[1]
+
+    def calibration_view(self, model: ModelInfo | None = None) -> dict:
+        return self.calibration(model).describe()
 
     def readiness(self, status: Status | None = None) -> str:
         """loading | failed | ready | cooling_down | draining (requests still held) | drained (none left)."""
@@ -119,15 +135,20 @@ class WorkerService:
         self.check_deadline(deadline)
         return self.client.sentiment(task, ids, deadline)
 
-    def submit_generation(self, prompt_ids: list[int], max_tokens: int, temperature: float, top_p: float,
-                          deadline: float, task: str, stream: bool = False) -> RequestHandle:
+    def submit_generation(self, prompt_ids: list[int], max_tokens: int, deadline: float, task: str,
+                          stream: bool = False, **sampling) -> RequestHandle:
+        """sampling: Request's temperature, top_p, seed, penalties, logprobs."""
         self.check_prompt_tokens(prompt_ids)
         self.check_deadline(deadline)
-        return self.client.generate(task, prompt_ids, deadline, max_tokens, temperature, top_p, stream)
+        return self.client.generate(task, prompt_ids, deadline, max_tokens, stream, **sampling)
 
-    def deltas(self, handle: RequestHandle, client_gone=None):
+    def deltas(self, handle: RequestHandle, client_gone=None, stops=None):
         """A streaming generation's text deltas, coalesced every QAIO_STREAM_COALESCE_MS."""
-        return handle.deltas(self.decode, self.config.stream_coalesce_ms / 1000, client_gone)
+        return handle.deltas(self.decode, self.config.stream_coalesce_ms / 1000, client_gone, stops)
+
+    def pieces(self, handle: RequestHandle, client_gone=None, stops=None):
+        """(text, first token, end token) of a streaming generation, coalesced as deltas are."""
+        return handle.pieces(self.decode, self.config.stream_coalesce_ms / 1000, client_gone, stops)
 
     def chat_ids(self, messages: list[Message]) -> list[int]:
         return self.prompter.chat_ids(messages)

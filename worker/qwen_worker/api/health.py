@@ -28,7 +28,7 @@ def readyz():
     model = svc.model(status)
     body = {"status": svc.readiness(status), "instance": svc.config.instance_id, **model.describe,
             "queue_depth": status.queue_depth, "queue_capacity": svc.config.queue_capacity,
-            "requests_held": status.busy}
+            "requests_held": status.busy, "sentiment_calibration": svc.calibration_view(model)}
     if model.demo_info is not None:
         body["warning"] = "demo model: random weights, answers are meaningless"
     elif model.stand_in_info is not None:

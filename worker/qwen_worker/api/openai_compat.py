@@ -1,4 +1,5 @@
-"""OpenAI-compatible endpoints, so the `openai` SDK works unchanged against a worker (or nginx)."""
+"""OpenAI-compatible chat completions and models, so the `openai` SDK works unchanged against a worker
+(or nginx). Every field OpenAI defines is honoured or refused with 400 naming it; none is ignored."""
 from __future__ import annotations
 
 import time
@@ -6,81 +7,103 @@ import time
 from flask import Blueprint, g, jsonify
 
 from .. import validation as v
-from ..client import RequestHandle
 from ..errors import ApiError, bad_request
 from ..protocol import RequestFailed
+from . import choices as ch
 from .common import envelope, service, sse
-from .tasks import error_event, finished, generation_params, usage
+from .logprob_view import chat_content
+from .params import generation, refuse_unknown
+from .tasks import error_event
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
 
 # OpenAI's finish reasons have no "deadline": a generation cut short is reported as "length".
-_FINISH = {"stop": "stop", "length": "length", "deadline": "length", "cancelled": "stop"}
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "response_format", "logit_bias")
+FINISH = {"stop": "stop", "length": "length", "deadline": "length", "cancelled": "stop"}
+# `user` names the end user for the operator's logs; `model` may be any name (one model is served,
+# and every answer names it).
+COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop",
+                           "seed", "presence_penalty", "frequency_penalty", "user", "logprobs",
+                           "repetition_penalty", "deadline_ms"})
+CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
 
 
 @bp.get("/models")
 def models():
     svc = service()
-    return jsonify({"object": "list", "data": [{"id": svc.config.model_name, "object": "model",
-                                                "created": 0, "owned_by": "qwen-all-in-one"}]})
+    model = svc.model()
+    return jsonify({"object": "list", "data": [{"id": svc.config.model_name, "object": "model", "created": 0,
+                                                "owned_by": "qwen-all-in-one",
+                                                "sentiment_calibration": svc.calibration_view(model)}]})
+
+
+def stream_options(body: dict, stream: bool) -> bool:
+    """Whether a stream ends with a usage chunk; n > 1 streams are refused (one choice per stream)."""
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise bad_request("`stream_options` may only hold `include_usage`", "unsupported_parameter")
+    return bool(options.get("include_usage")) and stream
+
+
+def check_stream_choices(stream: bool, n: int) -> None:
+    if stream and n > 1:
+        raise bad_request("`n` above 1 is not supported with `stream`", "unsupported_parameter")
 
 
 @bp.post("/chat/completions")
 def chat_completions():
     svc = service()
     body = v.json_body()
+    refuse_unknown(body, CHAT_FIELDS)
     messages = v.messages({"messages": body.get("messages")}, svc.config.max_messages, svc.config.max_input_chars)
-    if "max_completion_tokens" in body and "max_tokens" not in body:
-        body["max_tokens"] = body["max_completion_tokens"]
-    params = generation_params(body)
-    if v.optional_int(body, "n", 1, 1, 1) != 1:
-        raise bad_request("only n=1 is supported")
-    if body.get("stop") not in (None, [], ""):
-        raise bad_request("`stop` sequences are not supported", "unsupported_parameter")
-    for name in _UNSUPPORTED:
-        if body.get(name) not in (None, [], {}):
-            raise bad_request(f"`{name}` is not supported by this model server", "unsupported_parameter")
+    gen = generation(body)
     stream = v.optional_bool(body, "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise bad_request("`stream_options` must be an object")
+    include_usage = stream_options(body, stream)
+    check_stream_choices(stream, gen.n)
     deadline = svc.deadline(v.deadline_ms(body, svc.config.chat_deadline_ms), g.arrived)
-    g.log_fields.update(task="chat", input_chars=sum(len(m.content) for m in messages), stream=stream)
+    g.log_fields.update(task="chat", input_chars=sum(len(m.content) for m in messages), stream=stream, n=gen.n)
     prompt = svc.chat_ids(messages)
     completion_id = f"chatcmpl-{g.request_id}"
     created = int(time.time())
-    job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat", stream=stream)
+    handles = ch.start(prompt, gen, deadline, "chat", stream)
     if stream:
-        return sse(_chunks(job, completion_id, created, bool(options.get("include_usage"))))
-    row = finished(job)
+        return sse(_chunks(handles[0], gen, completion_id, created, include_usage))
+    done = ch.finish_all(handles, gen)
     return jsonify({
         "id": completion_id, "object": "chat.completion", "created": created, "model": svc.config.model_name,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": svc.decode(row.tokens)},
-                     "finish_reason": _FINISH[row.finish_reason], "logprobs": None}],
-        "usage": usage(row),
+        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                     "finish_reason": FINISH[c.finish_reason], "logprobs": _logprobs(c.handle, gen)}
+                    for i, c in enumerate(done)],
+        "usage": ch.usage(handles),
         "system_fingerprint": svc.config.instance_id,
-        "qaio": envelope([job], finish_reason=row.finish_reason),
+        "qaio": envelope(handles, finish_reason=done[0].finish_reason),
     })
 
 
-def _chunks(job: RequestHandle, completion_id: str, created: int, include_usage: bool):
+def _logprobs(handle, gen, start: int = 0, end: int | None = None) -> dict | None:
+    if gen.sampling["logprobs"] < 0:
+        return None
+    end = len(handle.tokens) if end is None else end
+    return {"content": chat_content(ch.token_text(), handle.tokens[start:end], handle.logprobs[start:end]),
+            "refusal": None}
+
+
+def _chunks(handle, gen, completion_id: str, created: int, include_usage: bool):
     model = service().config.model_name
 
-    def chunk(delta: dict, finish_reason=None, **extra) -> dict:
+    def chunk(delta: dict, finish_reason=None, logprobs=None, **extra) -> dict:
         return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+                **extra}
 
     yield chunk({"role": "assistant", "content": ""})
     try:
-        for delta in service().deltas(job, g.client_gone):
-            yield chunk({"content": delta})
+        for text, start, end in service().pieces(handle, g.client_gone, ch.stops(gen)):
+            yield chunk({"content": text}, logprobs=_logprobs(handle, gen, start, end))
     except (ApiError, RequestFailed) as err:
         yield error_event(err)
         return
-    row = job
-    yield chunk({}, _FINISH[row.finish_reason])
+    yield chunk({}, FINISH[handle.finish_reason])
     if include_usage:
         yield {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": [], "usage": usage(row)}
+               "choices": [], "usage": ch.usage([handle])}
     yield "[DONE]"

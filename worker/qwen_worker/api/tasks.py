@@ -1,4 +1,5 @@
-"""The product's own API: sentiment, chat and analyze (sentiment, then an empathetic reply)."""
+"""The product's own API: sentiment (one text or many), chat and analyze (sentiment, then an
+empathetic reply; streamed with the sentiment as the first event)."""
 from __future__ import annotations
 
 from flask import Blueprint, g, jsonify
@@ -9,29 +10,16 @@ from ..errors import ApiError, engine_error
 from ..prompts import detect_language
 from ..protocol import RequestFailed
 from ..service import sentiment_view
+from . import choices as ch
 from .common import envelope, service, sse
+from .logprob_view import chat_content
+from .params import Generation, generation
 
 bp = Blueprint("tasks", __name__, url_prefix="/v1")
 
 
 def usage(handle: RequestHandle) -> dict:
-    return {"prompt_tokens": handle.prompt_tokens, "completion_tokens": len(handle.tokens),
-            "total_tokens": handle.prompt_tokens + len(handle.tokens)}
-
-
-def generation_params(body: dict) -> dict:
-    cfg = service().config
-    return {"max_tokens": v.optional_int(body, "max_tokens", 1, cfg.max_tokens_limit, cfg.default_max_tokens),
-            "temperature": v.optional_number(body, "temperature", 0.0, 2.0, cfg.default_temperature),
-            "top_p": v.optional_number(body, "top_p", 0.0, 1.0, cfg.default_top_p, exclusive_min=True)}
-
-
-def finished(handle: RequestHandle) -> RequestHandle:
-    """A non-streaming generation, once done; one cut by its deadline is a 504."""
-    handle.wait(g.client_gone)
-    if handle.finish_reason == "deadline":
-        raise RequestFailed("deadline_exceeded", "the request's deadline passed before it completed")
-    return handle
+    return ch.usage([handle])
 
 
 def error_event(err: Exception) -> dict:
@@ -41,26 +29,48 @@ def error_event(err: Exception) -> dict:
     return {"error": {"code": err.code, "message": err.message, "request_id": g.request_id}}
 
 
+def _language(body: dict, text: str) -> str:
+    lang = v.choice(body, "lang", ("auto", "zh", "en"), "auto")
+    return detect_language(text) if lang == "auto" else lang
+
+
 def _sentiment(body: dict, task: str, default_deadline_ms: int):
     svc = service()
     text = v.text_value(body.get("text"), "text", svc.config.max_input_chars)
-    lang = v.choice(body, "lang", ("auto", "zh", "en"), "auto")
-    if lang == "auto":
-        lang = detect_language(text)
+    lang = _language(body, text)
     deadline = svc.deadline(v.deadline_ms(body, default_deadline_ms), g.arrived)
     g.log_fields.update(task=task, input_chars=len(text))
     if task == "analyze":
         svc.check_analyze_tokens(text)
     job = svc.submit_sentiment(text, lang, deadline, task=task)
-    return text, lang, job, sentiment_view(job.wait(g.client_gone).scores)
+    return text, lang, job, sentiment_view(job.wait(g.client_gone).scores, lang, svc.calibration())
 
 
 @bp.post("/sentiment")
 def sentiment():
     body = v.json_body()
+    if "texts" in body:
+        from .bulk import bulk_sentiment
+
+        return bulk_sentiment(body)
     _, lang, job, result = _sentiment(body, "sentiment", service().config.sentiment_deadline_ms)
     g.cacheable = True
     return jsonify(envelope([job], sentiment=result, lang=lang))
+
+
+def _choice_fields(choice: ch.Choice, gen: Generation) -> dict:
+    fields = {"reply": choice.text, "finish_reason": choice.finish_reason}
+    if gen.sampling["logprobs"] >= 0:
+        fields["logprobs"] = chat_content(ch.token_text(), choice.tokens, choice.handle.logprobs)
+    return fields
+
+
+def _generated(handles: list[RequestHandle], gen: Generation) -> dict:
+    """/v1/chat's answer: the first choice's reply; with n > 1 every choice in `choices` too."""
+    done = ch.finish_all(handles, gen)
+    g.cacheable = gen.sampling["temperature"] == 0 and gen.n == 1
+    extra = {"choices": [_choice_fields(c, gen) for c in done]} if gen.n > 1 else {}
+    return envelope(handles, **_choice_fields(done[0], gen), usage=ch.usage(handles), **extra)
 
 
 @bp.post("/chat")
@@ -68,40 +78,51 @@ def chat():
     svc = service()
     body = v.json_body()
     messages = v.messages(body, svc.config.max_messages, svc.config.max_input_chars)
-    params = generation_params(body)
+    gen = generation(body)
     stream = v.optional_bool(body, "stream")
+    if stream and gen.n > 1:
+        raise ApiError(400, "unsupported_parameter", "`n` above 1 is not supported with `stream`")
     deadline = svc.deadline(v.deadline_ms(body, svc.config.chat_deadline_ms), g.arrived)
-    g.log_fields.update(task="chat", input_chars=sum(len(m.content) for m in messages), stream=stream)
-    prompt = svc.chat_ids(messages)
-    job = svc.submit_generation(prompt, **params, deadline=deadline, task="chat", stream=stream)
+    g.log_fields.update(task="chat", input_chars=sum(len(m.content) for m in messages), stream=stream, n=gen.n)
+    handles = ch.start(svc.chat_ids(messages), gen, deadline, "chat", stream)
     if stream:
-        return sse(_chat_events(job))
-    finished(job)
-    g.cacheable = params["temperature"] == 0
-    return jsonify(envelope([job], reply=svc.decode(job.tokens), finish_reason=job.finish_reason, usage=usage(job)))
+        return sse(_reply_events(handles[0], gen))
+    return jsonify(_generated(handles, gen))
 
 
-def _chat_events(job: RequestHandle):
+def _reply_events(job: RequestHandle, gen: Generation, *before: RequestHandle, first: dict | None = None):
+    """A streamed reply: `first` (analyze's sentiment), text deltas (with their logprobs when asked), a
+    last event with the outcome."""
+    if first is not None:
+        yield first
     try:
-        for delta in service().deltas(job, g.client_gone):
-            yield {"delta": delta}
+        for text, start, end in service().pieces(job, g.client_gone, ch.stops(gen)):
+            event = {"delta": text}
+            if gen.sampling["logprobs"] >= 0:
+                event["logprobs"] = chat_content(ch.token_text(), job.tokens[start:end], job.logprobs[start:end])
+            yield event
     except (ApiError, RequestFailed) as err:
         yield error_event(err)
         return
-    yield {"done": True, **envelope([job], finish_reason=job.finish_reason, usage=usage(job))}
+    yield {"done": True, **envelope([*before, job], finish_reason=job.finish_reason, usage=usage(job))}
 
 
 @bp.post("/analyze")
 def analyze():
     svc = service()
     body = v.json_body()
+    gen = generation(body)
+    stream = v.optional_bool(body, "stream")
+    if gen.n > 1:
+        raise ApiError(400, "unsupported_parameter", "`n` is not supported by analyze (one sentiment, one reply)")
     text, lang, sentiment_job, result = _sentiment(body, "analyze", svc.config.chat_deadline_ms)
-    params = generation_params(body)
     prompt = svc.analyze_ids(text, result["label"])
     # Both steps share the request's one deadline, which the sentiment job carries.
-    chat_job = svc.submit_generation(prompt, **params, deadline=sentiment_job.deadline, task="analyze")
-    finished(chat_job)
-    g.cacheable = params["temperature"] == 0
-    return jsonify(envelope([sentiment_job, chat_job], sentiment=result, lang=lang,
-                            reply=svc.decode(chat_job.tokens), finish_reason=chat_job.finish_reason,
-                            usage=usage(chat_job)))
+    handles = ch.start(prompt, gen, sentiment_job.deadline, "analyze", stream)
+    if stream:
+        first = {"sentiment": result, "lang": lang}
+        return sse(_reply_events(handles[0], gen, sentiment_job, first=first))
+    done = ch.finish_all(handles, gen)
+    g.cacheable = gen.sampling["temperature"] == 0
+    return jsonify(envelope([sentiment_job, *handles], sentiment=result, lang=lang, **_choice_fields(done[0], gen),
+                            usage=ch.usage(handles)))

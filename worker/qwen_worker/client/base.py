@@ -27,10 +27,11 @@ class EngineClient(abc.ABC):
     def sentiment(self, task: str, prompt: list[int], deadline: float) -> RequestHandle:
         return self._submit(Request(next(self._ids), SENTIMENT, task, prompt, deadline))
 
-    def generate(self, task: str, prompt: list[int], deadline: float, max_tokens: int, temperature: float,
-                 top_p: float, stream: bool = False) -> RequestHandle:
-        return self._submit(Request(next(self._ids), GENERATE, task, prompt, deadline, max_tokens, temperature,
-                                    top_p, stream))
+    def generate(self, task: str, prompt: list[int], deadline: float, max_tokens: int, stream: bool = False,
+                 **sampling) -> RequestHandle:
+        """sampling: Request's temperature, top_p, seed, penalties and logprobs."""
+        return self._submit(Request(next(self._ids), GENERATE, task, prompt, deadline, max_tokens, stream=stream,
+                                    **sampling))
 
     def _submit(self, request: Request) -> RequestHandle:
         """RequestFailed at once when the engine refused it here (a remote engine's refusals arrive as

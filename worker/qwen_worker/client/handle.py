@@ -8,6 +8,7 @@ import time
 from typing import Callable, Iterator, Sequence
 
 from ..protocol import Output, Request, RequestFailed
+from .stops import StopStrings
 
 # A running generation is stopped by the engine at its deadline (finish_reason "deadline"); the handle
 # waits this much longer for that last output before it gives up on its own.
@@ -26,6 +27,7 @@ class RequestHandle:
         self.finished_at: float | None = None
         self.batch_size = 0
         self.tokens: list[int] = []
+        self.logprobs: list[tuple] = []  # per token, when the request asked for logprobs
         self.finish_reason: str | None = None
         self.scores: dict[str, float] | None = None
         self.error: RequestFailed | None = None
@@ -75,13 +77,23 @@ class RequestHandle:
         return self
 
     def deltas(self, decode: Callable[[Sequence[int]], str], coalesce_s: float = 0.0,
-               client_gone: Callable[[], bool] | None = None) -> Iterator[str]:
-        """Text as it is generated; ends with the request (its outcome is on the handle then).
+               client_gone: Callable[[], bool] | None = None, stops: StopStrings | None = None) -> Iterator[str]:
+        """Text as it is generated; ends with the request (its outcome is on the handle then)."""
+        for text, _, _ in self.pieces(decode, coalesce_s, client_gone, stops):
+            if text:
+                yield text
 
-        The first token goes out at once; later ones at most every `coalesce_s`, as one delta of all tokens
+    def pieces(self, decode: Callable[[Sequence[int]], str], coalesce_s: float = 0.0,
+               client_gone: Callable[[], bool] | None = None,
+               stops: StopStrings | None = None) -> Iterator[tuple[str, int, int]]:
+        """(text, first token, end token) as generated: the tokens [first, end) make up the text.
+
+        The first token goes out at once; later ones at most every `coalesce_s`, as one piece of all tokens
         that arrived meanwhile: at thousands of tokens per second, an event (a thread wake-up and a socket
-        write) per token would cost the HTTP layer more than the model."""
-        sent, send_after = 0, 0.0
+        write) per token would cost the HTTP layer more than the model. With stop strings, text that could
+        begin one waits, and at the first one the generation ends there: finish_reason "stop", the tokens
+        cut after the one that completed it, the engine told to stop."""
+        sent, shown, send_after = 0, 0, 0.0  # tokens decoded; tokens whose piece went out
         try:
             while True:
                 final = self.receive(client_gone).final
@@ -94,15 +106,39 @@ class RequestHandle:
                 # need decoding; they wait while they end inside a multi-byte character.
                 text = decode(self.tokens[sent:])
                 if text and (final or not text.endswith("\ufffd")):
-                    sent = len(self.tokens)
-                    yield text
+                    start, sent = sent, len(self.tokens)
+                    if stops is not None:
+                        text = stops.push(text)
+                        if stops.hit is not None:
+                            self._stopped(decode, stops, start)
+                            yield text, shown, len(self.tokens)
+                            return
+                    if text:
+                        yield text, shown, sent
+                        shown = sent
                     send_after = time.monotonic() + coalesce_s
                 if final:
+                    rest = stops.flush() if stops is not None else ""
+                    if rest or shown < len(self.tokens):
+                        yield rest, shown, len(self.tokens)
                     self._raise_error()
                     return
         except GeneratorExit:
             self.cancel("client_gone")  # the client went away: stop generating for it
             raise
+
+    def _stopped(self, decode, stops: StopStrings, start: int) -> None:
+        """A stop string came: keep the tokens up to the one that completed it, and stop the engine."""
+        end = start + 1  # the stop string is complete only with a token of this piece
+        while end < len(self.tokens) and not any(stop in decode(self.tokens[:end]) for stop in stops.stops):
+            end += 1
+        del self.tokens[end:]
+        del self.logprobs[end:]
+        self.finish_reason = "stop"
+        if not self.done:
+            self.cancel("stop_string")
+        self.done = True
+        self.finished_at = self.finished_at or time.monotonic()
 
     def receive(self, client_gone=None) -> Output:
         """The next output, applied; raises when the deadline (and grace) passed or the client left."""
@@ -134,6 +170,8 @@ class RequestHandle:
 
     def _apply(self, output: Output) -> Output:
         self.tokens.extend(output.tokens)
+        if output.logprobs:
+            self.logprobs.extend(output.logprobs)
         if output.started_at is not None:
             self.started_at = output.started_at
         if output.batch_size:

@@ -117,7 +117,8 @@ class EngineHost:
         health, model = self.health, self.model
         accepting = health.state == "ready"
         info = ModelInfo(model.name, model.served_source, model.identity, model.describe(), model.demo_info,
-                         model.stand_in_info, model.fallback_reason)
+                         model.stand_in_info, model.fallback_reason,
+                         calibration.as_dict() if (calibration := getattr(model, "calibration", None)) else None)
         return Status(health.reason(), accepting=accepting, ready=health.ready(), draining=health.draining,
                       broken=health.broken, load_error=health.load_error, queue_depth=len(self.loop.queue),
                       busy=self.loop.busy(), model=info, pid=os.getpid(), heap=self.heap, reply_to=reply_to)

@@ -165,7 +165,9 @@ class EngineLoop:
     def _start_generation(self, work: Work) -> None:
         r = work.request
         work.started_at = time.monotonic()
-        work.row = GenerationRow(r.prompt, r.max_tokens, r.temperature, r.top_p, r.deadline)
+        work.row = GenerationRow(r.prompt, r.max_tokens, r.temperature, r.top_p, seed=r.seed,
+                                 presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
+                                 repetition_penalty=r.repetition_penalty, logprobs=r.logprobs, deadline=r.deadline)
         try:
             self.engine.add(work.row, lambda row, error, work=work: self._generation_done(work, error))
         except RowFailed as refused:  # a row the engine's tables cannot hold fails alone
@@ -252,6 +254,8 @@ class EngineLoop:
         output = Output(work.id, started_at=work.started_at, batch_size=work.batch_size, **fields)
         if work.row is not None:
             output.tokens = work.row.tokens[work.sent:]
+            if work.row.logprobs >= 0:
+                output.logprobs = work.row.token_logprobs[work.sent:]
         if error is not None:
             output.error, output.message = (error.code, error.message) if isinstance(error, RequestFailed) \
                 else failure_code(error)
@@ -262,7 +266,9 @@ class EngineLoop:
         """Send what this pass produced: streamed tokens of running generations, then the rest."""
         for work in self._running.values():
             if work.request.stream and len(work.row.tokens) > work.sent:
-                self._outbox.append(Output(work.id, tokens=work.row.tokens[work.sent:]))
+                self._outbox.append(Output(work.id, tokens=work.row.tokens[work.sent:],
+                                           logprobs=work.row.token_logprobs[work.sent:] if work.row.logprobs >= 0
+                                           else None))
                 work.sent = len(work.row.tokens)
         if self._outbox:
             outputs, self._outbox = self._outbox, []

@@ -8,7 +8,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from .logprobs import TokenLogprob, token_logprobs
 from .model_runner import ModelRunner
+from .penalties import PenaltyState
 from .sampler import sample
 from .scheduler import Scheduler
 from .sequence import GenerationRow
@@ -51,6 +53,7 @@ class Engine:
         self.eos = eos_token_ids
         self.observe_step = observe_step or (lambda seconds, live, path: None)
         self.clock = clock
+        self.penalties: PenaltyState | None = None  # made for the first penalized row
 
     # ---- rows ----------------------------------------------------------------------------------
     def free_slots(self) -> int:
@@ -70,6 +73,10 @@ class Engine:
                                                   f"new tokens")
         row.on_done = on_done
         self.scheduler.admit(row)
+        if row.penalized:
+            if self.penalties is None:
+                self.penalties = PenaltyState(self.runner.slots, self.runner.stack.vocab_size, self.runner.device)
+            self.penalties.reset(row)
 
     def _check_token_ids(self, ids: Sequence[int]) -> None:
         vocab = self.runner.stack.vocab_size
@@ -123,8 +130,9 @@ class Engine:
                 picked = logits[done]
                 done_rows = [rows[i] for i in done]
                 now = self.clock()
-                for row, token in zip(done_rows, self._pick(done_rows, picked, picked.argmax(dim=-1))):
-                    self._accept(row, token, now)
+                tokens, logprobs = self._pick(done_rows, picked, picked.argmax(dim=-1))
+                for row, token, logprob in zip(done_rows, tokens, logprobs):
+                    self._accept(row, token, now, logprob)
         decoding = self.scheduler.decoding()
         if not decoding:
             return
@@ -138,10 +146,10 @@ class Engine:
             for row in decoding:
                 row.cached += 1
                 by_slot[row.slot] = row
-            tokens = self._pick(by_slot, logits, greedy)  # the step's one host sync
+            tokens, logprobs = self._pick(by_slot, logits, greedy)  # the step's one host sync
             now = self.clock()
             for row in decoding:
-                self._accept(row, tokens[row.slot], now)
+                self._accept(row, tokens[row.slot], now, logprobs[row.slot])
             if self.phase_seconds is not None:
                 for phase, seconds in (("launch", launched - started), ("wait", now - launched),
                                        ("book", self.clock() - now)):
@@ -158,22 +166,39 @@ class Engine:
             self._finish(row, exc)
         raise StepFailed(exc, rows) from exc
 
-    def _pick(self, rows: Sequence[GenerationRow | None], logits: torch.Tensor, greedy: torch.Tensor) -> list[int]:
-        """Each row's next token from logits / argmax aligned with rows (None: padding), chosen on the
-        device and copied to the host once. All-greedy steps never touch the logits."""
-        if all(row is None or row.greedy for row in rows):
-            return greedy.tolist()
+    def _pick(self, rows: Sequence[GenerationRow | None], logits: torch.Tensor,
+              greedy: torch.Tensor) -> tuple[list[int], Sequence[TokenLogprob | None]]:
+        """Each row's next token (and its logprobs, for rows asking) from logits / argmax aligned with
+        rows (None: padding), chosen on the device and copied to the host once (twice with logprobs).
+        Steps where every row is plainly greedy never touch the logits."""
+        if all(row is None or row.plain_greedy for row in rows):
+            return greedy.tolist(), [None] * len(rows)
+        if self.penalties is not None:
+            logits = self.penalties.apply(logits, rows)
         temperature = torch.tensor([row.temperature if row else 0.0 for row in rows], dtype=torch.float32)
         top_p = torch.tensor([row.top_p if row else 1.0 for row in rows], dtype=torch.float32)
         to = dict(device=logits.device, non_blocking=True)
-        return sample(logits, temperature.to(**to), top_p.to(**to), prefilter=self.sample_prefilter,
-                      candidates=self.sample_candidates).tolist()
+        generators = [self._generator(row, logits.device) if row is not None and row.seed is not None
+                      and not row.greedy else None for row in rows]
+        tokens = sample(logits, temperature.to(**to), top_p.to(**to), prefilter=self.sample_prefilter,
+                        candidates=self.sample_candidates, row_generators=generators)
+        if self.penalties is not None:
+            self.penalties.count(rows, tokens)
+        return tokens.tolist(), token_logprobs(logits, tokens, rows)
 
-    def _accept(self, row: GenerationRow, token: int, now: float) -> None:
+    @staticmethod
+    def _generator(row: GenerationRow, device: torch.device) -> torch.Generator:
+        if row.generator is None:
+            row.generator = torch.Generator(device=device).manual_seed(row.seed)
+        return row.generator
+
+    def _accept(self, row: GenerationRow, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         if token in self.eos:
             row.finish_reason = "stop"
         else:
             row.tokens.append(token)
+            if logprob is not None:
+                row.token_logprobs.append(logprob)
             row.next_input = token
             if row.on_token is not None:
                 row.on_token(token)

@@ -1,11 +1,14 @@
 """Next-token choice for a whole batch on the device: per-row greedy, temperature and top-p as tensors."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           generator: torch.Generator | None = None, prefilter: int = 0, candidates: int = 0) -> torch.Tensor:
+           generator: torch.Generator | None = None, prefilter: int = 0, candidates: int = 0,
+           row_generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
     """One token per row of logits [n, vocab]. Rows with temperature 0 take their argmax; the others
     draw from their temperature-scaled distribution cut to the top-p nucleus.
 
@@ -17,6 +20,10 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
 
     The draw uses the exponential race (argmax of p / E with E ~ Exp(1) picks index i with probability
     p_i), which needs no cumulative sampling kernel and runs the same on CPU and GPU.
+
+    row_generators: rows with a generator of their own (a request's `seed`) draw their noise from it,
+    one value per vocabulary entry, so that what they draw depends on their own logits and seed alone,
+    not on the other rows, nor on whether this step took the candidates or the full sort.
     """
     logits = logits.float()
     greedy_tokens = logits.argmax(dim=-1)
@@ -37,6 +44,13 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
             probs, order = full.sort(dim=-1, descending=True)
     # Drop a token once the mass before it already reaches top_p; the most likely token always stays.
     probs = probs.masked_fill((probs.cumsum(dim=-1) - probs) >= top_p[:, None], 0.0)
-    race = torch.empty_like(probs).exponential_(generator=generator)
+    if row_generators is not None and any(g is not None for g in row_generators):
+        noise = torch.empty_like(logits).exponential_(generator=generator)
+        for i, row_generator in enumerate(row_generators):
+            if row_generator is not None:
+                noise[i].exponential_(generator=row_generator)
+        race = noise.gather(1, order)
+    else:
+        race = torch.empty_like(probs).exponential_(generator=generator)
     picked = order.gather(1, (probs / race).argmax(dim=-1, keepdim=True))[:, 0]
     return torch.where(greedy, greedy_tokens, picked)

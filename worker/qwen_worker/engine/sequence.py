@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 
 @dataclasses.dataclass(eq=False)
@@ -14,10 +14,20 @@ class GenerationRow:
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    # OpenAI's sampling options: a seed of the row's own random generator; penalties on tokens already
+    # generated (presence, frequency) or already seen, prompt included (repetition, as a divisor of
+    # positive logits); logprobs >= 0: each token's log-probability and that many alternatives.
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int = -1
     deadline: float = float("inf")  # time.monotonic() value
     on_token: Callable[[int], None] | None = None  # streaming callback, called from the engine thread
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
     tokens: list[int] = dataclasses.field(default_factory=list)
+    # Per token of `tokens` when logprobs >= 0: (log-probability, top ids, their log-probabilities).
+    token_logprobs: list[tuple[float, tuple[int, ...], tuple[float, ...]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # stop | length | deadline | cancelled
     # Engine state: the KV slot it holds, how many of its tokens the slot's cache holds, the token the
     # next decode step feeds (the last one sampled), and who to tell when it ends.
@@ -25,6 +35,16 @@ class GenerationRow:
     cached: int = 0
     next_input: int | None = None
     on_done: Callable[["GenerationRow", Exception | None], None] | None = None
+    generator: Any = None  # the seed's torch.Generator, made on the device at the row's first draw
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Its next token is the argmax of the model's logits as they are (the decode graph's own)."""
+        return self.greedy and not self.penalized and self.logprobs < 0
 
     @property
     def greedy(self) -> bool:

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..calibration import CONTENT_FREE_TEXT, NONE, Calibration, content_free, load_fitted
 from ..config import WorkerConfig
 from ..cpu_linear import onednn_available, pack_linears
 from ..engine.engine import Engine
@@ -88,6 +89,7 @@ class ModelService(ServedModel):
         self.packed_linears = 0  # nn.Linear layers running on oneDNN
         self.engine: Engine | None = None
         self.scorer: SentimentScorer | None = None
+        self.calibration: Calibration = NONE
 
     @property
     def name(self) -> str:
@@ -146,6 +148,17 @@ class ModelService(ServedModel):
             self.packed_linears = pack_linears(model)
         self.engine = self.build_engine(model, label_head)
         self.scorer = SentimentScorer(self.engine, self.device, prefix_kv)
+        self.calibration = self._calibration()
+
+    def _calibration(self) -> Calibration:
+        setting = self.config.calibration
+        if setting in ("auto", "fitted"):
+            fitted = load_fitted(self.served_source, self.name)
+            if fitted is not None:
+                return fitted
+        if setting == "content_free":
+            return content_free(lambda lang: self.scorer.score([self.prompter.sentiment_ids(CONTENT_FREE_TEXT, lang)])[0])
+        return NONE
 
     def build_engine(self, model, label_head: torch.Tensor) -> Engine:
         return build_engine(model, self.config, self.device, self.dtype, label_head, self.eos_token_ids)
