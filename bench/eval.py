@@ -12,6 +12,7 @@ When nothing answers at the URL, it starts one worker itself on the offline stan
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -22,19 +23,21 @@ from pathlib import Path
 
 import requests
 
-from qwen_worker.prompts import LABELS, SENTIMENT_EXAMPLES, SENTIMENT_INSTRUCTION
+from qwen_worker.prompts import LABELS
 from qwen_worker.testing import REPO, GunicornServer, http_status
 
+from .eval_report import BINS, TRUE_LABELS, write_report
 from .texts import data_path
 
-TRUE_LABELS = ("positive", "negative")
-BINS = 10
 
 
-def balanced_sample(size: int, seed: int = 0, path: Path | None = None) -> list[tuple[str, str]]:
-    """(review, true label): size // 2 of each label, the same reviews for the same size and seed."""
+def balanced_sample(size: int, seed: int = 0, path: Path | None = None,
+                    exclude: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """(review, true label): size // 2 of each label, the same reviews for the same size and seed;
+    none of the reviews in `exclude` (make calibrate fits on reviews the evaluation never sees)."""
     with open(path or data_path(), encoding="utf-8") as fh:
-        rows = [(row["review"], "positive" if row["label"] == "1" else "negative") for row in csv.DictReader(fh)]
+        rows = [(row["review"], "positive" if row["label"] == "1" else "negative") for row in csv.DictReader(fh)
+                if row["review"] not in exclude]
     rng = random.Random(seed)
     picked = []
     for label in TRUE_LABELS:
@@ -43,21 +46,34 @@ def balanced_sample(size: int, seed: int = 0, path: Path | None = None) -> list[
     return [row for pair in zip(*picked) for row in pair]  # interleaved: any prefix stays balanced
 
 
-def classify(url: str, texts: list[str], concurrency: int = 8) -> list[dict]:
-    """The worker's `sentiment` answer for each text (waits out 429 and 503 with their Retry-After)."""
-    def one(text: str) -> dict:
+def classify(url: str, texts: list[str], concurrency: int = 2, per_request: int = 32) -> list[dict]:
+    """The worker's sentiment of each text, by bulk requests of `per_request` texts; texts refused under
+    load (the whole request, or some of its texts) go again after the Retry-After."""
+    def one(chunk: list[str]) -> list[dict]:
+        answers: list[dict | None] = [None] * len(chunk)
         with requests.Session() as session:
             for _ in range(60):
-                response = session.post(url + "/v1/sentiment", json={"text": text}, timeout=120)
-                if response.status_code in (429, 503):
+                pending = [i for i, a in enumerate(answers) if a is None]
+                if not pending:
+                    return answers
+                response = session.post(url + "/v1/sentiment", json={"texts": [chunk[i] for i in pending]},
+                                        timeout=300)
+                if response.status_code in (429, 503, 504):
                     time.sleep(float(response.headers.get("Retry-After", "1") or 1))
                     continue
                 response.raise_for_status()
-                return response.json()
+                body = response.json()
+                for i, result in zip(pending, body["results"]):
+                    if "error" not in result:
+                        answers[i] = {**result, "model": body["model"], "demo_model": body.get("demo_model"),
+                                      "stand_in_model": body.get("stand_in_model")}
+                if body["failed"]:
+                    time.sleep(1)
         raise RuntimeError(f"{url} kept refusing: {response.status_code}")
 
+    chunks = [texts[i:i + per_request] for i in range(0, len(texts), per_request)]
     with ThreadPoolExecutor(concurrency) as pool:
-        return list(pool.map(one, texts))
+        return [answer for part in pool.map(one, chunks) for answer in part]
 
 
 def score(truth: list[str], predicted: list[str], confidence: list[float]) -> dict:
@@ -94,109 +110,61 @@ def score(truth: list[str], predicted: list[str], confidence: list[float]) -> di
 
 
 def evaluate(url: str, size: int, seed: int = 0) -> dict:
+    """Accuracy and calibration of the served answers, and of the same scores uncalibrated."""
     sample = balanced_sample(size, seed)
     answers = classify(url, [text for text, _ in sample])
-    result = score([label for _, label in sample], [a["sentiment"]["label"] for a in answers],
-                   [a["sentiment"]["confidence"] for a in answers])
+    truth = [label for _, label in sample]
+    after = score(truth, [a["sentiment"]["label"] for a in answers], [a["sentiment"]["confidence"] for a in answers])
+    raw = [a["sentiment"]["uncalibrated_scores"] for a in answers]
+    before = score(truth, [max(r, key=r.get) for r in raw], [max(r.values()) for r in raw])
     first = answers[0]
-    return {**result, "model": first["model"], "demo_model": first.get("demo_model"),
+    return {**after, "uncalibrated": before, "calibration": first["sentiment"]["calibration"],
+            "model": first["model"], "demo_model": first.get("demo_model"),
             "stand_in_model": first.get("stand_in_model"), "url": url, "seed": seed,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "data": data_path().name}
 
 
-def write_report(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    c = result["confusion"]
-    flags = " (random-weight demo model)" if result.get("demo_model") else \
-        " (the offline stand-in, not Qwen)" if result.get("stand_in_model") else ""
-    examples = ", ".join(f"{len(v)} {k}" for k, v in SENTIMENT_EXAMPLES.items())
-    lines = [
-        "# Sentiment quality",
-        "",
-        f"Written by `make eval` on {result['date']}: model **{result['model']}**{flags}, served at "
-        f"{result['url']}; {result['n']} reviews of {result['data']}, balanced (half positive, half "
-        f"negative), sample seed {result['seed']}.",
-        "",
-        f"Prompt: the system instruction \"{SENTIMENT_INSTRUCTION}\", few-shot examples per language "
-        f"({examples}), then the review; the answer is the softmax over the logits of the three label "
-        "tokens at the next position, and `confidence` is the largest of the three.",
-        "",
-        "| metric | value |",
-        "| --- | --- |",
-        f"| accuracy (a `neutral` answer counts as wrong) | **{result['accuracy']:.1%}** (chance: 50 %) |",
-        f"| macro-F1 (positive, negative) | {result['macro_f1']:.3f} |",
-        f"| accuracy on the reviews not answered `neutral` | "
-        f"{result['accuracy_without_neutral']:.1%} |" if result["accuracy_without_neutral"] is not None else
-        "| accuracy on the reviews not answered `neutral` | – |",
-        f"| answered `neutral` | {result['neutral_share']:.1%} |",
-        f"| expected calibration error ({BINS} bins) | {result['ece']:.3f} |",
-        f"| mean confidence | {result['mean_confidence']:.3f} |",
-        "",
-        "Confusion matrix (rows: the review's label; columns: the model's answer):",
-        "",
-        "| | positive | negative | neutral |",
-        "| --- | --- | --- | --- |",
-        *[f"| {t} | {c[t]['positive']} | {c[t]['negative']} | {c[t]['neutral']} |" for t in TRUE_LABELS],
-        "",
-        "Calibration: a `confidence` of 0.8 should be right 80 % of the time. Per bin (mean confidence → "
-        "accuracy, count): " + "; ".join(
-            f"{b['confidence']:.2f} → {b['accuracy']:.2f} ({b['count']})" for b in result["reliability"] if b["count"]),
-        "",
-        "![reliability chart](eval.png)",
-        "",
-    ]
-    (out / "eval.md").write_text("\n".join(lines), encoding="utf-8")
-    _chart(result, out / "eval.png")
+@contextlib.contextmanager
+def served(url: str, model: str):
+    """The URL to send sentiment to: `url` when a worker or the stack answers there, else a worker
+    started here on `model` for the duration."""
+    url = url.rstrip("/")
+    if http_status(url + "/readyz") == 200 or http_status(url + "/nginx-health") == 200:
+        yield url
+        return
+    from qaio_models import stand_in as stand_in_model
+
+    if model.endswith("smollm2-135m-instruct") and not stand_in_model.is_built(Path(model)):
+        stand_in_model.build(Path(model))
+    print(f"nothing answers at {url}: starting a worker on {model}", flush=True)
+    # Quality, not latency: a bulk request's texts share one deadline, which a loaded machine can pass.
+    server = GunicornServer(model, QAIO_SENTIMENT_DEADLINE_MS="300000").wait_ready(600)
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
-def _chart(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    bins = [b for b in result["reliability"] if b["count"]]
-    ax.plot([0, 1], [0, 1], ":", color="#999", label="perfect calibration")
-    ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["accuracy"] for b in bins], width=1 / BINS * 0.9,
-           alpha=0.6, color="#3a7", label="accuracy in the bin")
-    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color="#37a",
-            label="mean confidence → accuracy")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-           title=f"{result['model']}: ECE {result['ece']:.3f}, n={result['n']}")
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(description: str, argv: list[str] | None, size_env: str, default_size: int, default_seed: int):
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=os.environ.get("QAIO_EVAL_URL", "http://127.0.0.1:8080"))
-    parser.add_argument("--size", type=int, default=int(os.environ.get("QAIO_EVAL_SIZE", "400")))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=int(os.environ.get(size_env, str(default_size))))
+    parser.add_argument("--seed", type=int, default=default_seed)
     parser.add_argument("--model", default=str(REPO / "models" / "smollm2-135m-instruct"),
                         help="served by a worker started here when nothing answers at --url")
     parser.add_argument("--out", type=Path, default=REPO / "docs")
-    args = parser.parse_args(argv)
-    server = None
-    if http_status(args.url.rstrip("/") + "/readyz") != 200 and http_status(args.url.rstrip("/") + "/nginx-health") != 200:
-        from qaio_models import stand_in as stand_in_model
+    return parser.parse_args(argv)
 
-        if args.model.endswith("smollm2-135m-instruct") and not stand_in_model.is_built(Path(args.model)):
-            stand_in_model.build(Path(args.model))
-        print(f"nothing answers at {args.url}: starting a worker on {args.model}", flush=True)
-        server = GunicornServer(args.model).wait_ready(600)
-        args.url = server.url
-    try:
-        result = evaluate(args.url.rstrip("/"), args.size, args.seed)
-    finally:
-        if server is not None:
-            server.stop()
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(__doc__, argv, "QAIO_EVAL_SIZE", 400, 0)
+    with served(args.url, args.model) as url:
+        result = evaluate(url, args.size, args.seed)
     write_report(result, args.out)
-    print(f"{result['model']}: accuracy {result['accuracy']:.1%}, macro-F1 {result['macro_f1']:.3f}, "
-          f"ECE {result['ece']:.3f} on {result['n']} reviews; wrote {args.out / 'eval.md'}")
+    before = result["uncalibrated"]
+    print(f"{result['model']}: accuracy {before['accuracy']:.1%} -> {result['accuracy']:.1%}, macro-F1 "
+          f"{before['macro_f1']:.3f} -> {result['macro_f1']:.3f}, ECE {before['ece']:.3f} -> {result['ece']:.3f} "
+          f"({result['calibration']['method']}) on {result['n']} reviews; wrote {args.out / 'eval.md'}")
     return 0
 
 

@@ -112,13 +112,14 @@ def test_a_two_turn_conversation_with_badges_streamed_replies_and_both_languages
     box.send_keys("And what do you think of the price?", Keys.ENTER)
     second = wait_turn(browser, 1)
     assert second.find_element(By.CSS_SELECTOR, ".badge").text
-    chats = sent_bodies(browser, "/v1/chat")
-    assert len(chats) == 2 and all(body["stream"] for body in chats)
-    assert chats[1]["messages"] == [
+    # Auto mode: one streamed analyze request per turn (the sentiment its first event), with the history.
+    analyzed = sent_bodies(browser, "/v1/analyze")
+    assert len(analyzed) == 2 and all(body["stream"] for body in analyzed)
+    assert analyzed[1]["messages"] == [
         {"role": "user", "content": "The delivery was fast and the food was great\nthanks!"},
         {"role": "assistant", "content": reply},
         {"role": "user", "content": "And what do you think of the price?"}]
-    assert [b["text"] for b in sent_bodies(browser, "/v1/sentiment")][-1] == "And what do you think of the price?"
+    assert sent_bodies(browser, "/v1/chat") == [] and sent_bodies(browser, "/v1/sentiment") == []
     screenshot(browser, "conversation")
 
     browser.find_element(By.ID, "lang").click()  # 中文
@@ -133,7 +134,8 @@ def test_a_two_turn_conversation_with_badges_streamed_replies_and_both_languages
     box.send_keys("很好吃", Keys.ENTER)
     only = wait_turn(browser, 3)
     assert only.find_elements(By.CSS_SELECTOR, ".assistant") == [] and only.find_element(By.CSS_SELECTOR, ".badge").text
-    assert len(sent_bodies(browser, "/v1/chat")) == 3  # sentiment only: no reply asked for
+    assert len(sent_bodies(browser, "/v1/analyze")) == 3 and sent_bodies(browser, "/v1/chat") == []  # no reply asked for
+    assert sent_bodies(browser, "/v1/sentiment")[-1] == {"text": "很好吃"}
 
     browser.find_element(By.ID, "new").click()
     assert turns(browser) == []

@@ -115,4 +115,5 @@ def fit(scores: Sequence[dict[str, float]], truth: Sequence[str], steps: int = 2
         return value
 
     optimizer.step(loss)
+    log_t, bias = log_t.detach(), bias.detach()
     return {"temperature": float(log_t.exp()), "bias": [float(b) for b in bias - bias.mean()]}

@@ -125,6 +125,11 @@ class ChatMLPrompter:
             ids += self._turn(message.role, message.content)
         return ids + self.markup("<|im_start|>assistant\n")
 
-    def analyze_ids(self, text: str, label: str) -> list[int]:
+    def analyze_ids(self, text: str | Sequence[Message], label: str) -> list[int]:
+        """The reply prompt of a text (or a conversation ending with it) whose sentiment is `label`."""
         system = f"{CHAT_SYSTEM_PROMPT} {ANALYZE_GUIDANCE[label]}"
-        return self.chat_ids([Message("user", text)], system_prompt=system)
+        messages = [Message("user", text)] if isinstance(text, str) else list(text)
+        if messages and messages[0].role == "system":  # the client's own system prompt, then the guidance
+            messages[0] = Message("system", f"{messages[0].content} {ANALYZE_GUIDANCE[label]}")
+            return self.chat_ids(messages)
+        return self.chat_ids(messages, system_prompt=system)

@@ -153,10 +153,11 @@ class WorkerService:
     def chat_ids(self, messages: list[Message]) -> list[int]:
         return self.prompter.chat_ids(messages)
 
-    def analyze_ids(self, text: str, label: str) -> list[int]:
+    def analyze_ids(self, text, label: str) -> list[int]:
+        """text: the text, or the conversation ending with it (a list of Message)."""
         return self.prompter.analyze_ids(text, label)
 
-    def check_analyze_tokens(self, text: str) -> None:
+    def check_analyze_tokens(self, text) -> None:
         """Both prompts of an analyze request within the token limit before either is queued: the reply's
         prompt depends on the label, so each label's is measured."""
         for label in LABELS_ZH:

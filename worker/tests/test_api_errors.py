@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-S, C, A, O = "/v1/sentiment", "/v1/chat", "/v1/analyze", "/v1/chat/completions"
+S, C, A, O, P = "/v1/sentiment", "/v1/chat", "/v1/analyze", "/v1/chat/completions", "/v1/completions"
 JSON = "application/json"
 USER = {"role": "user", "content": "hi"}
 
@@ -77,7 +77,34 @@ HOSTILE = [
     ("top_p zero", C, js({"text": "hi", "top_p": 0}), 400, "invalid_request"),
     ("stream string", C, js({"text": "hi", "stream": "yes"}), 400, "invalid_request"),
     ("deadline negative", S, js({"text": "hi", "deadline_ms": -5}), 400, "invalid_request"),
-    ("openai n=2", O, js({"messages": [USER], "n": 2}), 400, "invalid_request"),
+    ("openai n above QAIO_MAX_CHOICES", O, js({"messages": [USER], "n": 5}), 400, "invalid_request"),
+    ("openai n=2 streamed", O, js({"messages": [USER], "n": 2, "stream": True}), 400, "unsupported_parameter"),
+    ("openai unknown field", O, js({"messages": [USER], "frobnicate": 1}), 400, "unsupported_parameter"),
+    ("openai response_format", O, js({"messages": [USER], "response_format": {"type": "json_object"}}),
+     400, "unsupported_parameter"),
+    ("openai seed negative", O, js({"messages": [USER], "seed": -1}), 400, "invalid_request"),
+    ("openai seed float", O, js({"messages": [USER], "seed": 1.5}), 400, "invalid_request"),
+    ("openai five stop strings", O, js({"messages": [USER], "stop": ["a", "b", "c", "d", "e"]}), 400, "invalid_request"),
+    ("openai empty stop string", O, js({"messages": [USER], "stop": [""]}), 400, "invalid_request"),
+    ("openai stop not text", O, js({"messages": [USER], "stop": 7}), 400, "invalid_request"),
+    ("openai top_logprobs 21", O, js({"messages": [USER], "logprobs": True, "top_logprobs": 21}), 400, "invalid_request"),
+    ("openai top_logprobs without logprobs", O, js({"messages": [USER], "top_logprobs": 2}), 400, "invalid_request"),
+    ("openai presence_penalty 3", O, js({"messages": [USER], "presence_penalty": 3}), 400, "invalid_request"),
+    ("openai repetition_penalty 0", O, js({"messages": [USER], "repetition_penalty": 0}), 400, "invalid_request"),
+    ("openai stream_options unknown", O, js({"messages": [USER], "stream": True, "stream_options": {"x": 1}}),
+     400, "unsupported_parameter"),
+    ("completions token ids", P, js({"prompt": [1, 2, 3]}), 400, "unsupported_parameter"),
+    ("completions echo", P, js({"prompt": "hi", "echo": True}), 400, "unsupported_parameter"),
+    ("completions suffix", P, js({"prompt": "hi", "suffix": "x"}), 400, "unsupported_parameter"),
+    ("completions best_of", P, js({"prompt": "hi", "best_of": 3}), 400, "unsupported_parameter"),
+    ("completions logprobs 21", P, js({"prompt": "hi", "logprobs": 21}), 400, "invalid_request"),
+    ("completions empty prompt", P, js({"prompt": " "}), 400, "empty_text"),
+    ("bulk texts empty", S, js({"texts": []}), 400, "invalid_request"),
+    ("bulk texts not a list", S, js({"texts": "hi"}), 400, "invalid_request"),
+    ("bulk text and texts", S, js({"text": "hi", "texts": ["hi"]}), 400, "invalid_request"),
+    ("bulk texts[1] not text", S, js({"texts": ["hi", 3]}), 400, "invalid_request"),
+    ("bulk over QAIO_MAX_BULK_TEXTS", S, js({"texts": ["hi"] * 65}), 413, "too_many_texts"),
+    ("analyze n=2", A, js({"text": "hi", "n": 2}), 400, "unsupported_parameter"),
     ("openai tools", O, js({"messages": [USER], "tools": [{"type": "function"}]}), 400, "unsupported_parameter"),
     ("openai without messages", O, js({"model": "x"}), 400, "invalid_request"),
     ("openai stream_options junk", O, js({"messages": [USER], "stream": True, "stream_options": "x"}),

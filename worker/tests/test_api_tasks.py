@@ -115,3 +115,53 @@ def test_metrics_exposes_the_worker_series(client):
                  "qaio_cuda_graphs 0.0"):
         assert name in text, name
     assert "qaio_gpu_utilization_percent" not in text  # no GPU here
+
+
+REVIEWS = ["很快，好吃，味道足，量大", "送餐太慢了，菜都凉了", "Great food, fast delivery", "还行吧", "难吃", "Awful."]
+
+
+def test_bulk_sentiment_equals_single_calls_text_by_text_in_order(client):
+    body = client.post("/v1/sentiment", json={"texts": REVIEWS}).get_json()
+    check_envelope(body)
+    assert body["failed"] == 0 and len(body["results"]) == len(REVIEWS)
+    for text, result in zip(REVIEWS, body["results"]):
+        single = client.post("/v1/sentiment", json={"text": text}).get_json()
+        assert result["lang"] == single["lang"]
+        assert result["sentiment"]["label"] == single["sentiment"]["label"]
+        # One pass of many texts is padded otherwise than a pass of one: equal to float rounding.
+        for label, score in single["sentiment"]["scores"].items():
+            assert result["sentiment"]["scores"][label] == pytest.approx(score, abs=1e-4)
+
+
+def test_bulk_sentiment_reports_a_text_over_the_token_limit_alone(make_app):
+    client = make_app(max_prompt_tokens=200).test_client()
+    body = client.post("/v1/sentiment", json={"texts": ["好吃", "龘" * 400, "难吃"]}).get_json()
+    assert body["failed"] == 1
+    assert [("error" in r) for r in body["results"]] == [False, True, False]
+    assert body["results"][1]["error"]["code"] == "prompt_too_long" and body["results"][1]["error"]["status"] == 413
+    everything_too_long = client.post("/v1/sentiment", json={"texts": ["龘" * 400]})
+    assert everything_too_long.status_code == 413
+
+
+def test_streamed_analyze_sends_the_sentiment_first_then_the_reply(client):
+    plain = client.post("/v1/analyze", json={"text": "太难吃了，再也不点了", "max_tokens": 8, "temperature": 0}).get_json()
+    response = client.post("/v1/analyze", json={"text": "太难吃了，再也不点了", "max_tokens": 8, "temperature": 0,
+                                                "stream": True})
+    assert response.status_code == 200 and response.mimetype == "text/event-stream"
+    events = sse_events(response)
+    assert events[0]["sentiment"] == plain["sentiment"] and events[0]["lang"] == "zh"
+    assert "".join(e["delta"] for e in events[1:-1]) == plain["reply"]
+    assert events[-1]["done"] is True and events[-1]["usage"]["completion_tokens"] == 8
+
+
+def test_chat_takes_the_openai_parameters_too(client):
+    base = {"text": "hello", "max_tokens": 12, "temperature": 1.0, "seed": 99}
+    first = client.post("/v1/chat", json=base).get_json()
+    assert client.post("/v1/chat", json=base).get_json()["reply"] == first["reply"]
+    several = client.post("/v1/chat", json={**base, "n": 2, "logprobs": True, "top_logprobs": 1}).get_json()
+    assert several["reply"] == first["reply"] and len(several["choices"]) == 2
+    assert all(len(c["logprobs"]) == 12 and len(c["logprobs"][0]["top_logprobs"]) == 1 for c in several["choices"])
+    greedy = client.post("/v1/chat", json={"text": "hello", "max_tokens": 12, "temperature": 0}).get_json()["reply"]
+    stop = greedy[4:6]
+    cut = client.post("/v1/chat", json={"text": "hello", "max_tokens": 12, "temperature": 0, "stop": stop}).get_json()
+    assert cut["reply"] == greedy[:greedy.index(stop)] and cut["finish_reason"] == "stop"

@@ -1,6 +1,6 @@
 """Bulk sentiment: `texts: [...]` scored as separate engine requests (each counted by admission and
-bounded in tokens, all batched with everyone else's), under one deadline, answered in order with a
-failure reported per text."""
+bounded in tokens, batched with everyone else's), a window of them queued at a time, under one deadline,
+answered in order with a failure reported per text."""
 from __future__ import annotations
 
 from flask import g, jsonify
@@ -35,28 +35,38 @@ def bulk_sentiment(body: dict):
     langs = [_language(body, text) for text in texts]
     deadline = svc.deadline(v.deadline_ms(body, cfg.sentiment_deadline_ms), g.arrived)
     g.log_fields.update(task="sentiment", input_chars=sum(map(len, texts)), texts=len(texts))
+    # At most a window of its texts is queued at once, so one bulk request cannot fill the queue that
+    # every client shares; the window is what a pass scores anyway.
+    window = max(1, min(cfg.max_batch_size, cfg.queue_capacity // 4))
+    calibration = svc.calibration()
     submitted: list = []
-    for text, lang in zip(texts, langs):
+    results, jobs, failed = [], [], []
+
+    def submit_next() -> None:
+        text, lang = texts[len(submitted)], langs[len(submitted)]
         try:
             submitted.append(svc.submit_sentiment(text, lang, deadline))
         except (ApiError, RequestFailed) as err:
             submitted.append(_failure(err))
-    calibration = svc.calibration()
-    results, jobs, failed = [], [], []
+
     try:
-        for lang, job in zip(langs, submitted):
-            if isinstance(job, ApiError):
-                failed.append(job)
-                results.append({"error": {"code": job.code, "message": job.message, "status": job.status}})
-                continue
-            try:
-                scores = job.wait(g.client_gone).scores
-            except RequestFailed as err:
-                if err.code == "client_closed_request":
-                    raise
-                failure = _failure(err)
-                failed.append(failure)
-                results.append({"error": {"code": failure.code, "message": failure.message, "status": failure.status}})
+        while len(submitted) < min(window, len(texts)):
+            submit_next()
+        for i, lang in enumerate(langs):
+            job = submitted[i]
+            outcome = job if isinstance(job, ApiError) else None
+            if outcome is None:
+                try:
+                    scores = job.wait(g.client_gone).scores
+                except RequestFailed as err:
+                    if err.code == "client_closed_request":
+                        raise
+                    outcome = _failure(err)
+            if len(submitted) < len(texts):
+                submit_next()
+            if outcome is not None:
+                failed.append(outcome)
+                results.append({"error": {"code": outcome.code, "message": outcome.message, "status": outcome.status}})
                 continue
             jobs.append(job)
             results.append({"sentiment": sentiment_view(scores, lang, calibration), "lang": lang})

@@ -37,6 +37,8 @@ def completions():
     body = v.json_body()
     refuse_unknown(body, FIELDS)
     text = _prompt(body, svc.config.max_input_chars)
+    if v.optional_bool(body, "echo"):
+        raise bad_request("`echo` is not supported (the answer holds only the completion)", "unsupported_parameter")
     gen = generation(body, logprobs_style="completions")
     best_of = v.optional_int(body, "best_of", 1, svc.config.max_choices, gen.n)
     if best_of != gen.n:

@@ -39,7 +39,9 @@ def models():
 def stream_options(body: dict, stream: bool) -> bool:
     """Whether a stream ends with a usage chunk; n > 1 streams are refused (one choice per stream)."""
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+    if not isinstance(options, dict):
+        raise bad_request("`stream_options` must be an object")
+    if set(options) - {"include_usage"}:
         raise bad_request("`stream_options` may only hold `include_usage`", "unsupported_parameter")
     return bool(options.get("include_usage")) and stream
 

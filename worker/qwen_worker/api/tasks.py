@@ -34,14 +34,15 @@ def _language(body: dict, text: str) -> str:
     return detect_language(text) if lang == "auto" else lang
 
 
-def _sentiment(body: dict, task: str, default_deadline_ms: int):
+def _sentiment(body: dict, task: str, default_deadline_ms: int, conversation=None):
+    """The sentiment of `text`, or of a conversation's last (user) message."""
     svc = service()
-    text = v.text_value(body.get("text"), "text", svc.config.max_input_chars)
+    text = conversation[-1].content if conversation else v.text_value(body.get("text"), "text", svc.config.max_input_chars)
     lang = _language(body, text)
     deadline = svc.deadline(v.deadline_ms(body, default_deadline_ms), g.arrived)
     g.log_fields.update(task=task, input_chars=len(text))
     if task == "analyze":
-        svc.check_analyze_tokens(text)
+        svc.check_analyze_tokens(conversation or text)
     job = svc.submit_sentiment(text, lang, deadline, task=task)
     return text, lang, job, sentiment_view(job.wait(g.client_gone).scores, lang, svc.calibration())
 
@@ -115,12 +116,14 @@ def analyze():
     stream = v.optional_bool(body, "stream")
     if gen.n > 1:
         raise ApiError(400, "unsupported_parameter", "`n` is not supported by analyze (one sentiment, one reply)")
-    text, lang, sentiment_job, result = _sentiment(body, "analyze", svc.config.chat_deadline_ms)
-    prompt = svc.analyze_ids(text, result["label"])
+    # `messages` (a conversation ending with the user's text) or `text`: the sentiment is the last message's.
+    conversation = v.messages(body, svc.config.max_messages, svc.config.max_input_chars) if "messages" in body else None
+    text, lang, sentiment_job, result = _sentiment(body, "analyze", svc.config.chat_deadline_ms, conversation)
+    prompt = svc.analyze_ids(conversation or text, result["label"])
     # Both steps share the request's one deadline, which the sentiment job carries.
     handles = ch.start(prompt, gen, sentiment_job.deadline, "analyze", stream)
     if stream:
-        first = {"sentiment": result, "lang": lang}
+        first = {"sentiment": result, "lang": lang, "instance": svc.config.instance_id}
         return sse(_reply_events(handles[0], gen, sentiment_job, first=first))
     done = ch.finish_all(handles, gen)
     g.cacheable = gen.sampling["temperature"] == 0
