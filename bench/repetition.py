@@ -51,7 +51,7 @@ def run(service: ModelService, prompts: list[list[int]], tokens: int, penalty: f
             "degenerate_share": sum(s > 0.5 for s in shares) / len(shares),  # half the reply is repeats
             "hit_max_tokens_share": sum(r.finish_reason == "length" for r in rows) / len(rows),
             "tokens_per_s": sum(len(r.tokens) for r in rows) / seconds,
-            "example": texts[0][:160]}
+            "example": texts[0][:160], "example_zh": texts[len(QUESTIONS)][:160] if len(texts) > len(QUESTIONS) else ""}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for temperature, top_p in ((0.0, 1.0), (config.default_temperature, config.default_top_p)):
         for penalty in (float(p) for p in args.penalties.split(",")):
             results.append(run(service, prompts, args.tokens, penalty, temperature, top_p, seed=0))
-            print(json.dumps({k: v for k, v in results[-1].items() if k != "example"}), flush=True)
+            print(json.dumps({k: v for k, v in results[-1].items() if not k.startswith("example")}), flush=True)
     report = {"model": service.name, "prompts": len(prompts), "max_tokens": args.tokens,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
              "| --- | --- | --- | --- | --- | --- |",
              *[f"| {r['temperature']} | {r['penalty']} | {r['mean_repeated_share']:.2f} | {r['degenerate_share']:.0%} | "
                f"{r['hit_max_tokens_share']:.0%} | {r['tokens_per_s']:.0f} |" for r in results], "",
-             "First reply of each run (160 characters):", "",
-             *[f"- t={r['temperature']}, penalty {r['penalty']}: {r['example']!r}" for r in results], ""]
+             "The reply to the first question and to the first review of each run (160 characters):", "",
+             *[f"- t={r['temperature']}, penalty {r['penalty']}: {r['example']!r} / {r['example_zh']!r}"
+               for r in results], ""]
     (args.out / "repetition.md").write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {args.out / 'repetition.md'}")
     return 0

@@ -175,6 +175,11 @@ class Engine:
             return greedy.tolist(), [None] * len(rows)
         if self.penalties is not None:
             logits = self.penalties.apply(logits, rows)
+        if all(row is None or row.greedy for row in rows):  # penalized, or with logprobs: no draw
+            tokens = logits.argmax(dim=-1)
+            if self.penalties is not None:
+                self.penalties.count(rows, tokens)
+            return tokens.tolist(), token_logprobs(logits, tokens, rows)
         temperature = torch.tensor([row.temperature if row else 0.0 for row in rows], dtype=torch.float32)
         top_p = torch.tensor([row.top_p if row else 1.0 for row in rows], dtype=torch.float32)
         to = dict(device=logits.device, non_blocking=True)

@@ -221,3 +221,27 @@ def test_an_out_of_memory_decode_fails_the_rows_it_carried_frees_their_slots_and
     assert engine.live() == 0 and engine.free_slots() == engine.runner.slots
     monkeypatch.undo()
     assert alone(service, "after the failure", 6) == before
+
+
+def test_a_seeded_row_draws_the_same_alone_and_beside_other_sampled_rows(service):
+    def seeded():
+        return GenerationRow(prompt(service, "hello"), 12, temperature=1.0, top_p=0.95, seed=7)
+    (alone, _, _), = run(service.engine, [seeded()])
+    others = [GenerationRow(prompt(service, f"other {i}"), 20, temperature=1.0) for i in range(2)]
+    beside = run(service.engine, [others[0], seeded(), others[1]])
+    assert beside[1][0] == alone
+    (another, _, _), = run(service.engine, [GenerationRow(prompt(service, "hello"), 12, temperature=1.0, top_p=0.95,
+                                                            seed=8)])
+    assert another != alone
+
+
+def test_logprobs_of_a_penalized_greedy_row_follow_its_penalized_logits(service):
+    """Greedy with a penalty takes the argmax of the penalized logits, and reports their log-softmax."""
+    row = GenerationRow(prompt(service, "hello"), 8, repetition_penalty=0.2, logprobs=2)
+    run(service.engine, [row])
+    assert len(row.token_logprobs) == len(row.tokens) == 8
+    for token, (logprob, ids, logprobs) in zip(row.tokens, row.token_logprobs):
+        assert ids[0] == token and logprob == logprobs[0] and logprobs[0] >= logprobs[1]
+    plain = GenerationRow(prompt(service, "hello"), 8)
+    run(service.engine, [plain])
+    assert plain.tokens != row.tokens  # the penalty (below 1: favouring the prompt's tokens) acted
