@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
              f"Written by `make repetition` on {report['date']}: model **{report['model']}**, {len(prompts)} chat "
              f"prompts ({len(QUESTIONS)} questions, the rest waimai reviews as the user's message), max_tokens "
              f"{args.tokens}, on this machine's CPU, in-process. A reply's *repeated share* is the share of its "
-             "4-character n-grams that already occurred in it; *degenerate*: more than half of it repeats.", "",
+             "4-character n-grams that already occurred in it; *degenerate*: more than half of it repeats. "
+             "tokens/s is this shared machine's, in runs one after another: noise, not the penalty's cost.", "",
              "| temperature | repetition_penalty | mean repeated share | degenerate replies | replies cut at max_tokens | tokens/s |",
              "| --- | --- | --- | --- | --- | --- |",
              *[f"| {r['temperature']} | {r['penalty']} | {r['mean_repeated_share']:.2f} | {r['degenerate_share']:.0%} | "

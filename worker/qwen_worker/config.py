@@ -113,9 +113,9 @@ class WorkerConfig:
     max_tokens_limit: int = _setting(1024, "Largest max_tokens a client may ask for", minimum=1)
     default_temperature: float = _setting(0.7, "temperature when a chat request gives none (0: greedy)", minimum=0)
     default_top_p: float = _setting(0.9, "top_p when a chat request gives none", minimum=0)
-    default_repetition_penalty: float = _setting(1.0, "repetition_penalty when a generation request gives none "
-                                                      "(1: none; docs/eval.md measures what a penalty does)",
-                                                 minimum=0.01)
+    default_repetition_penalty: float = _setting(1.1, "repetition_penalty when a generation request gives none "
+                                                      "(1: none; docs/repetition.md measured 1.1 against greedy "
+                                                      "replies that repeat one phrase)", minimum=0.01)
     max_choices: int = _setting(4, "Largest `n` (choices per request, each a generation row of its own)", minimum=1)
     max_bulk_texts: int = _setting(64, "Most texts in one bulk sentiment request (`texts: [...]`)", minimum=1)
     # Caching by the front door (nginx honours X-Accel-Expires)

@@ -64,7 +64,8 @@ def test_n_choices_are_separate_rows_each_reproducible_with_a_seed(sdk):
 
 
 def test_logprobs_are_the_log_softmax_of_the_served_distribution(sdk, tiny_model_dir):
-    answer = reply(sdk, temperature=0, logprobs=True, top_logprobs=3, max_tokens=10)
+    # No penalty (the default repetition penalty would change the served distribution from the model's).
+    answer = reply(sdk, temperature=0, logprobs=True, top_logprobs=3, max_tokens=10, extra_body={"repetition_penalty": 1})
     content = answer.choices[0].logprobs.content
     assert len(content) == 10 and all(len(entry.top_logprobs) == 3 for entry in content)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -80,7 +81,8 @@ def test_logprobs_are_the_log_softmax_of_the_served_distribution(sdk, tiny_model
         top = expected[position].topk(3)
         assert entry.logprob == pytest.approx(top.values[0].item(), abs=1e-4)  # greedy: the top token
         assert [t.logprob for t in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
-    _, chunks = streamed(sdk, temperature=0, logprobs=True, top_logprobs=3, max_tokens=10)
+    _, chunks = streamed(sdk, temperature=0, logprobs=True, top_logprobs=3, max_tokens=10,
+                         extra_body={"repetition_penalty": 1})
     streamed_lp = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert streamed_lp == pytest.approx([e.logprob for e in content], abs=1e-6)
 
