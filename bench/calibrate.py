@@ -16,9 +16,9 @@ import os
 import time
 from pathlib import Path
 
-from qwen_worker.calibration import FILE_NAME, PACKAGE_DIR, fit, prompt_fingerprint
+from qwen_worker.calibration import FILE_NAME, PACKAGE_DIR, Calibration, fit, prompt_fingerprint
 
-from .eval import arguments, balanced_sample, classify, score, served
+from .eval import arguments, balanced_sample, classify, score_probabilities, served
 from .texts import data_path
 
 LANG = "zh"  # the language of waimai_10k.csv
@@ -31,12 +31,9 @@ def calibrate(url: str, size: int, seed: int, eval_size: int) -> dict:
     truth = [label for _, label in sample]
     raw = [a["sentiment"]["uncalibrated_scores"] for a in answers]
     params = fit(raw, truth)
-    before = score(truth, [max(r, key=r.get) for r in raw], [max(r.values()) for r in raw])
-    from qwen_worker.calibration import Calibration
-
+    before = score_probabilities(truth, raw)
     calibration = Calibration("fitted", {LANG: params})
-    calibrated = [calibration.apply(r, LANG) for r in raw]
-    after = score(truth, [max(c, key=c.get) for c in calibrated], [max(c.values()) for c in calibrated])
+    after = score_probabilities(truth, [calibration.apply(r, LANG) for r in raw])
     model = answers[0]["model"]
     calibration.info = {
         "model": model, "prompt": prompt_fingerprint(), "fitted_on": f"{size} reviews of {data_path().name} "

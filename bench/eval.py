@@ -109,6 +109,11 @@ def score(truth: list[str], predicted: list[str], confidence: list[float]) -> di
             "mean_confidence": sum(confidence) / len(confidence), "reliability": bins}
 
 
+def score_probabilities(truth: list[str], scores: list[dict[str, float]]) -> dict:
+    """score() of label probabilities: the most likely label, at its probability."""
+    return score(truth, [max(s, key=s.get) for s in scores], [max(s.values()) for s in scores])
+
+
 def evaluate(url: str, size: int, seed: int = 0) -> dict:
     """Accuracy and calibration of the served answers, and of the same scores uncalibrated."""
     sample = balanced_sample(size, seed)
@@ -116,7 +121,7 @@ def evaluate(url: str, size: int, seed: int = 0) -> dict:
     truth = [label for _, label in sample]
     after = score(truth, [a["sentiment"]["label"] for a in answers], [a["sentiment"]["confidence"] for a in answers])
     raw = [a["sentiment"]["uncalibrated_scores"] for a in answers]
-    before = score(truth, [max(r, key=r.get) for r in raw], [max(r.values()) for r in raw])
+    before = score_probabilities(truth, raw)
     first = answers[0]
     return {**after, "uncalibrated": before, "calibration": first["sentiment"]["calibration"],
             "model": first["model"], "demo_model": first.get("demo_model"),

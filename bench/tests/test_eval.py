@@ -3,7 +3,7 @@ that a broken prompt or label mapping would fail (chance is 50 %; swapped labels
 import pytest
 
 from bench.calibrate import calibrate
-from bench.eval import balanced_sample, classify, evaluate, score, write_report
+from bench.eval import balanced_sample, classify, evaluate, score, score_probabilities, write_report
 from qwen_worker.calibration import Calibration
 from qwen_worker.testing import GunicornServer
 
@@ -47,9 +47,7 @@ def test_the_stand_in_model_classifies_reviews_well_above_chance_and_a_fit_calib
     assert result["calibration"]["method"] == "none" and result["ece"] == result["uncalibrated"]["ece"]
     fit_sample = balanced_sample(160, 1, exclude=frozenset(t for t, _ in held_out))  # what calibrate fitted on
     assert not {t for t, _ in held_out} & {t for t, _ in fit_sample}
-    calibrated = [fitted.apply(r, "zh") for r in raw]
-    after = score([label for _, label in held_out], [max(c, key=c.get) for c in calibrated],
-                  [max(c.values()) for c in calibrated])
+    after = score_probabilities([label for _, label in held_out], [fitted.apply(r, "zh") for r in raw])
     assert after["ece"] < result["ece"], (after["ece"], result["ece"])  # measured 0.140 -> 0.053 on 400
     assert after["accuracy"] >= result["accuracy"] - 0.05
     assert result["model"] == "smollm2-135m-instruct" and result["stand_in_model"] is True

@@ -64,11 +64,7 @@ class WorkerService:
 
     def calibration(self, model: ModelInfo | None = None) -> Calibration:
         """How the served model's sentiment scores are calibrated (as its engine loaded it)."""
-        model = model or self.model()
-        cached = getattr(self, "_calibration", None)
-        if cached is None or cached[0] != model.calibration:
-            cached = self._calibration = (model.calibration, Calibration.from_dict(model.calibration))
-        return cached[1]
+        return Calibration.from_dict((model or self.model()).calibration)
 
     def calibration_view(self, model: ModelInfo | None = None) -> dict:
         return self.calibration(model).describe()

@@ -55,10 +55,9 @@ def finish(handle: RequestHandle, gen: Generation) -> Choice:
         text = "".join(handle.deltas(svc.decode, 0.0, g.client_gone, stops(gen)))
     else:
         handle.wait(g.client_gone)
-        text = None
     if handle.finish_reason == "deadline":
         raise RequestFailed("deadline_exceeded", "the request's deadline passed before it completed")
-    return Choice(handle, svc.decode(handle.tokens) if text is None else text)
+    return Choice(handle, text if gen.stop else svc.decode(handle.tokens))
 
 
 def finish_all(handles: list[RequestHandle], gen: Generation) -> list[Choice]:

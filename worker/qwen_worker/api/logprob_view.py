@@ -7,9 +7,9 @@ import functools
 from typing import Sequence
 
 
-@functools.lru_cache(maxsize=4)
-def _byte_decoder(tokenizer) -> dict[str, int] | None:
-    """GPT-2's printable stand-ins for bytes, reversed; None when the tokenizer is not byte-level."""
+@functools.cache
+def _byte_decoder() -> dict[str, int] | None:
+    """GPT-2's printable stand-ins for bytes, reversed (None without transformers' GPT-2 module)."""
     try:
         from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
     except ImportError:
@@ -32,7 +32,7 @@ class TokenText:
 
     def _token_bytes(self, token_id: int) -> bytes:
         piece = self.tokenizer.convert_ids_to_tokens(token_id)
-        decoder = _byte_decoder(self.tokenizer)
+        decoder = _byte_decoder()
         if decoder is not None and isinstance(piece, str) and all(ch in decoder for ch in piece):
             return bytes(decoder[ch] for ch in piece)
         return self.tokenizer.decode([token_id]).encode("utf-8")

@@ -2,7 +2,9 @@
 (or nginx). Every field OpenAI defines is honoured or refused with 400 naming it; none is ignored."""
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Callable
 
 from flask import Blueprint, g, jsonify
 
@@ -12,7 +14,7 @@ from ..protocol import RequestFailed
 from . import choices as ch
 from .common import envelope, service, sse
 from .logprob_view import chat_content
-from .params import generation, refuse_unknown
+from .params import Generation, generation, refuse_unknown
 from .tasks import error_event
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -37,7 +39,7 @@ def models():
 
 
 def stream_options(body: dict, stream: bool) -> bool:
-    """Whether a stream ends with a usage chunk; n > 1 streams are refused (one choice per stream)."""
+    """Whether a stream ends with a usage chunk."""
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise bad_request("`stream_options` must be an object")
@@ -46,9 +48,87 @@ def stream_options(body: dict, stream: bool) -> bool:
     return bool(options.get("include_usage")) and stream
 
 
-def check_stream_choices(stream: bool, n: int) -> None:
-    if stream and n > 1:
+def delivery(body: dict, gen: Generation) -> tuple[bool, bool, float]:
+    """stream, include_usage and the deadline; n > 1 streams are refused (one choice per stream)."""
+    svc = service()
+    stream = v.optional_bool(body, "stream")
+    include_usage = stream_options(body, stream)
+    if stream and gen.n > 1:
         raise bad_request("`n` above 1 is not supported with `stream`", "unsupported_parameter")
+    return stream, include_usage, svc.deadline(v.deadline_ms(body, svc.config.chat_deadline_ms), g.arrived)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """How one OpenAI endpoint writes its answers: object names, where a choice's text goes, its logprobs."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    text: Callable[[str], dict]  # a choice's text fields, in the answer
+    delta: Callable[[str | None], dict]  # a chunk's text fields (None: the last chunk's)
+    logprobs: Callable[[list[int], list[tuple], int], dict]  # tokens, their logprobs, the text's offset
+    first_delta: dict | None = None  # the fields of a chunk sent before any text
+
+
+def respond(shape: Shape, prompt: list[int], gen: Generation, task: str, stream: bool, include_usage: bool,
+            deadline: float):
+    """Start the choices; answer them as one JSON body, or as a stream of chunks."""
+    svc = service()
+    completion_id = f"{shape.id_prefix}-{g.request_id}"
+    created = int(time.time())
+    handles = ch.start(prompt, gen, deadline, task, stream)
+    if stream:
+        return sse(_chunks(shape, handles[0], gen, completion_id, created, include_usage))
+    done = ch.finish_all(handles, gen)
+    return jsonify({
+        "id": completion_id, "object": shape.object, "created": created, "model": svc.config.model_name,
+        "choices": [{"index": i, **shape.text(c.text), "finish_reason": FINISH[c.finish_reason],
+                     "logprobs": _logprobs(shape, c.handle, gen)} for i, c in enumerate(done)],
+        "usage": ch.usage(handles),
+        "system_fingerprint": svc.config.instance_id,
+        "qaio": envelope(handles, finish_reason=done[0].finish_reason),
+    })
+
+
+def _logprobs(shape: Shape, handle, gen: Generation, start: int = 0, end: int | None = None,
+              offset: int = 0) -> dict | None:
+    if gen.sampling["logprobs"] < 0:
+        return None
+    end = len(handle.tokens) if end is None else end
+    return shape.logprobs(handle.tokens[start:end], handle.logprobs[start:end], offset)
+
+
+def _chunks(shape: Shape, handle, gen: Generation, completion_id: str, created: int, include_usage: bool):
+    model = service().config.model_name
+
+    def chunk(fields: dict, finish_reason=None, logprobs=None) -> dict:
+        return {"id": completion_id, "object": shape.chunk_object, "created": created, "model": model,
+                "choices": [{"index": 0, **fields, "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+    if shape.first_delta is not None:
+        yield chunk(shape.first_delta)
+    offset = 0
+    try:
+        for text, start, end in service().pieces(handle, g.client_gone, ch.stops(gen)):
+            yield chunk(shape.delta(text), logprobs=_logprobs(shape, handle, gen, start, end, offset))
+            offset += len(text)
+    except (ApiError, RequestFailed) as err:
+        yield error_event(err)
+        return
+    yield chunk(shape.delta(None), FINISH[handle.finish_reason])
+    if include_usage:
+        yield {"id": completion_id, "object": shape.chunk_object, "created": created, "model": model,
+               "choices": [], "usage": ch.usage([handle])}
+    yield "[DONE]"
+
+
+CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk",
+             text=lambda text: {"message": {"role": "assistant", "content": text}},
+             delta=lambda text: {"delta": {} if text is None else {"content": text}},
+             logprobs=lambda tokens, logprobs, offset: {"content": chat_content(ch.token_text(), tokens, logprobs),
+                                                        "refusal": None},
+             first_delta={"delta": {"role": "assistant", "content": ""}})
 
 
 @bp.post("/chat/completions")
@@ -58,54 +138,6 @@ def chat_completions():
     refuse_unknown(body, CHAT_FIELDS)
     messages = v.messages({"messages": body.get("messages")}, svc.config.max_messages, svc.config.max_input_chars)
     gen = generation(body)
-    stream = v.optional_bool(body, "stream")
-    include_usage = stream_options(body, stream)
-    check_stream_choices(stream, gen.n)
-    deadline = svc.deadline(v.deadline_ms(body, svc.config.chat_deadline_ms), g.arrived)
+    stream, include_usage, deadline = delivery(body, gen)
     g.log_fields.update(task="chat", input_chars=sum(len(m.content) for m in messages), stream=stream, n=gen.n)
-    prompt = svc.chat_ids(messages)
-    completion_id = f"chatcmpl-{g.request_id}"
-    created = int(time.time())
-    handles = ch.start(prompt, gen, deadline, "chat", stream)
-    if stream:
-        return sse(_chunks(handles[0], gen, completion_id, created, include_usage))
-    done = ch.finish_all(handles, gen)
-    return jsonify({
-        "id": completion_id, "object": "chat.completion", "created": created, "model": svc.config.model_name,
-        "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
-                     "finish_reason": FINISH[c.finish_reason], "logprobs": _logprobs(c.handle, gen)}
-                    for i, c in enumerate(done)],
-        "usage": ch.usage(handles),
-        "system_fingerprint": svc.config.instance_id,
-        "qaio": envelope(handles, finish_reason=done[0].finish_reason),
-    })
-
-
-def _logprobs(handle, gen, start: int = 0, end: int | None = None) -> dict | None:
-    if gen.sampling["logprobs"] < 0:
-        return None
-    end = len(handle.tokens) if end is None else end
-    return {"content": chat_content(ch.token_text(), handle.tokens[start:end], handle.logprobs[start:end]),
-            "refusal": None}
-
-
-def _chunks(handle, gen, completion_id: str, created: int, include_usage: bool):
-    model = service().config.model_name
-
-    def chunk(delta: dict, finish_reason=None, logprobs=None, **extra) -> dict:
-        return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-                **extra}
-
-    yield chunk({"role": "assistant", "content": ""})
-    try:
-        for text, start, end in service().pieces(handle, g.client_gone, ch.stops(gen)):
-            yield chunk({"content": text}, logprobs=_logprobs(handle, gen, start, end))
-    except (ApiError, RequestFailed) as err:
-        yield error_event(err)
-        return
-    yield chunk({}, FINISH[handle.finish_reason])
-    if include_usage:
-        yield {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-               "choices": [], "usage": ch.usage([handle])}
-    yield "[DONE]"
+    return respond(CHAT, svc.chat_ids(messages), gen, "chat", stream, include_usage, deadline)
