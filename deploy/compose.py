@@ -121,7 +121,8 @@ def compose(worker_names: list[str], gpu_ids: list[int] | None) -> dict:
         "image": "prom/prometheus:v3.5.0",
         "command": ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus",
                     "--storage.tsdb.retention.time=7d"],
-        "volumes": ["./deploy/prometheus/compose.yml:/etc/prometheus/prometheus.yml:ro", "prometheus:/prometheus"],
+        "volumes": ["./deploy/prometheus/compose.yml:/etc/prometheus/prometheus.yml:ro",
+                    "./deploy/alerts/qaio-rules.yml:/etc/prometheus/qaio-rules.yml:ro", "prometheus:/prometheus"],
         "ports": ["127.0.0.1:${QAIO_PROMETHEUS_PORT:-9090}:9090"],
         "networks": ["frontend", "backend"],
         "restart": "unless-stopped",
@@ -142,6 +143,7 @@ def prometheus_config(worker_names: list[str]) -> dict:
     return {
         # Every 5 s: the dashboard's numbers are a few seconds old at most.
         "global": {"scrape_interval": "5s", "evaluation_interval": "5s"},
+        "rule_files": ["/etc/prometheus/qaio-rules.yml"],  # the objectives and alerts: make alerts writes it
         "scrape_configs": [
             {"job_name": "qaio-worker",
              "static_configs": [{"targets": [f"{name}:{WORKER_PORT}" for name in worker_names]}]},

@@ -29,10 +29,10 @@ def panel(panel_id: int, kind: str, title: str, query: dict, legend: str, x: int
 
 def dashboard(queries: dict) -> dict:
     panels, panel_id, y = [], 1, 0
-    for i, query in enumerate(queries["stack"]):
-        panels.append(panel(panel_id, "stat", query["title"], query, "", 6 * i, y, 6, 4))
+    for i, query in enumerate(queries["stack"]):  # four stat panels a row
+        panels.append(panel(panel_id, "stat", query["title"], query, "", 6 * (i % 4), y + 4 * (i // 4), 6, 4))
         panel_id += 1
-    y += 4
+    y += 4 * ((len(queries["stack"]) + 3) // 4)
     for i, query in enumerate(queries["charts"]):
         panels.append(panel(panel_id, "timeseries", query["title"], query, "{{%s}}" % query["legend"],
                             12 * (i % 2), y + 8 * (i // 2), 12, 8))

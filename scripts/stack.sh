@@ -152,6 +152,7 @@ start_monitoring() {  # upstreams prometheus_port mtail_port
 global:
   scrape_interval: ${QAIO_STACK_SCRAPE_INTERVAL:-2s}
   evaluation_interval: ${QAIO_STACK_SCRAPE_INTERVAL:-2s}
+rule_files: ["$root/deploy/alerts/qaio-rules.yml"]  # the objectives and alerts (make alerts writes it)
 scrape_configs:
   - job_name: qaio-worker
     static_configs: [{targets: [${targets%, }]}]

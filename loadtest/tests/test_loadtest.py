@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest import sla
 from qwen_worker.testing import REPO
 
 BIN = Path(sys.executable).parent
@@ -74,14 +75,19 @@ def test_stepped_runner_writes_the_report(stack, workers, tmp_path):
     done = subprocess.run([sys.executable, "-m", "loadtest.run", "--url", stack["url"], "--levels", "1,2",
                            "--duration", "3s", "--run-dir", str(run_dir), "--out", str(tmp_path), "--chat-tokens", "4",
                            "--overload", ""],
-                          env=stack["env"], capture_output=True, text=True, timeout=300, cwd=REPO)
+                          # Objectives a CPU stack of the tiny model meets: the verdict must say met.
+                          env={**stack["env"], "QAIO_SLO_SENTIMENT_LATENCY_S": "120", "QAIO_SLO_CHAT_LATENCY_S": "120"},
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads((tmp_path / "loadtest.json").read_text())
     assert [level["users"] for level in results["levels"]] == [1, 2]
     for level in results["levels"]:
         assert level["requests"] > 0 and level["passed"] and level["error_rate"] == 0
+        assert level["sla"]["met"] and level["sla"]["availability"] == 1.0, level["sla"]
+        assert "sentiment" in level["sla"]["latency_ms"] and set(level["sla"]["latency_ms"]) <= set(sla.TASKS)
         assert all(mb > 10 for mb in level["rss_after"].values()) and len(level["rss_after"]) == 2
     report = (tmp_path / "loadtest.md").read_text()
+    assert "## SLA verdict" in report and "Every level met the SLA, up to 2 users." in report
     assert "| 2 |" in report and "demo model" in report and (tmp_path / "loadtest.png").stat().st_size > 1000
 
 

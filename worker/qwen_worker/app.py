@@ -21,7 +21,7 @@ log = logging.getLogger("qaio")
 access_log = logging.getLogger("qaio.access")
 
 _TASK_BY_PATH = {"/v1/sentiment": "sentiment", "/v1/chat": "chat", "/v1/analyze": "analyze",
-                 "/v1/chat/completions": "chat", "/v1/models": "models"}
+                 "/v1/chat/completions": "chat", "/v1/completions": "completion", "/v1/models": "models"}
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 

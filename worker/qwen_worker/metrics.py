@@ -13,7 +13,9 @@ from prometheus_client.core import GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+# 0.8 and 1.5 are the latency objectives' defaults (QAIO_SLO_*): an SLI counts requests under a bucket's bound.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1, 1.5, 2.5, 5, 10, 20, 30, 60, 120)
+TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 REJECTION_REASONS = ("queue_full", "not_ready", "draining", "deadline_on_arrival", "deadline_in_queue", "client_gone",
                      "prompt_too_long", "invalid_token_id")
@@ -53,6 +55,15 @@ class WorkerMetrics:
                                 multiprocess_mode="livesum")
         self.slots = Gauge("qaio_slots", "KV slots of this worker (the most requests generating at once)",
                            registry=r, multiprocess_mode="livesum")
+        # What routers read per instance (the Gateway API inference extension's KV-cache-utilisation metric).
+        self.slot_utilization = Gauge("qaio_kv_slot_utilization", "Share of KV slots held by generating requests "
+                                      "(0-1)", registry=r, multiprocess_mode="livemax")
+        self.time_to_first_token = Histogram(
+            "qaio_time_to_first_token_seconds", "From a generation's arrival at the worker to its first token",
+            ["task", "stream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "qaio_time_per_output_token_seconds", "Mean gap between a generation's tokens after the first",
+            ["task", "stream"], buckets=TOKEN_GAP_BUCKETS, registry=r)
         self.cuda_graphs = Gauge("qaio_cuda_graphs", "Decode CUDA graphs captured at start-up", registry=r,
                                  multiprocess_mode="livemax")
         # One series per live process (pid label) when gunicorn runs several: each loads its own model.
@@ -80,6 +91,16 @@ class WorkerMetrics:
         self.prompt_tokens.labels(task=task).inc(prompt_tokens)
         if generated_tokens:
             self.generated_tokens.labels(task=task).inc(generated_tokens)
+
+    def observe_generation(self, task: str, stream: bool, arrived: float, handle) -> None:
+        """A generation that completed (a RequestHandle): its time to first token and between tokens."""
+        if handle.first_token_at is None:
+            return
+        labels = {"task": task, "stream": str(bool(stream)).lower()}
+        self.time_to_first_token.labels(**labels).observe(max(handle.first_token_at - arrived, 0.0))
+        if len(handle.tokens) > 1 and handle.finished_at is not None:
+            gap = (handle.finished_at - handle.first_token_at) / (len(handle.tokens) - 1)
+            self.time_per_output_token.labels(**labels).observe(max(gap, 0.0))
 
     def observe_step(self, seconds: float, rows: int, path: str) -> None:
         """One decode step: `path` is `graph` (a CUDA graph replayed) or `eager` (no graph for its shape)."""

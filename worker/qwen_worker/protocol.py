@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 SENTIMENT = "sentiment"  # score the label tokens after the prompt: one pass, between decode steps
 GENERATE = "generate"  # a generation row in the running batch
@@ -61,6 +61,7 @@ class Output:
     message: str = ""
     started_at: float | None = None  # set once the engine took the request (queue wait ends)
     finished_at: float | None = None
+    first_token_at: float | None = None  # a generation's first token (time to first token)
     batch_size: int = 0
 
     @property

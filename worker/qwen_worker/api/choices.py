@@ -3,6 +3,7 @@ strings applied, and what the answer says of each."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from flask import g
 
@@ -35,8 +36,10 @@ def start(prompt: list[int], gen: Generation, deadline: float, task: str, stream
     svc, handles = service(), []
     try:
         for i in range(gen.n):
-            handles.append(svc.submit_generation(prompt, gen.max_tokens, deadline, task, stream or bool(gen.stop),
-                                                 **gen.seeded(i)))
+            handle = svc.submit_generation(prompt, gen.max_tokens, deadline, task, stream or bool(gen.stop),
+                                           **gen.seeded(i))
+            handle.on_success = functools.partial(svc.metrics.observe_generation, task, stream, g.started)
+            handles.append(handle)
     except BaseException:
         for handle in handles:
             handle.cancel("client_gone")

@@ -25,6 +25,7 @@ class RequestHandle:
         self.enqueued_at = time.monotonic()
         self.started_at: float | None = None
         self.finished_at: float | None = None
+        self.first_token_at: float | None = None  # when the engine produced its first token
         self.batch_size = 0
         self.tokens: list[int] = []
         self.logprobs: list[tuple] = []  # per token, when the request asked for logprobs
@@ -34,6 +35,7 @@ class RequestHandle:
         self.done = False
         self.first: Output | None = None  # the first output that arrived (a remote stream waits for it)
         self.arrived = threading.Event()
+        self.on_success: Callable[["RequestHandle"], None] | None = None  # once, when it completed
 
     @property
     def deadline(self) -> float:
@@ -139,6 +141,7 @@ class RequestHandle:
             self.cancel("stop_string")
         self.done = True
         self.finished_at = self.finished_at or time.monotonic()
+        self._succeeded()
 
     def receive(self, client_gone=None) -> Output:
         """The next output, applied; raises when the deadline (and grace) passed or the client left."""
@@ -174,6 +177,8 @@ class RequestHandle:
             self.logprobs.extend(output.logprobs)
         if output.started_at is not None:
             self.started_at = output.started_at
+        if output.first_token_at is not None and self.first_token_at is None:
+            self.first_token_at = output.first_token_at
         if output.batch_size:
             self.batch_size = output.batch_size
         if output.final:
@@ -182,7 +187,15 @@ class RequestHandle:
             self.finish_reason, self.scores = output.finish_reason, output.scores
             if output.error is not None:
                 self.error = RequestFailed(output.error, output.message)
+            elif self.finish_reason in ("stop", "length"):
+                self._succeeded()
         return output
+
+    def _succeeded(self) -> None:
+        """The on_success hook, once (a stop string's cut and the engine's last output both end it)."""
+        hook, self.on_success = self.on_success, None
+        if hook is not None:
+            hook(self)
 
     def _raise_error(self) -> None:
         if self.error is not None:

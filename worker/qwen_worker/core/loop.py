@@ -116,6 +116,7 @@ class EngineLoop:
                 if engine.has_work() and self.device_error is None:
                     self._step()
                 self.metrics.live_slots.set(engine.live())
+                self.metrics.slot_utilization.set(engine.live() / max(engine.runner.slots, 1))
                 self._flush()
         finally:
             code = "device_error" if self.device_error is not None else "not_ready"
@@ -254,6 +255,7 @@ class EngineLoop:
         output = Output(work.id, started_at=work.started_at, batch_size=work.batch_size, **fields)
         if work.row is not None:
             output.tokens = work.row.tokens[work.sent:]
+            output.first_token_at = work.first_token_at or (output.finished_at if work.row.tokens else None)
             if work.row.logprobs >= 0:
                 output.logprobs = work.row.token_logprobs[work.sent:]
         if error is not None:
@@ -264,11 +266,14 @@ class EngineLoop:
 
     def _flush(self) -> None:
         """Send what this pass produced: streamed tokens of running generations, then the rest."""
+        now = time.monotonic()
         for work in self._running.values():
+            if work.first_token_at is None and work.row.tokens:
+                work.first_token_at = now
             if work.request.stream and len(work.row.tokens) > work.sent:
                 self._outbox.append(Output(work.id, tokens=work.row.tokens[work.sent:],
                                            logprobs=work.row.token_logprobs[work.sent:] if work.row.logprobs >= 0
-                                           else None))
+                                           else None, first_token_at=work.first_token_at))
                 work.sent = len(work.row.tokens)
         if self._outbox:
             outputs, self._outbox = self._outbox, []

@@ -20,6 +20,7 @@ class Work:
     started_at: float | None = None
     row: GenerationRow | None = None  # a generation's row once it holds a slot
     sent: int = 0  # generated tokens already sent in earlier outputs
+    first_token_at: float | None = None  # the end of the step that produced its first token
     batch_size: int = 0
 
     @property
