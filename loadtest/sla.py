@@ -68,4 +68,18 @@ def report_lines(levels: list[dict], objectives: Objectives) -> list[str]:
     else:
         lines += ["", f"The SLA held up to {levels[first_miss - 1]['users']} users; at {levels[first_miss]['users']} "
                       "it was missed."]
-    return lines + [""]
+    checks = {f"{task} {stat}": lambda s, t=task: s["latency_ms"].get(t, 0) <= objectives.bound_of(t) * 1000
+              for task in TASKS}
+    checks["errors"] = lambda s: s["error_rate"] < objectives.error_rate
+    checks["availability"] = lambda s: s["availability"] is None or s["availability"] >= objectives.availability
+    held = ", ".join(f"{name} {held_up_to(levels, ok)}" for name, ok in checks.items())
+    return lines + ["", f"By objective, the most users before its first miss: {held}.", ""]
+
+
+def held_up_to(levels: list[dict], ok) -> str:
+    users = None
+    for level in levels:
+        if not ok(level["sla"]):
+            break
+        users = level["users"]
+    return "none" if users is None else f"{users}" + (" (every level)" if users == levels[-1]["users"] else "")

@@ -47,4 +47,6 @@ def test_the_report_says_where_the_sla_stops_holding():
     text = "\n".join(sla.report_lines(levels, objectives))
     assert "| 16 | 2000 | 900 | – | 0.00% | 100.00% | missed: sentiment p(95) 2000 ms > 800 ms |" in text
     assert "The SLA held up to 8 users; at 16 it was missed." in text
+    assert ("By objective, the most users before its first miss: sentiment p(95) 8, chat p(95) 16 (every level), "
+            "analyze p(95) 16 (every level), errors 16 (every level), availability 16 (every level).") in text
     assert "missed from the first level" in "\n".join(sla.report_lines(levels[2:], objectives))
