@@ -133,7 +133,7 @@ def run_k6(script: Path, args: list[str], env: dict, summary_path: Path) -> tupl
 def run_level(url: str, users: int, duration: str, work: Path, extra_env: dict) -> dict:
     objectives = sla.objectives()
     env = {**os.environ, "QAIO_URL": url, "QAIO_REVIEWS": str(REVIEWS),
-           "QAIO_SLA_PERCENTILE": f"{objectives.latency_share * 100:g}", **extra_env}
+           "QAIO_SLA_PERCENTILE": sla.percentile(objectives), **extra_env}
     # k6's full summary goes to a file; the report keeps what it needs.
     metrics, outcome = run_k6(SCRIPT, ["--vus", str(users), "--duration", duration], env, work / f"k6-{users}.json")
     duration_values = metrics["http_req_duration"]["values"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Callable
 
 from qwen_worker.testing import REPO
 
@@ -17,9 +18,14 @@ def objectives() -> Objectives:
     return Objectives.from_env(os.environ)
 
 
+def percentile(objectives: Objectives) -> str:
+    """The SLA's latency percentile: 95 for a 95 % latency share (qaio.js's QAIO_SLA_PERCENTILE)."""
+    return f"{objectives.latency_share * 100:g}"
+
+
 def percentile_stat(objectives: Objectives) -> str:
-    """k6's summary stat of the SLA's percentile: p(95) for a 95 % latency share."""
-    return f"p({objectives.latency_share * 100:g})"
+    """k6's summary stat of the SLA's percentile: p(95)."""
+    return f"p({percentile(objectives)})"
 
 
 def measure(metrics: dict, objectives: Objectives) -> dict:
@@ -33,14 +39,25 @@ def measure(metrics: dict, objectives: Objectives) -> dict:
             "availability": 1 - served["rate"] if served else None}
 
 
+def checks(objectives: Objectives) -> list[tuple[str, Callable[[dict], bool], Callable[[dict], str]]]:
+    """(objective, whether a measurement meets it, how a miss reads): the verdict's and the report's."""
+    stat = percentile_stat(objectives)
+
+    def latency(task: str):
+        bound_ms = objectives.bound_of(task) * 1000
+        return (f"{task} {stat}", lambda m: m["latency_ms"].get(task, 0) <= bound_ms,
+                lambda m: f"{task} {stat} {m['latency_ms'][task]:.0f} ms > {bound_ms:.0f} ms")
+
+    return [*(latency(task) for task in TASKS),
+            ("errors", lambda m: m["error_rate"] < objectives.error_rate,
+             lambda m: f"errors {m['error_rate']:.2%} >= {objectives.error_rate:.0%}"),
+            ("availability", lambda m: m["availability"] is None or m["availability"] >= objectives.availability,
+             lambda m: f"availability {m['availability']:.2%} < {objectives.availability:.1%}")]
+
+
 def verdict(measured: dict, objectives: Objectives) -> dict:
     """Met, or which objectives were missed (each as a short phrase)."""
-    missed = [f"{task} {percentile_stat(objectives)} {ms:.0f} ms > {objectives.bound_of(task) * 1000:.0f} ms"
-              for task, ms in measured["latency_ms"].items() if ms > objectives.bound_of(task) * 1000]
-    if measured["error_rate"] >= objectives.error_rate:
-        missed.append(f"errors {measured['error_rate']:.2%} >= {objectives.error_rate:.0%}")
-    if measured["availability"] is not None and measured["availability"] < objectives.availability:
-        missed.append(f"availability {measured['availability']:.2%} < {objectives.availability:.1%}")
+    missed = [miss(measured) for _, ok, miss in checks(objectives) if not ok(measured)]
     return {"met": not missed, "missed": missed}
 
 
@@ -68,11 +85,7 @@ def report_lines(levels: list[dict], objectives: Objectives) -> list[str]:
     else:
         lines += ["", f"The SLA held up to {levels[first_miss - 1]['users']} users; at {levels[first_miss]['users']} "
                       "it was missed."]
-    checks = {f"{task} {stat}": lambda s, t=task: s["latency_ms"].get(t, 0) <= objectives.bound_of(t) * 1000
-              for task in TASKS}
-    checks["errors"] = lambda s: s["error_rate"] < objectives.error_rate
-    checks["availability"] = lambda s: s["availability"] is None or s["availability"] >= objectives.availability
-    held = ", ".join(f"{name} {held_up_to(levels, ok)}" for name, ok in checks.items())
+    held = ", ".join(f"{name} {held_up_to(levels, ok)}" for name, ok, _ in checks(objectives))
     return lines + ["", f"By objective, the most users before its first miss: {held}.", ""]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from slo import BURNS, Objectives, budget_rules, burn_alerts, burned, cause_alerts, sli_rules
+from slo import BURN_RUNBOOK, BURNS, Objectives, budget_rules, burn_alerts, burned, cause_alerts, sli_rules
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "alerts" / "qaio-rules.yml"
@@ -58,10 +58,9 @@ def alert_table(objectives: Objectives) -> str:
     """Markdown: every alert with its severity, what it means and what to look at first."""
     lines = ["| Alert | Severity | Fires when | Look first at |", "|---|---|---|---|"]
     for name, _, _, what in burned(objectives):
-        runbook = next(r for r in burn_alerts(objectives) if r["alert"] == name)["annotations"]["runbook"]
         for severity in ("page", "ticket"):
             rates = " or ".join(f"{rate}x over {long} and {short}" for s, rate, long, short, _ in BURNS if s == severity)
-            lines.append(f"| `{name}` | {severity} | {what} {rates} | {runbook} |")
+            lines.append(f"| `{name}` | {severity} | {what} {rates} | {BURN_RUNBOOK[name]} |")
     for rule in cause_alerts():
         a = rule["annotations"]
         lines.append(f"| `{rule['alert']}` | {rule['labels']['severity']} | {a['summary']} | {a['runbook']} |")

@@ -52,7 +52,7 @@ class Objectives:
                 raise ValueError(f"{self.SETTINGS[name]} must be a bound of qaio_request_duration_seconds' "
                                  f"buckets {LATENCY_BUCKETS}: {getattr(self, name)}")
         if not 0 < self.error_rate < 0.5:
-            raise ValueError(f"QAIO_SLO_ERROR_RATE must be in (0, 0.5): {self.error_rate}")
+            raise ValueError(f"{self.SETTINGS['error_rate']} must be in (0, 0.5): {self.error_rate}")
         if not (self.period[:-1].isdigit() and self.period[-1] in "hdw"):
             raise ValueError(f"QAIO_SLO_PERIOD must be like 30d, 4w or 720h: {self.period}")
 
@@ -67,11 +67,10 @@ class Objectives:
         return (SENTIMENT_TASKS, self.sentiment_latency_s), (GENERATION_TASKS, self.chat_latency_s)
 
 
-def error_ratio(window: str, increase: bool = False) -> str:
+def error_ratio(window: str, fn: str = "rate") -> str:
     """Front-door 5xx among the answers that count (429s are the client's pacing, not an outage)."""
-    fn = "increase" if increase else "rate"
-    return (f'(sum(FN(qaio_nginx_requests_total{{{FRONT_DOOR},status=~"5.."}}[{window}])) or vector(0))'
-            f' / sum(FN(qaio_nginx_requests_total{{{FRONT_DOOR},status!="429"}}[{window}]))').replace("FN", fn)
+    return (f'(sum({fn}(qaio_nginx_requests_total{{{FRONT_DOOR},status=~"5.."}}[{window}])) or vector(0))'
+            f' / sum({fn}(qaio_nginx_requests_total{{{FRONT_DOOR},status!="429"}}[{window}]))')
 
 
 def good_latency_ratio(objectives: Objectives, window: str, fn: str = "rate") -> str:
@@ -101,7 +100,7 @@ def budget_rules(objectives: Objectives) -> list[dict]:
     p = objectives.period
     return [
         {"record": "qaio:slo_compliance:ratio", "labels": {"slo": "availability", "period": p},
-         "expr": f"1 - ({error_ratio(p, increase=True)})"},
+         "expr": f"1 - ({error_ratio(p, 'increase')})"},
         {"record": "qaio:slo_compliance:ratio", "labels": {"slo": "latency", "period": p},
          "expr": good_latency_ratio(objectives, p, "increase")},
         {"record": "qaio:slo_objective:ratio", "labels": {"slo": "availability", "period": p},

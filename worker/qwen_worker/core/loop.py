@@ -115,8 +115,9 @@ class EngineLoop:
                     self._score(sentiment)
                 if engine.has_work() and self.device_error is None:
                     self._step()
-                self.metrics.live_slots.set(engine.live())
-                self.metrics.slot_utilization.set(engine.live() / max(engine.runner.slots, 1))
+                live = engine.live()
+                self.metrics.live_slots.set(live)
+                self.metrics.slot_utilization.set(live / max(engine.runner.slots, 1))
                 self._flush()
         finally:
             code = "device_error" if self.device_error is not None else "not_ready"
