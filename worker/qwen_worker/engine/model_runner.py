@@ -120,9 +120,13 @@ class ModelRunner:
         """The (batch, attend) bucket for slots [0, width) whose longest row attends to `longest` keys."""
         return bucket(width, self.batch_sizes) if self.pad_shapes else width, bucket(longest, self.decode_attend_lengths)
 
-    def _decode_fixed(self, n: int, attend: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_logits(self, n: int, attend: int) -> torch.Tensor:
         tokens, positions, write_at, lengths = self._inputs[:, :n]
-        logits = self._decode_pass(self.kv, tokens, positions, write_at, lengths, attend)
+        return self._decode_pass(self.kv, tokens, positions, write_at, lengths, attend)
+
+    def _decode_fixed(self, n: int, attend: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured step: logits and their argmax (a greedy step reads only the argmax)."""
+        logits = self._decode_logits(n, attend)
         return logits, logits.argmax(dim=-1)
 
     @torch.inference_mode()
@@ -152,11 +156,11 @@ class ModelRunner:
                  extra={"batch_sizes": list(self.batch_sizes), "attend_lengths": list(self.attend_lengths)})
 
     @torch.inference_mode()
-    def decode(self, rows: dict[int, tuple[int, int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, rows: dict[int, tuple[int, int]], width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decode step for slots [0, width); rows maps slot -> (input token, position).
 
-        Returns logits [width, vocab] and their argmax [width], still on the device; slots without a
-        row compute padding that nobody reads.
+        Returns logits [width, vocab] and, from a captured graph, their argmax [width] (None from an
+        eager pass), still on the device; slots without a row compute padding that nobody reads.
         """
         longest = max(position + 1 for _, position in rows.values())
         n, attend = self.decode_shape(width, longest)
@@ -174,8 +178,8 @@ class ModelRunner:
             graph[0].replay()
             self.graph_replays += 1
             return graph[1][:width], graph[2][:width]
-        logits, greedy = self._decode_fixed(n, attend)
-        return logits[:width], greedy[:width]
+        # Eager: the argmax is left to the engine, which takes it after penalties when a row has any.
+        return self._decode_logits(n, attend)[:width], None
 
     # ---- prefill -------------------------------------------------------------------------------
     @torch.inference_mode()

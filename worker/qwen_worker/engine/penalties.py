@@ -1,61 +1,99 @@
-"""Presence, frequency and repetition penalties for every penalized row of a step, in a few batched
-device operations over per-slot token counts (never a loop over rows on the device)."""
+"""Presence, frequency and repetition penalties, applied sparsely: each penalized row touches only the
+logits of the tokens it has seen (gathered, penalized, scattered back), never its whole vocabulary row.
+
+State per KV slot, on the device and kept incrementally (nothing is rebuilt per step, nothing waits for
+the device): the distinct token ids the row has seen, prompt included, in a fixed [slots, max_tokens]
+table; how often each was generated; how many entries are valid. Past the valid entries a slot's table
+repeats its first id with a count of 0, so that a step can read a rectangle of the table whose width the
+host knows without a sync (an upper bound: distinct prompt ids + tokens generated), and the padding
+writes the same value to the same logit as the first entry does.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from .sequence import GenerationRow
 
 
+class PenalizedRows(NamedTuple):
+    """A step's penalized rows: where they are in its logits, their slots, and the width of their tables."""
+
+    index: torch.Tensor  # positions in the step's rows / logits, on the device
+    slots: torch.Tensor  # on the device
+    host_slots: np.ndarray
+    width: int
+
+
 class PenaltyState:
-    """Per KV slot: how often each token was generated, and which tokens were seen (prompt included).
+    """Seen token ids and generation counts per KV slot of `max_tokens` positions (a row's distinct ids
+    never outnumber its tokens), and each slot's penalties. Allocated on the first penalized row: 12 bytes
+    per slot position (256 slots x 5,121 positions: 16 MB), where dense counts took 5 bytes per slot and
+    vocabulary entry (195 MB)."""
 
-    Allocated on the first penalized row: [slots, vocab] of float32 counts and bools (at 256 slots and
-    Qwen's 151,936 tokens, 195 MB on the device)."""
-
-    def __init__(self, slots: int, vocab: int, device: torch.device):
-        self.counts = torch.zeros((slots, vocab), dtype=torch.float32, device=device)
-        self.seen = torch.zeros((slots, vocab), dtype=torch.bool, device=device)
+    def __init__(self, slots: int, max_tokens: int, device: torch.device):
+        self.ids = torch.zeros((slots, max_tokens), dtype=torch.long, device=device)
+        self.counts = torch.zeros((slots, max_tokens), dtype=torch.float32, device=device)
+        self.valid = torch.zeros(slots, dtype=torch.long, device=device)
+        self.params = torch.zeros((slots, 3), dtype=torch.float32, device=device)  # repetition, presence, frequency
+        # On the host, per slot: an upper bound of `valid` (it grows by one per counted token).
+        self.bound = np.zeros(slots, dtype=np.int64)
         self.device = device
 
     def reset(self, row: GenerationRow) -> None:
-        """A row entered its slot: nothing generated yet, its prompt seen."""
-        self.counts[row.slot].zero_()
-        self.seen[row.slot].zero_()
-        self.seen[row.slot, torch.tensor(row.prompt_ids, device=self.device)] = True
+        """A row entered its slot: its prompt's distinct ids seen, nothing generated yet."""
+        distinct = torch.from_numpy(np.unique(np.asarray(row.prompt_ids, dtype=np.int64)))
+        n = len(distinct)
+        slot = row.slot
+        self.ids[slot].fill_(int(distinct[0]))
+        self.ids[slot, :n].copy_(distinct, non_blocking=True)
+        self.counts[slot].zero_()
+        self.valid[slot] = n
+        self.params[slot] = torch.tensor([row.repetition_penalty, row.presence_penalty, row.frequency_penalty])
+        self.bound[slot] = n
 
-    def apply(self, logits: torch.Tensor, rows: Sequence[GenerationRow | None]) -> torch.Tensor:
-        """The logits with each penalized row's penalties applied (a new tensor; others unchanged)."""
+    def select(self, rows: Sequence[GenerationRow | None]) -> PenalizedRows | None:
+        """The penalized ones among a step's rows (None: padding), or None when no row is."""
         at = [i for i, row in enumerate(rows) if row is not None and row.penalized]
         if not at:
-            return logits
-        penalized = [rows[i] for i in at]
+            return None
+        host_slots = np.fromiter((rows[i].slot for i in at), dtype=np.int64, count=len(at))
         to = dict(device=self.device, non_blocking=True)
-        index = torch.tensor(at, dtype=torch.long).to(**to)
-        slots = torch.tensor([row.slot for row in penalized], dtype=torch.long).to(**to)
-        params = torch.tensor([[row.repetition_penalty, row.presence_penalty, row.frequency_penalty]
-                               for row in penalized], dtype=torch.float32).to(**to)
+        return PenalizedRows(torch.tensor(at, dtype=torch.long).to(**to), torch.from_numpy(host_slots).to(**to),
+                             host_slots, int(self.bound[host_slots].max()))
+
+    def apply(self, logits: torch.Tensor, rows: PenalizedRows) -> torch.Tensor:
+        """Float32 logits with the penalized rows' penalties applied, the others' unchanged. Float32 logits
+        are changed in place (the step's own, read by nobody after the draw); others are copied first."""
+        logits = logits if logits.dtype == torch.float32 else logits.float()
+        params = self.params[rows.slots]
         repetition, presence, frequency = (params[:, i:i + 1] for i in range(3))
-        chosen = logits.index_select(0, index).float()
-        counts, seen = self.counts.index_select(0, slots), self.seen.index_select(0, slots)
+        ids = self.ids[rows.slots, :rows.width]
+        counts = self.counts[rows.slots, :rows.width]
+        at = rows.index[:, None]
+        seen = logits[at, ids]
         # As in CTRL and transformers: a seen token's logit is divided by the penalty when positive,
         # multiplied when negative, so that it always becomes less likely.
-        chosen = torch.where(seen, torch.where(chosen > 0, chosen / repetition, chosen * repetition), chosen)
-        chosen = chosen - presence * (counts > 0) - frequency * counts
-        out = logits.float().clone()
-        out.index_copy_(0, index, chosen)
-        return out
+        penalized = torch.where(seen > 0, seen / repetition, seen * repetition)
+        penalized = penalized - presence * (counts > 0) - frequency * counts
+        # Padding entries (past a slot's valid ones) hold the slot's first id: write that id's value there too.
+        padding = torch.arange(rows.width, device=self.device) >= self.valid[rows.slots, None]
+        logits[at, ids] = torch.where(padding, penalized[:, :1], penalized)
+        return logits
 
-    def count(self, rows: Sequence[GenerationRow | None], tokens: torch.Tensor) -> None:
-        """The step's drawn tokens (on the device, aligned with rows) join the penalized rows' counts."""
-        at = [i for i, row in enumerate(rows) if row is not None and row.penalized]
-        if not at:
-            return
-        to = dict(device=self.device, non_blocking=True)
-        index = torch.tensor(at, dtype=torch.long).to(**to)
-        slots = torch.tensor([rows[i].slot for i in at], dtype=torch.long).to(**to)
-        drawn = tokens.index_select(0, index)
-        self.counts.index_put_((slots, drawn), torch.ones_like(drawn, dtype=torch.float32), accumulate=True)
-        self.seen[slots, drawn] = True
+    def count(self, rows: PenalizedRows, tokens: torch.Tensor) -> None:
+        """The step's drawn tokens (on the device, aligned with the step's rows) join the penalized rows'
+        counts: a token seen before counts once more where it is; a new one takes the slot's next entry."""
+        slots = rows.slots
+        drawn = tokens.index_select(0, rows.index)
+        valid = self.valid[slots]
+        listed = torch.arange(rows.width, device=self.device) < valid[:, None]
+        match = (self.ids[slots, :rows.width] == drawn[:, None]) & listed
+        known = match.any(dim=1)
+        entry = torch.where(known, match.int().argmax(dim=1), valid)
+        self.ids[slots, entry] = drawn
+        self.counts.index_put_((slots, entry), torch.ones_like(drawn, dtype=torch.float32), accumulate=True)
+        self.valid[slots] = valid + (~known).long()
+        self.bound[rows.host_slots] += 1

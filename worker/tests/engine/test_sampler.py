@@ -85,28 +85,3 @@ def test_a_seeded_row_draws_the_same_whatever_the_other_rows_and_the_candidates(
     assert all(seeded_row(c, torch.randn(2, 3000) * 4) == first for c in (0, 64, 3000, 0, 64))
     assert len({draw(logits[1:2], temperature[:1], top_p[:1], row_generators=[torch.Generator().manual_seed(s)])
                 .item() for s in range(20)}) > 5
-
-
-def test_penalties_follow_their_definitions_on_the_rows_that_ask_and_leave_the_others():
-    from qwen_worker.engine.penalties import PenaltyState
-    from qwen_worker.engine.sequence import GenerationRow
-
-    state = PenaltyState(slots=3, vocab=6, device=torch.device("cpu"))
-    plain = GenerationRow([0], 4)
-    plain.slot = 0
-    rep = GenerationRow([1], 4, repetition_penalty=2.0)
-    freq = GenerationRow([1], 4, presence_penalty=0.5, frequency_penalty=0.25)
-    for slot, row in ((1, rep), (2, freq)):
-        row.slot = slot
-        state.reset(row)
-    rows = [plain, rep, freq]
-    state.count(rows, torch.tensor([5, 2, 3]))
-    state.count(rows, torch.tensor([5, 2, 3]))
-    logits = torch.tensor([[1.0, 2.0, -2.0, 3.0, 0.0, 1.0]] * 3)
-    out = state.apply(logits, rows)
-    assert torch.equal(out[0], logits[0])  # no penalty asked
-    # repetition: the prompt's token 1 and generated 2: positive logits divided, negative multiplied
-    assert out[1].tolist() == [1.0, 1.0, -4.0, 3.0, 0.0, 1.0]
-    # presence 0.5 once and frequency 0.25 per time on token 3 (drawn twice); the prompt does not count
-    assert out[2].tolist() == [1.0, 2.0, -2.0, 3.0 - 0.5 - 0.5, 0.0, 1.0]
-    assert torch.equal(logits, torch.tensor([[1.0, 2.0, -2.0, 3.0, 0.0, 1.0]] * 3))  # a new tensor

@@ -1,0 +1,157 @@
+"""Penalties applied sparsely (engine/penalties.py) against their dense definition: the same logits,
+bit for bit, over many steps, and the same tokens from the engine, greedy and seeded."""
+import random
+
+import pytest
+import torch
+
+from qwen_worker.engine import GenerationRow
+from qwen_worker.engine.penalties import PenaltyState
+
+
+class DensePenalties:
+    """The definition, as the engine applied it before (issue 20): [slots, vocab] counts and a seen mask,
+    every penalized row's whole vocabulary row rewritten each step."""
+
+    def __init__(self, slots: int, vocab: int):
+        self.counts = torch.zeros((slots, vocab))
+        self.seen = torch.zeros((slots, vocab), dtype=torch.bool)
+
+    def reset(self, row):
+        self.counts[row.slot].zero_()
+        self.seen[row.slot].zero_()
+        self.seen[row.slot, torch.tensor(row.prompt_ids)] = True
+
+    def select(self, rows):
+        return rows if any(row is not None and row.penalized for row in rows) else None
+
+    def apply(self, logits, rows):
+        at = [i for i, row in enumerate(rows) if row is not None and row.penalized]
+        if not at:
+            return logits
+        index = torch.tensor(at)
+        slots = torch.tensor([rows[i].slot for i in at])
+        params = torch.tensor([[rows[i].repetition_penalty, rows[i].presence_penalty, rows[i].frequency_penalty]
+                               for i in at], dtype=torch.float32)
+        repetition, presence, frequency = (params[:, i:i + 1] for i in range(3))
+        chosen = logits.index_select(0, index).float()
+        counts, seen = self.counts.index_select(0, slots), self.seen.index_select(0, slots)
+        chosen = torch.where(seen, torch.where(chosen > 0, chosen / repetition, chosen * repetition), chosen)
+        chosen = chosen - presence * (counts > 0) - frequency * counts
+        out = logits.float().clone()
+        out.index_copy_(0, index, chosen)
+        return out
+
+    def count(self, rows, tokens):
+        at = [i for i, row in enumerate(rows) if row is not None and row.penalized]
+        if not at:
+            return
+        slots = torch.tensor([rows[i].slot for i in at])
+        drawn = tokens.index_select(0, torch.tensor(at))
+        self.counts.index_put_((slots, drawn), torch.ones_like(drawn, dtype=torch.float32), accumulate=True)
+        self.seen[slots, drawn] = True
+
+
+def test_penalties_follow_their_definitions_on_the_rows_that_ask_and_leave_the_others():
+    state = PenaltyState(slots=3, max_tokens=8, device=torch.device("cpu"))
+    plain = GenerationRow([0], 4)
+    plain.slot = 0
+    rep = GenerationRow([1], 4, repetition_penalty=2.0)
+    freq = GenerationRow([1], 4, presence_penalty=0.5, frequency_penalty=0.25)
+    for slot, row in ((1, rep), (2, freq)):
+        row.slot = slot
+        state.reset(row)
+    rows = [plain, rep, freq]
+    state.count(state.select(rows), torch.tensor([5, 2, 3]))
+    state.count(state.select(rows), torch.tensor([5, 2, 3]))
+    out = state.apply(torch.tensor([[1.0, 2.0, -2.0, 3.0, 0.0, 1.0]] * 3), state.select(rows))
+    assert out[0].tolist() == [1.0, 2.0, -2.0, 3.0, 0.0, 1.0]  # no penalty asked
+    # repetition: the prompt's token 1 and generated 2: positive logits divided, negative multiplied
+    assert out[1].tolist() == [1.0, 1.0, -4.0, 3.0, 0.0, 1.0]
+    # presence 0.5 once and frequency 0.25 per time on token 3 (drawn twice); the prompt does not count
+    assert out[2].tolist() == [1.0, 2.0, -2.0, 3.0 - 0.5 - 0.5, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_penalties_equal_the_dense_definition_bit_for_bit_over_many_steps(seed):
+    """Rows of every kind of penalty (and none) enter slots, draw tokens old and new for many steps, leave,
+    and new rows take their slots; every step's logits equal the dense definition's exactly."""
+    rng = random.Random(seed)
+    slots, vocab, max_tokens = 6, 300, 120
+    sparse, dense = PenaltyState(slots, max_tokens, torch.device("cpu")), DensePenalties(slots, vocab)
+    rows: list[GenerationRow | None] = [None] * slots
+
+    def enter(slot):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]  # repeats ids, as prompts do
+        kind = rng.choice([{}, {"repetition_penalty": rng.choice([0.5, 1.1, 1.7])},
+                           {"presence_penalty": rng.uniform(-2, 2), "frequency_penalty": rng.uniform(-2, 2)},
+                           {"repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": -0.7}])
+        row = GenerationRow(prompt, max_tokens - len(prompt), **kind)
+        row.slot = slot
+        rows[slot] = row
+        if row.penalized:
+            sparse.reset(row)
+            dense.reset(row)
+
+    for step in range(60):
+        for slot in range(slots):
+            if rows[slot] is None or rng.random() < 0.05:
+                enter(slot)
+        logits = torch.randn(slots, vocab) * 3
+        logits[0, 0] = 0.0  # a logit of exactly zero is multiplied, not divided
+        expected = dense.apply(logits.clone(), rows)
+        selected = sparse.select(rows)
+        got = sparse.apply(logits.clone(), selected) if selected else logits
+        assert torch.equal(got, expected), f"step {step}"
+        # Drawn: often a token the row has seen (its prompt's, its own), sometimes a new one.
+        drawn = torch.tensor([rng.choice(row.prompt_ids + row.tokens) if rng.random() < 0.6 else rng.randrange(vocab)
+                              for row in rows])
+        if selected:
+            sparse.count(selected, drawn)
+        dense.count(rows, drawn)
+        for row, token in zip(rows, drawn.tolist()):
+            row.tokens.append(token)
+
+
+def test_penalties_change_the_logits_they_are_given_in_place_and_copy_other_precisions():
+    state = PenaltyState(slots=1, max_tokens=4, device=torch.device("cpu"))
+    row = GenerationRow([1], 2, repetition_penalty=2.0)
+    row.slot = 0
+    state.reset(row)
+    logits = torch.tensor([[1.0, 4.0, 2.0]])
+    assert state.select([None]) is None
+    assert state.apply(logits, state.select([row])) is logits and logits.tolist() == [[1.0, 2.0, 2.0]]
+    half = torch.tensor([[1.0, 4.0, 2.0]], dtype=torch.bfloat16)
+    out = state.apply(half, state.select([row]))
+    assert out.dtype == torch.float32 and out.tolist() == [[1.0, 2.0, 2.0]] and half[0, 1].item() == 4.0
+
+
+def test_the_engine_draws_the_same_tokens_with_sparse_penalties_as_with_the_dense_definition(tiny_model_dir):
+    """Greedy and seeded rows with each penalty, beside an unpenalized row, on the real tiny model."""
+    from qwen_worker.config import WorkerConfig
+    from qwen_worker.model import ModelService
+    from qwen_worker.prompts import Message
+
+    config = WorkerConfig.from_env({}, model=tiny_model_dir, max_batch_size=4, max_prompt_tokens=128,
+                                   max_tokens_limit=32, default_max_tokens=16)
+    service = ModelService(config)
+    service.load()
+    engine = service.engine
+    prompts = [service.prompter.chat_ids([Message("user", text)]) for text in ("你好 你好 你好", "the weather, the weather", "短")]
+
+    def tokens(make_state, **sampling):
+        rows = [GenerationRow(p, 24, seed=i, **sampling) for i, p in enumerate(prompts)]
+        rows.append(GenerationRow(prompts[0], 24))
+        engine.penalties = make_state()
+        engine.run(rows)
+        return [r.tokens for r in rows]
+
+    dense = lambda: DensePenalties(engine.runner.slots, engine.runner.stack.vocab_size)  # noqa: E731
+    sparse = lambda: PenaltyState(engine.runner.slots, engine.runner.max_tokens, engine.runner.device)  # noqa: E731
+    for sampling in ({"repetition_penalty": 0.2}, {"presence_penalty": -2.0, "frequency_penalty": -1.0},
+                     {"repetition_penalty": 0.1, "temperature": 1.0, "top_p": 0.9},
+                     {"repetition_penalty": 0.5, "frequency_penalty": -1.0, "temperature": 0.7}):
+        expected = tokens(dense, **sampling)
+        assert tokens(sparse, **sampling) == expected, sampling
+        assert expected != tokens(sparse, **{**sampling, "repetition_penalty": 1.0, "presence_penalty": 0,
+                                            "frequency_penalty": 0}), sampling  # the penalty acted
