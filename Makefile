@@ -10,12 +10,13 @@ SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
 # Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
 STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test bench eval calibrate repetition penalty-cost alerts loadtest soak run run-detached stop run-worker demo-models model-tiny \
+.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost alerts loadtest soak run run-detached stop run-worker demo-models model-tiny \
 	model-0.5b model-smol compose-test clean
 
 help:
 	@echo "make run          the local stack: workers + nginx on http://127.0.0.1:8080 (sets itself up first)"
-	@echo "make test         run every test (sets itself up first: Python environment, Debian packages)"
+	@echo "make test         run every test, ~20 min here (sets itself up first: Python environment, Debian packages)"
+	@echo "make test-fast    the tests that start no server (engine, loop, client, in-process app): ~3 min"
 	@echo "make install      create $(VENV) and install the worker with its test tools (make run/test do this)"
 	@echo "make system-deps  install Debian packages when missing: nginx, Chromium, Prometheus, kubectl (root/sudo)"
 	@echo "make calibrate    fit the served model's sentiment calibration (beside make eval's sample): worker/qwen_worker/calibrations/"
@@ -50,9 +51,18 @@ install: $(STAMP)
 system-deps:
 	scripts/install-system-deps.sh
 
+# The full run reports its 25 slowest tests; every test has pytest.ini's timeout.
 test: $(STAMP)
 	@scripts/install-system-deps.sh
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
+
+# Tests that start nothing but in-process code (pytest.ini's tiers); no Debian packages needed. Two
+# pytest processes (FAST_PROCESSES): the in-process tests wait on batching windows and threads, so a
+# second process fills the cores; each loads its own models, so more cost memory, not time.
+FAST_TIER := not (gunicorn or nginx or stack or browser or tool)
+FAST_PROCESSES ?= 2
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "$(FAST_TIER)" -n $(FAST_PROCESSES) --dist loadscope --durations=10
 
 model-smol: $(SMOL_MODEL)/qaio_stand_in.json
 $(SMOL_MODEL)/qaio_stand_in.json: | $(STAMP)

@@ -1,6 +1,7 @@
 """Fixtures shared by every test folder: the tiny random-weight Qwen2 model, real workers, real nginx."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 # The engine's Triton kernels run in Triton's interpreter where there is no GPU. It must be on before
@@ -12,7 +13,52 @@ import pytest  # noqa: E402
 
 from qaio_models import stand_in as stand_in_model  # noqa: E402
 from qaio_models.demo import build  # noqa: E402
-from qwen_worker.testing import REPO, SHARED_CPU_WORKER_ENV, GunicornServer, LocalStack, NginxServer  # noqa: E402
+from qaio_testing import REPO, SHARED_CPU_WORKER_ENV, GunicornServer, LocalStack, NginxServer  # noqa: E402
+
+
+# The tiers (pytest.ini's markers): a test that uses one of these fixtures starts what the marker says.
+TIER_OF_FIXTURE = {"gunicorn_server": "gunicorn", "workers": "gunicorn", "nginx": "nginx", "local_stack": "stack",
+                   "browser": "browser"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture in item.fixturenames:
+            if fixture in TIER_OF_FIXTURE:
+                item.add_marker(TIER_OF_FIXTURE[fixture])
+
+
+# Which tiers may start each server: nginx's tests start workers behind it, the stack starts all three.
+ALLOWED_TIERS = {GunicornServer: {"gunicorn", "nginx", "stack"}, NginxServer: {"nginx", "stack"}, LocalStack: {"stack"}}
+
+
+@contextlib.contextmanager
+def _refusing_unmarked_servers(item):
+    """Servers the item's markers do not name refuse to start, naming the marker the test needs."""
+    marked = {m.name for m in item.iter_markers()}
+    originals = {cls: cls.__init__ for cls, tiers in ALLOWED_TIERS.items() if not marked & tiers}
+    for cls in originals:
+        def refuse(self, *args, _cls=cls, **kwargs):
+            raise AssertionError(f"{item.nodeid} starts {_cls.__name__}: mark it one of {sorted(ALLOWED_TIERS[_cls])}")
+        cls.__init__ = refuse
+    try:
+        yield
+    finally:
+        for cls, init in originals.items():
+            cls.__init__ = init
+
+
+# Around set-up too: module and session fixtures start their servers in the first test that needs them.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _refusing_unmarked_servers(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _refusing_unmarked_servers(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")

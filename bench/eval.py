@@ -24,7 +24,7 @@ from pathlib import Path
 import requests
 
 from qwen_worker.prompts import LABELS
-from qwen_worker.testing import REPO, GunicornServer, http_status
+from qaio_testing import REPO, GunicornServer, http_status
 
 from .eval_report import BINS, TRUE_LABELS, write_report
 from .texts import data_path

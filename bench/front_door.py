@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import requests
 
-from qwen_worker.testing import GunicornServer, NginxServer
+from qaio_testing import GunicornServer, NginxServer
 
 from .stats import summary_ms, timed
 

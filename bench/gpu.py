@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from qwen_worker.config import WorkerConfig
-from qwen_worker.testing import REPO
+from qaio_testing import REPO
 
 from . import gpu_engine, gpu_http, report_gpu
 from .texts import review_texts

@@ -6,7 +6,7 @@ import os
 import resource
 from pathlib import Path
 
-from qwen_worker.testing import GunicornServer
+from qaio_testing import GunicornServer
 
 from .load import run_level_processes
 

@@ -14,7 +14,7 @@ import statistics
 import time
 from pathlib import Path
 
-from qwen_worker.testing import REPO, GunicornServer
+from qaio_testing import REPO, GunicornServer
 
 from .gpu_http import level, worker_processes
 from .run import machine

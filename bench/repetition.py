@@ -18,7 +18,7 @@ from qwen_worker.config import WorkerConfig
 from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
-from qwen_worker.testing import REPO
+from qaio_testing import REPO
 
 from .texts import review_texts
 

@@ -21,7 +21,7 @@ from qwen_worker.config import WorkerConfig
 from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
-from qwen_worker.testing import REPO, GunicornServer
+from qaio_testing import REPO, GunicornServer
 
 from . import front_door, report, serving
 from .load import chat_call, run_level, sentiment_call

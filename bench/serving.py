@@ -4,7 +4,7 @@ HTTP in API processes beside an engine process. What it reaches is what HTTP, th
 engine's host-side bookkeeping carry; a bigger model only lowers it."""
 from __future__ import annotations
 
-from qwen_worker.testing import GunicornServer
+from qaio_testing import GunicornServer
 
 from .load import run_level_processes
 

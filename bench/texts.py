@@ -5,7 +5,7 @@ import csv
 import os
 from pathlib import Path
 
-from qwen_worker.testing import REPO
+from qaio_testing import REPO
 
 # ../shared beside the checkout; .device/shared where device-prep.sh packed it for a GPU machine.
 CANDIDATES = [REPO.parent / "shared" / "data" / "waimai_10k.csv", REPO / ".device" / "shared" / "data" / "waimai_10k.csv"]

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from qwen_worker.testing import REPO, http_status
+from qaio_testing import REPO, http_status
 
 from . import sla
 from .report import write_report

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Callable
 
-from qwen_worker.testing import REPO
+from qaio_testing import REPO
 
 sys.path.insert(0, str(REPO / "deploy" / "alerts"))
 from slo import Objectives  # noqa: E402

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-from qwen_worker.testing import REPO, LocalStack
+from qaio_testing import REPO, LocalStack
 
 from .run import worker_rss_mb
 

@@ -5,7 +5,9 @@ import pytest
 from bench.calibrate import calibrate
 from bench.eval import balanced_sample, classify, evaluate, score, score_probabilities, write_report
 from qwen_worker.calibration import Calibration
-from qwen_worker.testing import GunicornServer
+from qaio_testing import GunicornServer
+
+pytestmark = pytest.mark.gunicorn
 
 
 def test_the_sample_is_balanced_repeatable_and_its_prefixes_stay_balanced():

@@ -6,7 +6,11 @@ import os
 import subprocess
 import sys
 
-from qwen_worker.testing import REPO
+import pytest
+
+from qaio_testing import REPO
+
+pytestmark = pytest.mark.tool
 
 
 def test_the_gpu_run_measures_each_phase_and_writes_its_report(tiny_model_dir, tmp_path):

@@ -10,11 +10,13 @@ import sys
 import pytest
 import yaml
 
-from qwen_worker.testing import REPO
+from qaio_testing import REPO
 
 sys.path.insert(0, str(REPO / "deploy" / "alerts"))
 import render  # noqa: E402
 import slo  # noqa: E402
+
+pytestmark = pytest.mark.tool
 
 PROMTOOL = shutil.which("promtool") or "promtool (Debian's prometheus: scripts/install-system-deps.sh installs it)"
 RULES = yaml.safe_load(render.RULES.read_text())

@@ -6,9 +6,12 @@ import os
 import signal
 import time
 
+import pytest
 import requests
 
-from qwen_worker.testing import SHARED_CPU_WORKER_ENV, LocalStack
+from qaio_testing import SHARED_CPU_WORKER_ENV, LocalStack
+
+pytestmark = pytest.mark.stack
 
 
 def alerts(stack) -> list[dict]:

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qwen_worker.testing import free_port
+from qaio_testing import free_port
+
+pytestmark = pytest.mark.tool
 
 REPO = Path(__file__).resolve().parents[2]
 ADAPTER_VALUES = REPO / "k8s" / "monitoring" / "prometheus-adapter-values.yaml"

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from conftest import ADMIN_TOKEN
-from qwen_worker.testing import REPO
+from qaio_testing import REPO
 
 sys.path.insert(0, str(REPO / "deploy"))
 import dashboard_nginx  # noqa: E402

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.tool
+
 REPO = Path(__file__).resolve().parents[2]
 KUSTOMIZATIONS = ["k8s", "k8s/overlays/queue-depth"]
 DOCKERFILES = ["worker/Dockerfile", "nginx/Dockerfile"]

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from loadtest import sla
-from qwen_worker.testing import REPO
+from qaio_testing import REPO
+
+pytestmark = pytest.mark.tool
 
 BIN = Path(sys.executable).parent
 SCRIPT = REPO / "loadtest" / "qaio.js"

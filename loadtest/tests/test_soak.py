@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
-from qwen_worker.testing import REPO
+import pytest
+
+from qaio_testing import REPO
+
+pytestmark = [pytest.mark.stack, pytest.mark.tool]
 
 
 def test_a_short_soak_writes_memory_over_time(tmp_path, tiny_model_dir):

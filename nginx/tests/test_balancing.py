@@ -5,7 +5,7 @@ from collections import Counter
 
 import requests
 
-from qwen_worker.testing import served_by
+from qaio_testing import served_by
 
 
 def sentiment(url, text, **kw):

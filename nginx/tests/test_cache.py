@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from qwen_worker.testing import SHARED_CPU_WORKER_ENV
+from qaio_testing import SHARED_CPU_WORKER_ENV
 
 
 @pytest.fixture()

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from qwen_worker.testing import RENDER_NGINX
+from qaio_testing import RENDER_NGINX
+
+pytestmark = pytest.mark.tool
 
 
 def render(tmp_path: Path, **settings) -> Path:

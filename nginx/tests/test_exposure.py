@@ -2,7 +2,7 @@
 import pytest
 import requests
 
-from qwen_worker.testing import free_port
+from qaio_testing import free_port
 
 
 @pytest.fixture()
@@ -52,7 +52,7 @@ def test_json_access_log_line(proxy):
 
 
 def test_no_live_worker_is_a_json_503_to_retry(nginx):
-    from qwen_worker.testing import free_port
+    from qaio_testing import free_port
 
     proxy = nginx([f"127.0.0.1:{free_port()}"])
     response = requests.post(proxy.url + "/v1/sentiment", json={"text": "有人吗"}, timeout=30)

@@ -6,8 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
-from qwen_worker.testing import SHARED_CPU_WORKER_ENV as WORKER_ENV, GunicornServer
-from qwen_worker.testing import eventually, served_by
+from qaio_testing import SHARED_CPU_WORKER_ENV as WORKER_ENV, GunicornServer
+from qaio_testing import eventually, served_by
 
 
 def test_kill_9_under_load_loses_no_request_and_the_worker_returns(gunicorn_server, nginx, tiny_model_dir):

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from qwen_worker.testing import SHARED_CPU_WORKER_ENV
+from qaio_testing import SHARED_CPU_WORKER_ENV
 
 # Legal in characters (3,000 < QAIO_MAX_INPUT_CHARS), 6,000-7,000 tokens: past the model's position
 # table (5,120). Classes of character that each tokenize to two or more byte tokens: astral CJK, emoji,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from qwen_worker.testing import SHARED_CPU_WORKER_ENV, GunicornServer
+from qaio_testing import SHARED_CPU_WORKER_ENV, GunicornServer
 
 CAPACITY = {"QAIO_MAX_BATCH_SIZE": "2", "QAIO_QUEUE_CAPACITY": "2"}  # 4 requests per worker
 CLIENTS = 24  # 3x the stack's capacity of 8

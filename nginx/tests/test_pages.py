@@ -21,8 +21,8 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import ADMIN_TOKEN
-from qwen_worker.testing import REPO, eventually, served_by
-from qwen_worker.testing import metric as worker_metric
+from qaio_testing import REPO, eventually, served_by
+from qaio_testing import metric as worker_metric
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTIFACTS = REPO / "artifacts" / "screenshots"

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from qwen_worker.testing import REPO, STACK_SCRIPT, LocalStack, http_status
+from qaio_testing import REPO, STACK_SCRIPT, LocalStack, http_status
+
+pytestmark = pytest.mark.stack
 
 
 def readme_curl_commands() -> list[str]:

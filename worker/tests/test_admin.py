@@ -5,7 +5,7 @@ import pytest
 import requests
 
 from qwen_worker.config import ConfigError, WorkerConfig
-from qwen_worker.testing import eventually, metric
+from qaio_testing import eventually, metric
 
 TOKEN = "test-admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from qwen_worker.testing import GunicornServer, eventually, metric
+from qaio_testing import GunicornServer, eventually, metric
+
+pytestmark = pytest.mark.gunicorn
 
 TOKEN = "contract-admin-token-0123456789"
 LAYOUTS = {
@@ -161,7 +163,7 @@ def test_a_lost_engine_answers_what_it_held_and_the_instance_goes(gunicorn_serve
     the engine killed ends the instance (its supervisor starts a new one). Either way, what was held is
     answered 503 at once, never left hanging."""
     if layout == "one-process":
-        server = gunicorn_server(app="qwen_worker.testing:device_error_app()", QAIO_DEVICE_ERROR_EXIT_S="1",
+        server = gunicorn_server(app="qaio_testing:device_error_app()", QAIO_DEVICE_ERROR_EXIT_S="1",
                                  **COMMON, **LAYOUTS[layout])
         held = post(server, "/v1/chat", {"text": "inject a device error", "max_tokens": 4})
         assert held.status_code == 503 and held.json()["error"]["code"] == "device_error"

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from qwen_worker.core.failures import is_fatal_device_error, is_oom
-from qwen_worker.testing import STICKY_DEVICE_ERROR, engine_host, eventually
+from qaio_testing import STICKY_DEVICE_ERROR, engine_host, eventually
 
 
 @pytest.mark.parametrize("message, fatal", [
@@ -71,7 +71,7 @@ def worker_pids(server) -> set[str]:
 def test_the_worker_process_is_replaced_after_one(gunicorn_server):
     """In a real gunicorn worker: the trigger's chat gets 503 device_error and the process exits;
     gunicorn's master starts a fresh one (a new device context) that serves again."""
-    server = gunicorn_server(app="qwen_worker.testing:device_error_app()", QAIO_DEVICE_ERROR_EXIT_S="1",
+    server = gunicorn_server(app="qaio_testing:device_error_app()", QAIO_DEVICE_ERROR_EXIT_S="1",
                              QAIO_TORCH_THREADS="1")
     before = worker_pids(server)
     assert requests.post(server.url + "/v1/chat", json={"text": "hello", "max_tokens": 2}, timeout=60).status_code == 200

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from qwen_worker.testing import eventually, metric
+from qaio_testing import eventually, metric
 
 SPLIT = {"QAIO_ENGINE_PROCESS": "on", "QAIO_WORKERS": "2", "QAIO_THREADS": "16"}
 

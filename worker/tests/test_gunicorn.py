@@ -71,7 +71,7 @@ def test_metrics_add_up_across_gunicorn_processes(gunicorn_server):
 def test_a_metrics_port_serves_metrics_and_nothing_else(gunicorn_server, layout):
     """For a NetworkPolicy that lets Prometheus reach the metrics and not the API: the port the connection
     came in on decides, whatever its Host header says."""
-    from qwen_worker.testing import free_port
+    from qaio_testing import free_port
 
     metrics_port = free_port()
     server = gunicorn_server(QAIO_METRICS_PORT=str(metrics_port), **layout)

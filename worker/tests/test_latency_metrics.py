@@ -5,7 +5,7 @@ import json
 import pytest
 import requests
 
-from qwen_worker.testing import eventually, metric
+from qaio_testing import eventually, metric
 
 LAYOUTS = {"one process": {}, "engine process": {"QAIO_ENGINE_PROCESS": "on", "QAIO_WORKERS": "2", "QAIO_THREADS": "16"}}
 TTFT, TPOT = "qaio_time_to_first_token_seconds", "qaio_time_per_output_token_seconds"

@@ -8,12 +8,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_worker.prompts import ChatMLPrompter, Message
 
+pytestmark = pytest.mark.gunicorn
+
 USER = [{"role": "user", "content": "写一首关于秋天的诗"}]
 
 
 @pytest.fixture(scope="module")
 def sdk(tiny_model_dir):
-    from qwen_worker.testing import GunicornServer
+    from qaio_testing import GunicornServer
 
     # Two API processes beside one engine process: the layout a GPU serves with, over its socket.
     server = GunicornServer(tiny_model_dir, QAIO_ENGINE_PROCESS="on", QAIO_WORKERS="2", QAIO_THREADS="16").wait_ready()

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from qwen_worker.testing import eventually, metric
+from qaio_testing import eventually, metric
 
 LONG = 1000
 LAYOUTS = {"one process": {"QAIO_ENGINE_PROCESS": "off"}, "engine process": {"QAIO_ENGINE_PROCESS": "on"}}

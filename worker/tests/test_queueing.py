@@ -4,7 +4,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from qwen_worker.testing import engine_host as host, eventually
+from qaio_testing import engine_host as host, eventually
 
 from qwen_worker.prompts import Message
 from qwen_worker.protocol import RequestFailed

@@ -5,7 +5,7 @@ import torch
 
 from qwen_worker.errors import ENGINE_ERRORS
 from qwen_worker.protocol import RequestFailed
-from qwen_worker.testing import engine_host
+from qaio_testing import engine_host
 
 # Astral CJK characters: one character each, two or three byte tokens each for this tokenizer. 3,000
 # of them are a legal text (under QAIO_MAX_INPUT_CHARS) of about 7,000 tokens: past the position table.

@@ -20,12 +20,16 @@ def chat(app, text, **extra):
     return response
 
 
-def test_greedy_replies_to_short_prompts_end_by_themselves(stand_in_app):
-    for question in QUESTIONS:
-        body = chat(stand_in_app, question).get_json()
+@pytest.fixture(scope="module")
+def replies_one_at_a_time(stand_in_app):
+    return [chat(stand_in_app, question).get_json() for question in QUESTIONS]
+
+
+def test_greedy_replies_to_short_prompts_end_by_themselves(replies_one_at_a_time):
+    for body in replies_one_at_a_time:
         assert body["finish_reason"] == "stop", body
         assert body["reply"].strip() and body["usage"]["completion_tokens"] < 96
-    assert "Paris" in chat(stand_in_app, QUESTIONS[0]).get_json()["reply"]
+    assert "Paris" in replies_one_at_a_time[0]["reply"]
 
 
 def test_a_streamed_reply_ends_by_itself_with_the_same_text(stand_in_app):
@@ -36,8 +40,8 @@ def test_a_streamed_reply_ends_by_itself_with_the_same_text(stand_in_app):
     assert "".join(e.get("delta", "") for e in events) == plain["reply"]
 
 
-def test_concurrent_replies_equal_the_replies_given_one_at_a_time(stand_in_app):
-    alone = [chat(stand_in_app, q).get_json()["reply"] for q in QUESTIONS]
+def test_concurrent_replies_equal_the_replies_given_one_at_a_time(stand_in_app, replies_one_at_a_time):
+    alone = [body["reply"] for body in replies_one_at_a_time]
     with ThreadPoolExecutor(len(QUESTIONS)) as pool:
         together = list(pool.map(lambda q: chat(stand_in_app, q).get_json(), QUESTIONS))
     assert max(r["timing"]["batch_size"] for r in together) > 1

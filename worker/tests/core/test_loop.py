@@ -13,7 +13,7 @@ from qwen_worker.metrics import WorkerMetrics
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
 from qwen_worker.protocol import GENERATE, SENTIMENT, Request, RequestFailed
-from qwen_worker.testing import eventually
+from qaio_testing import eventually
 
 
 class Sink:

@@ -140,8 +140,8 @@ def test_the_engine_draws_the_same_tokens_with_sparse_penalties_as_with_the_dens
     prompts = [service.prompter.chat_ids([Message("user", text)]) for text in ("你好 你好 你好", "the weather, the weather", "短")]
 
     def tokens(make_state, **sampling):
-        rows = [GenerationRow(p, 24, seed=i, **sampling) for i, p in enumerate(prompts)]
-        rows.append(GenerationRow(prompts[0], 24))
+        rows = [GenerationRow(p, 16, seed=i, **sampling) for i, p in enumerate(prompts)]
+        rows.append(GenerationRow(prompts[0], 16))
         engine.penalties = make_state()
         engine.run(rows)
         return [r.tokens for r in rows]

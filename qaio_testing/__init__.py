@@ -1,4 +1,7 @@
-"""Real processes for tests and benchmarks: gunicorn workers and nginx, started by the project's own files."""
+"""Real processes for tests and benchmarks: gunicorn workers and nginx, started by the project's own files.
+
+Outside the worker package (the images do not install it); tests and benches run from the repository's
+root, which puts it on the path."""
 from __future__ import annotations
 
 import os
@@ -13,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 GUNICORN_CONF = REPO / "worker" / "gunicorn.conf.py"
 RENDER_NGINX = REPO / "nginx" / "render-config.sh"
 STACK_SCRIPT = REPO / "scripts" / "stack.sh"
@@ -248,10 +251,10 @@ def arm_device_error(model, trigger: str = "inject a device error") -> None:
 def device_error_app():
     """gunicorn's app for tests of a sticky device error in a real one-process worker: create_app()
     whose engine fails as arm_device_error says."""
-    from . import create_app
-    from .client.inprocess import InProcessClient
-    from .config import WorkerConfig
-    from .service import WorkerService
+    from qwen_worker import create_app
+    from qwen_worker.client.inprocess import InProcessClient
+    from qwen_worker.config import WorkerConfig
+    from qwen_worker.service import WorkerService
 
     config = WorkerConfig.from_env()
     service = WorkerService(config)
