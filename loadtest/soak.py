@@ -167,9 +167,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, g in results["growth"].items():
         print(f"{name}: {g['after_warmup_mb']:.0f} -> {g['end_mb']:.0f} MB ({g['growth_mb']:+.0f} MB)")
     print(f"wrote {args.out / 'soak.md'}")
-    failed = [k for k in results["answers"] if not k.endswith(" 200")]
-    within = all(g["growth_mb"] <= args.max_growth_mb for g in results["growth"].values())
-    return 0 if within and not failed else 1
+    problems = verdict(results)
+    for problem in problems:
+        print(f"FAILED: {problem}")
+    return 1 if problems else 0
+
+
+def verdict(results: dict) -> list[str]:
+    """What fails the soak: a worker whose memory grew past max_growth_mb after the warm-up, an answer
+    other than 200, or no answers at all."""
+    limit = results["max_growth_mb"]
+    problems = [f"{name} grew {g['growth_mb']:+.1f} MB after the warm-up (limit {limit} MB)"
+                for name, g in results["growth"].items() if g["growth_mb"] > limit]
+    problems += [f"{count} answers {status}" for status, count in results["answers"].items() if not status.endswith(" 200")]
+    if not results["answers"]:
+        problems.append("no answers")
+    return problems
 
 
 if __name__ == "__main__":

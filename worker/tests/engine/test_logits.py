@@ -75,3 +75,27 @@ def test_the_triton_passes_generate_what_the_torch_path_does_with_chunked_prefil
         return [row.tokens for row in rows]
 
     assert run(kernels) == run(reference)
+
+
+@pytest.mark.parametrize("architecture", ["qwen3", "llama"])
+def test_other_decoder_architectures_give_transformers_logits_and_generate_its_greedy_tokens(architecture, tmp_path):
+    """README's claim that the engine runs Qwen3 and Llama layers (Qwen3 normalises q and k per head;
+    Llama has no attention bias): a tiny random model of each through the engine, as transformers runs it."""
+    from qaio_models.demo import build
+    from qwen_worker.engine import GenerationRow
+
+    model_dir = str(build("tiny", tmp_path / architecture, architecture=architecture))
+    service = load(model_dir, "torch")
+    rows = sequences(service)
+    prompt_lengths = [len(service.prompter.chat_ids([Message("user", t)]))
+                      for t in ("你好，今天怎么样？", "a much longer question about the weather " * 3)]
+    for row, n, logits in zip(rows, prompt_lengths, teacher_forced_logits(service.engine.runner, rows, prompt_lengths)):
+        assert (logits - reference_logits(service.model, row, n)).abs().max().item() <= TOLERANCE
+    prompt = service.prompter.chat_ids([Message("user", "hello")])
+    row = GenerationRow(prompt, 8)
+    service.engine.run([row])
+    with torch.inference_mode():
+        expected = service.model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):]
+    expected = expected.tolist()
+    ends = [i for i, t in enumerate(expected) if t in (151645, 151643)]
+    assert row.tokens == expected[:ends[0] if ends else None]
