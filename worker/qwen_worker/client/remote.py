@@ -79,6 +79,9 @@ class RemoteClient(EngineClient):
                         self._on_status(message)
         except (EOFError, OSError):
             pass
+        except TypeError:  # stop() closed the connection under recv(): its handle is None now
+            if not self._stopping:
+                raise
         if not self._stopping:
             self._lose("the engine process exited")
 
