@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 import requests
 
-from qaio_testing import SHARED_CPU_WORKER_ENV, LocalStack
+from qaio_testing import SHARED_CPU_WORKER_ENV, LocalStack, eventually
 
 pytestmark = pytest.mark.stack
 
@@ -20,23 +19,15 @@ def alerts(stack) -> list[dict]:
     return response.json()["data"]["alerts"]
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(1)
-    return result
-
-
 def test_a_stopped_worker_fires_instance_down(tiny_model_dir):
     stack = LocalStack(tiny_model_dir, prefix="qaio-alerts-", QAIO_STACK_SCRAPE_INTERVAL="1s", **SHARED_CPU_WORKER_ENV)
     try:
         rules = requests.get(f"{stack.prometheus_url}/api/v1/rules", timeout=10).json()["data"]["groups"]
         assert {"qaio-sli", "qaio-slo-budget", "qaio-slo-alerts", "qaio-cause-alerts"} <= {g["name"] for g in rules}
         stopped = stack.worker_addresses[1]
-        wait_for(lambda: requests.get(f"{stack.prometheus_url}/api/v1/query", params={
+        eventually(lambda: requests.get(f"{stack.prometheus_url}/api/v1/query", params={
             "query": f'up{{job="qaio-worker",instance="{stopped}"}} == 1'}, timeout=10).json()["data"]["result"],
-            120, "the worker's first scrape")
+            120, "the worker's first scrape", interval=1)
         pid = int((stack.dir / "worker-1.pid").read_text())
         os.killpg(pid, signal.SIGKILL)  # as a crashed process: no drain, no goodbye
 
@@ -44,8 +35,8 @@ def test_a_stopped_worker_fires_instance_down(tiny_model_dir):
         # firing ones count, and QaioInstanceDown waits its 1 m `for` before it fires.
         def firing():
             return [a for a in alerts(stack) if a["state"] == "firing"]
-        fired = wait_for(lambda: [a for a in firing() if a["labels"]["alertname"] == "QaioInstanceDown"], 240,
-                         "QaioInstanceDown to fire")
+        fired = eventually(lambda: [a for a in firing() if a["labels"]["alertname"] == "QaioInstanceDown"], 240,
+                           "QaioInstanceDown to fire", interval=1)
         assert [a["labels"]["instance"] for a in fired] == [stopped]
         assert fired[0]["labels"]["severity"] == "ticket" and fired[0]["annotations"]["runbook"]
         assert not [a for a in firing() if a["labels"]["alertname"] == "QaioNoInstance"]  # the other is up

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qaio_testing import free_port
+from qaio_testing import eventually, free_port
 
 pytestmark = pytest.mark.tool
 
@@ -61,10 +60,11 @@ def prometheus(gunicorn_server, tmp_path):
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while not query_ok(url, 'up{job="qaio-worker"} == 1'):
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "prometheus.log").read_text()[-3000:]
-            time.sleep(0.5)
+        def scraping() -> bool:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            return query_ok(url, 'up{job="qaio-worker"} == 1')
+
+        eventually(scraping, timeout=60, what="Prometheus scraping the worker", interval=0.5)
         yield url
     finally:
         proc.terminate()
@@ -91,12 +91,9 @@ def test_the_queue_depth_rule_selects_a_per_pod_series_prometheus_really_has(pro
     series = api(prometheus, "/api/v1/series", **{"match[]": rule["seriesQuery"]})
     assert series, f"no series match the adapter's seriesQuery {rule['seriesQuery']}"
     assert all(s["namespace"] == NAMESPACE and s["pod"] == POD for s in series)
-    deadline = time.time() + 30  # the rule averages over a window: wait for a second sample
-    while True:
-        result = api(prometheus, "/api/v1/query", query=render(rule["metricsQuery"], series_name(rule)))["result"]
-        if result or time.time() > deadline:
-            break
-        time.sleep(1)
+    # The rule averages over a window: it answers once a second sample is in.
+    result = eventually(lambda: api(prometheus, "/api/v1/query", query=render(rule["metricsQuery"], series_name(rule)))[
+        "result"], timeout=30, what="the queue-depth rule's first answer", interval=1)
     assert [r["metric"] for r in result] == [{"pod": POD}], result
     assert float(result[0]["value"][1]) == 0.0  # an idle worker: nothing waiting
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from conftest import ADMIN_TOKEN
-from qaio_testing import REPO
+from qaio_testing import REPO, eventually
 
 sys.path.insert(0, str(REPO / "deploy"))
 import dashboard_nginx  # noqa: E402
@@ -107,13 +107,11 @@ def test_the_front_doors_query_table_is_generated_from_the_page_queries():
 
 @pytest.mark.parametrize("name", sorted(NAMES))
 def test_every_query_returns_data(traffic, name):
-    deadline = time.monotonic() + patience(NAMES[name]["expr"])
-    while not (result := query(traffic, name)) and time.monotonic() < deadline and name not in GPU_ONLY:
-        time.sleep(1)
     if name in GPU_ONLY:  # no GPU here: valid PromQL (Prometheus answered 200), nothing to show
-        assert result == []
+        assert query(traffic, name) == []
         return
-    assert result, f"no data for {name}"
+    result = eventually(lambda: query(traffic, name), timeout=patience(NAMES[name]["expr"]), what=f"data for {name}",
+                        interval=1)
     expr = NAMES[name]["expr"]
     if "by (instance" in expr and "exported_instance" not in expr:
         assert {r["metric"]["instance"] for r in result} <= set(traffic.worker_addresses)
@@ -124,10 +122,7 @@ def test_every_grafana_query_returns_data_from_prometheus(traffic, expr):
     if any(q["expr"] == expr and q.get("gpu") for q in NAMES.values()):
         assert direct(traffic, expr) == []
         return
-    deadline = time.monotonic() + patience(expr)
-    while not (result := direct(traffic, expr)) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert result, f"no data for {expr}"
+    eventually(lambda: direct(traffic, expr), timeout=patience(expr), what=f"data for {expr}", interval=1)
 
 
 def test_the_page_reads_what_it_needs(traffic):
@@ -136,10 +131,9 @@ def test_the_page_reads_what_it_needs(traffic):
     cache = query(traffic, "stack.cache")
     assert 0 < float(cache[0]["value"][1]) < 100  # repeated texts hit, new ones missed
     # No 5xx reached a client (the drained worker's 503 was asked directly): the whole budget is left.
-    deadline = time.monotonic() + patience("qaio:slo_")
-    while not (budget := query(traffic, "stack.budget")) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert budget and float(budget[0]["value"][1]) == 100
+    budget = eventually(lambda: query(traffic, "stack.budget"), timeout=patience("qaio:slo_"),
+                        what="the error budget recorded", interval=1)
+    assert float(budget[0]["value"][1]) == 100
     assert float(query(traffic, "stack.availability")[0]["value"][1]) == 100
     now = time.time()
     for chart in QUERIES["charts"]:

@@ -165,19 +165,20 @@ def test_the_engine_counts_what_it_did(server):
     assert metric(server, "qaio_batch_size_count", '{kind="sentiment"}') >= 1
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_a_lost_engine_answers_what_it_held_and_the_instance_goes(gunicorn_server, layout):
-    """One process: a sticky device error ends the process (gunicorn forks a fresh one). Engine process:
-    the engine killed ends the instance (its supervisor starts a new one). Either way, what was held is
-    answered 503 at once, never left hanging."""
-    if layout == "one-process":
-        server = gunicorn_server(app="qaio_testing:device_error_app()", QAIO_DEVICE_ERROR_EXIT_S="1",
-                                 **COMMON, **LAYOUTS[layout])
-        held = post(server, "/v1/chat", {"text": "inject a device error", "max_tokens": 4})
-        assert held.status_code == 503 and held.json()["error"]["code"] == "device_error"
-        assert eventually(lambda: "sticky device error" in server.log_path.read_text(), what="logged")
-        return
-    server = gunicorn_server(**COMMON, **LAYOUTS[layout])
+def test_a_sticky_device_error_answers_what_it_held_and_ends_the_process(gunicorn_server):
+    """One process: a sticky device error ends the process (gunicorn forks a fresh one); what was held
+    is answered 503 at once, never left hanging."""
+    server = gunicorn_server(app="qaio_testing:device_error_app()", QAIO_DEVICE_ERROR_EXIT_S="1",
+                             **COMMON, **LAYOUTS["one-process"])
+    held = post(server, "/v1/chat", {"text": "inject a device error", "max_tokens": 4})
+    assert held.status_code == 503 and held.json()["error"]["code"] == "device_error"
+    assert eventually(lambda: "sticky device error" in server.log_path.read_text(), what="logged")
+
+
+def test_a_killed_engine_process_answers_what_it_held_and_ends_the_instance(gunicorn_server):
+    """Engine process: the engine killed ends the instance (its supervisor starts a new one); what was
+    held is answered 503 at once, never left hanging."""
+    server = gunicorn_server(**COMMON, **LAYOUTS["engine-process"])
     answer = {}
     waiting = threading.Thread(target=lambda: answer.update(response=post(
         server, "/v1/chat", {"text": "a long story", "max_tokens": LONG, "temperature": 0})))

@@ -1,11 +1,12 @@
 """A real gunicorn process started with the project's gunicorn.conf.py, spoken to over HTTP."""
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 import requests
+
+from qaio_testing import eventually
 
 
 def test_openai_sdk_works_unchanged(gunicorn_server):
@@ -42,13 +43,10 @@ def test_request_id_and_sse_over_a_real_socket(gunicorn_server):
 
 
 def wait_for_ready_processes(server, count, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        text = requests.get(server.url + "/metrics", timeout=10).text
-        if len(re.findall(r'^qaio_ready\{pid="\d+"\} 1\.0$', text, re.M)) == count:
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"fewer than {count} ready processes")
+    def ready() -> int:
+        return len(re.findall(r'^qaio_ready\{pid="\d+"\} 1\.0$', requests.get(server.url + "/metrics", timeout=10).text, re.M))
+
+    eventually(lambda: ready() == count, timeout=timeout, what=f"{count} ready processes")
 
 
 def test_metrics_add_up_across_gunicorn_processes(gunicorn_server):
