@@ -29,6 +29,13 @@ SETTINGS = {"QAIO_MAX_BATCH_SIZE": "2", "QAIO_QUEUE_CAPACITY": "1", "QAIO_TORCH_
 LONG = 1000  # max_tokens of a generation meant to be stopped early
 
 
+def started(client):
+    """The client, started, once its engine says it is ready."""
+    client.start()
+    eventually(lambda: client.status().ready, timeout=300, what="the engine ready")
+    return client
+
+
 class EngineProcess:
     """qwen_worker.engine_server in a subprocess, as gunicorn's master starts it, and a client of it."""
 
@@ -52,17 +59,18 @@ class EngineProcess:
 @pytest.fixture(scope="module", params=["in-process", "engine-process"])
 def link(request, tiny_model_dir, tmp_path_factory):
     env = {"QAIO_MODEL": tiny_model_dir, **SETTINGS}
-    if request.param == "in-process":
-        client, process = InProcessClient(WorkerConfig.from_env(env), WorkerMetrics(CollectorRegistry())), None
-    else:
+    if request.param == "engine-process":
         process = EngineProcess(env, tmp_path_factory.mktemp("engine"))
-        client = process.client
-    client.start()
+        try:
+            yield started(process.client)
+        finally:
+            process.stop()
+        return
+    client = InProcessClient(WorkerConfig.from_env(env), WorkerMetrics(CollectorRegistry()))
     try:
-        eventually(lambda: client.status().ready, timeout=300, what="the engine ready")
-        yield client
+        yield started(client)
     finally:
-        client.stop() if process is None else process.stop()
+        client.stop()
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +170,8 @@ def test_drain_refuses_new_work_and_undrain_takes_it_again(link):
 
 def test_a_lost_engine_process_fails_what_it_held_at_once(tiny_model_dir, tmp_path):
     process = EngineProcess({"QAIO_MODEL": tiny_model_dir, **SETTINGS}, tmp_path)
-    client = process.client
-    client.start()
     try:
-        eventually(lambda: client.status().ready, timeout=300, what="the engine ready")
+        client = started(process.client)
         held = client.generate("chat", chat_ids(client, "a long story"), soon(), LONG, stream=True)
         held.receive()
         process.proc.kill()

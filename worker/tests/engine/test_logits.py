@@ -37,20 +37,25 @@ def sequences(service) -> list[list[int]]:
     return out
 
 
+def assert_logits_equal_transformers(service, model) -> None:
+    """The engine's teacher-forced logits of sequences(service) equal transformers' `model` within TOLERANCE."""
+    rows = sequences(service)
+    prompt_lengths = [len(service.prompter.chat_ids([Message("user", t)]))
+                      for t in ("你好，今天怎么样？", "a much longer question about the weather " * 3)]
+    got = teacher_forced_logits(service.engine.runner, rows, prompt_lengths)
+    for row, n, logits in zip(rows, prompt_lengths, got):
+        want = reference_logits(model, row, n)
+        assert logits.shape == want.shape
+        assert (logits - want).abs().max().item() <= TOLERANCE
+
+
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("padded", [False, True], ids=["real sizes", "GPU padding forced"])
 def test_teacher_forced_logits_equal_transformers_in_float32(tiny_model_dir, reference, kernels, padded):
     service = reference if kernels == "torch" else load(tiny_model_dir, kernels)
     service.engine.runner.pad_shapes = padded
     try:
-        rows = sequences(service)
-        prompt_lengths = [len(service.prompter.chat_ids([Message("user", t)]))
-                          for t in ("你好，今天怎么样？", "a much longer question about the weather " * 3)]
-        got = teacher_forced_logits(service.engine.runner, rows, prompt_lengths)
-        for row, n, logits in zip(rows, prompt_lengths, got):
-            want = reference_logits(reference.model, row, n)
-            assert logits.shape == want.shape
-            assert (logits - want).abs().max().item() <= TOLERANCE
+        assert_logits_equal_transformers(service, reference.model)
     finally:
         service.engine.runner.pad_shapes = False
 
@@ -86,11 +91,7 @@ def test_other_decoder_architectures_give_transformers_logits_and_generate_its_g
 
     model_dir = str(build("tiny", tmp_path / architecture, architecture=architecture))
     service = load(model_dir, "torch")
-    rows = sequences(service)
-    prompt_lengths = [len(service.prompter.chat_ids([Message("user", t)]))
-                      for t in ("你好，今天怎么样？", "a much longer question about the weather " * 3)]
-    for row, n, logits in zip(rows, prompt_lengths, teacher_forced_logits(service.engine.runner, rows, prompt_lengths)):
-        assert (logits - reference_logits(service.model, row, n)).abs().max().item() <= TOLERANCE
+    assert_logits_equal_transformers(service, service.model)
     prompt = service.prompter.chat_ids([Message("user", "hello")])
     row = GenerationRow(prompt, 8)
     service.engine.run([row])
