@@ -10,7 +10,7 @@ SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
 # Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
 STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost alerts loadtest soak run run-detached stop run-worker demo-models model-tiny \
+.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost conversation-bench alerts loadtest soak run run-detached stop run-worker demo-models model-tiny \
 	model-0.5b model-smol compose-test clean
 
 help:
@@ -21,6 +21,7 @@ help:
 	@echo "make system-deps  install Debian packages when missing: nginx, Chromium, Prometheus, kubectl (root/sudo)"
 	@echo "make calibrate    fit the served model's sentiment calibration (beside make eval's sample): worker/qwen_worker/calibrations/"
 	@echo "make repetition   chat replies with and without a repetition penalty: docs/repetition.md"
+	@echo "make conversation-bench  idle RSS, 5-turn conversations' TTFT, c=16 throughput (BEFORE=<checkout> beside): docs/conversations.md"
 	@echo "make penalty-cost server CPU per streamed token with the default repetition penalty and without: docs/penalty-cost.md"
 	@echo "make alerts       write the objectives' Prometheus rules from QAIO_SLO_* (deploy/alerts/, k8s/monitoring/): docs/alerts.md"
 	@echo "make eval         sentiment quality of the served model on waimai reviews: docs/eval.md"
@@ -84,6 +85,11 @@ repetition: $(STAMP)
 
 penalty-cost: $(STAMP) model-tiny
 	$(PY) -m bench.penalty_cost
+
+# Idle memory, 4 five-turn conversations (TTFT per turn) and c=16 throughput on the 0.5B shape:
+# docs/conversations.md. BEFORE=<another checkout> measures it too, in the same sitting.
+conversation-bench: $(STAMP) model-0.5b
+	$(PY) -m bench.conversations $(if $(BEFORE),--before $(BEFORE))
 
 model-tiny: $(TINY_MODEL)/qaio_demo_model.json
 $(TINY_MODEL)/qaio_demo_model.json: | $(STAMP)

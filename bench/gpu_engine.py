@@ -154,7 +154,7 @@ def errors_against_float32(service, texts, reference_model) -> dict:
         prompt = service.prompter.chat_ids([Message("user", text)])
         rows.append(prompt + torch.randint(0, 150000, (24,), generator=generator).tolist())
         lengths.append(len(prompt))
-    engine = teacher_forced_logits(service.engine.runner, rows, lengths)
+    engine = teacher_forced_logits(service.engine, rows, lengths)
     out = {"engine_max": 0.0, "engine_mean": 0.0, "transformers_max": 0.0, "transformers_mean": 0.0}
     for row, n, got in zip(rows, lengths, engine):
         want = reference_logits(reference_model, row, n)

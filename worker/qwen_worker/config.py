@@ -65,7 +65,9 @@ class WorkerConfig:
                                         "none without one), `content_free` (label-free: divided by the scores of a "
                                         "content-free text), `none`, `auto` (fitted where the model has a fit, else "
                                         "none)", choices=("auto", "fitted", "content_free", "none"))
-    prefix_cache: bool = _setting(True, "Compute the fixed sentiment prompt prefix's KV cache once and reuse it")
+    prefix_cache: bool = _setting(True, "Reuse computed keys and values of prompt prefixes: generation prompts attach "
+                                        "the cached KV blocks they start with (earlier turns of a conversation, "
+                                        "shared system prompts); the fixed sentiment prompt's are computed once at load")
     cuda_graphs: str = _setting("auto", "Decode steps as CUDA graphs captured at start-up: `auto` (on a GPU), `on`, `off` "
                                         "(eager, for debugging)", choices=("auto", "on", "off"))
     compile: str = _setting("off", "`on`: torch.compile the engine's passes (experimental: it recompiles for each "
@@ -90,9 +92,17 @@ class WorkerConfig:
                                             "running replies wait at most one chunk (0: 2048 on a GPU, 512 on a CPU)",
                                          minimum=0)
     # Batching and admission
-    max_batch_size: int = _setting(0, "Requests generating at once (KV slots, each as long as QAIO_MAX_PROMPT_TOKENS + "
-                                      "QAIO_MAX_TOKENS_LIMIT) and most sentiment texts per pass (0: 256 on a GPU, "
-                                      "16 on a CPU)", minimum=0)
+    max_batch_size: int = _setting(0, "Requests generating at once (rows of a decode step; their keys and values "
+                                      "live in the KV block pool) and most sentiment texts per pass (0: 256 on a "
+                                      "GPU, 16 on a CPU)", minimum=0)
+    kv_cache_mb: float = _setting(0.0, "Size of the KV block pool in MiB (0: on a GPU QAIO_GPU_MEMORY_FRACTION of the "
+                                   "memory free after the weights; on a CPU what QAIO_MAX_BATCH_SIZE full-length rows "
+                                   "need, at most 1024 MiB, its pages resident only once used). It must hold one "
+                                   "row of QAIO_MAX_PROMPT_TOKENS + QAIO_MAX_TOKENS_LIMIT tokens", minimum=0)
+    gpu_memory_fraction: float = _setting(0.7, "Share of the GPU memory free after loading the weights that the KV "
+                                                "block pool takes when QAIO_KV_CACHE_MB is 0 (the rest: activations, "
+                                                "CUDA graphs, sentiment passes)", minimum=0.01)
+    kv_block_tokens: int = _setting(16, "Tokens per KV block: the unit of allocation and of prefix reuse", minimum=1)
     batch_wait_ms: float = _setting(10.0, "How long an idle worker waits for more sentiment requests to fill a batch",
                                     minimum=0)
     queue_capacity: int = _setting(0, "Requests that may wait for a slot or a sentiment pass; more are refused with "
@@ -180,6 +190,8 @@ class WorkerConfig:
             problems.append(f"QAIO_DEVICE must be auto, cpu, cuda or cuda:N (got {self.device!r})")
         if self.default_max_tokens > self.max_tokens_limit:
             problems.append("QAIO_DEFAULT_MAX_TOKENS must not exceed QAIO_MAX_TOKENS_LIMIT")
+        if self.gpu_memory_fraction >= 1:
+            problems.append("QAIO_GPU_MEMORY_FRACTION must be below 1")
         if not 0 < self.default_top_p <= 1:
             problems.append("QAIO_DEFAULT_TOP_P must be in (0, 1]")
         if self.metrics_port and self.metrics_port == self.port:

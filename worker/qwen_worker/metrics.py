@@ -64,6 +64,17 @@ class WorkerMetrics:
         self.time_per_output_token = Histogram(
             "qaio_time_per_output_token_seconds", "Mean gap between a generation's tokens after the first",
             ["task", "stream"], buckets=TOKEN_GAP_BUCKETS, registry=r)
+        self.kv_blocks = Gauge("qaio_kv_blocks", "KV pool blocks by state: used (held by rows), cached (prefix "
+                               "cache, no row holds them, evicted when needed), free", ["state"], registry=r,
+                               multiprocess_mode="livesum")
+        self.kv_bytes_in_use = Gauge("qaio_kv_bytes_in_use", "Bytes of the KV blocks rows hold", registry=r,
+                                     multiprocess_mode="livesum")
+        self.prefix_tokens = Counter("qaio_prefix_cache_tokens_total", "Prompt tokens of generations: `queried` all, "
+                                     "`hit` those whose keys came from the prefix cache", ["kind"], registry=r)
+        self.kv_events = Counter("qaio_kv_events_total", "KV pool events: `preemption` (a row gave its blocks back "
+                                 "to be recomputed later), `eviction` (a cached block was reused)", ["event"],
+                                 registry=r)
+        self._kv_totals: dict[str, int] = {}
         self.cuda_graphs = Gauge("qaio_cuda_graphs", "Decode CUDA graphs captured at start-up", registry=r,
                                  multiprocess_mode="livemax")
         # One series per live process (pid label) when gunicorn runs several: each loads its own model.
@@ -105,6 +116,21 @@ class WorkerMetrics:
     def observe_step(self, seconds: float, rows: int, path: str) -> None:
         """One decode step: `path` is `graph` (a CUDA graph replayed) or `eager` (no graph for its shape)."""
         self.decode_step.labels(path=path).observe(seconds)
+
+    def observe_kv(self, stats: dict[str, int]) -> None:
+        """The engine's KV pool after a pass (Engine.kv_stats()): gauges set, running totals added as deltas."""
+        used, cached = stats["blocks_used"], stats["blocks_cached"]
+        for state, blocks in (("used", used), ("cached", cached), ("free", stats["blocks_total"] - used - cached)):
+            self.kv_blocks.labels(state=state).set(blocks)
+        self.kv_bytes_in_use.set(used * stats["block_bytes"])
+        for key, counter in (("prefix_hit_tokens", self.prefix_tokens.labels(kind="hit")),
+                             ("prefix_query_tokens", self.prefix_tokens.labels(kind="queried")),
+                             ("preemptions", self.kv_events.labels(event="preemption")),
+                             ("evictions", self.kv_events.labels(event="eviction"))):
+            delta = stats[key] - self._kv_totals.get(key, 0)
+            if delta:
+                counter.inc(delta)
+                self._kv_totals[key] = stats[key]
 
     def set_model_info(self, info: dict, instance: str) -> None:
         self.model_info.labels(model=info["model"], instance=instance, device=info["device"],

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 SENTIMENT = "sentiment"  # score the label tokens after the prompt: one pass, between decode steps
 GENERATE = "generate"  # a generation row in the running batch
@@ -63,6 +63,7 @@ class Output:
     finished_at: float | None = None
     first_token_at: float | None = None  # a generation's first token (time to first token)
     batch_size: int = 0
+    cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache (final outputs)
 
     @property
     def final(self) -> bool:
@@ -115,6 +116,7 @@ class Status:
     model: ModelInfo | None = None
     pid: int = 0
     heap: dict[str, int] | None = None  # the engine process's C heap, for qaio_heap_bytes
+    kv: dict[str, int] | None = None  # the KV pool and prefix cache (Engine.kv_stats()), once loaded
     reply_to: int = 0  # the Control it answers (0: pushed)
 
 

@@ -5,7 +5,7 @@ import torch
 from qwen_worker.config import WorkerConfig
 from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService, resolve_dtype
-from qwen_worker.model.building import check_kv_fits
+from qwen_worker.model.building import kv_pool_blocks
 from qwen_worker.prompts import LABELS, Message
 
 TEXTS = ["很快，好吃，味道足，量大", "送餐太慢了，饭菜都凉了", "The food was great, thanks!",
@@ -78,11 +78,16 @@ def test_sampled_rows_do_not_disturb_greedy_rows_in_the_same_batch(model):
     assert all(len(r.tokens) == 10 for r in mixed)
 
 
-def test_kv_slots_that_would_not_fit_the_gpu_fail_the_load_naming_the_settings(model, monkeypatch):
-    # The tiny model: 2 layers x 2 KV heads x 16 dims; 16 slots x 5,121 positions x 2 (K, V) x 4 bytes.
-    needed = 2 * 2 * 16 * 2 * 5121 * 16 * 4
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (needed, 8 * needed))
-    with pytest.raises(RuntimeError, match="QAIO_MAX_BATCH_SIZE"):
-        check_kv_fits(model.model, 16, 5120, model.device, model.dtype)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 * needed, 8 * needed))
-    check_kv_fits(model.model, 16, 5120, model.device, model.dtype)
+def test_the_kv_pool_is_sized_by_its_setting_or_the_gpus_free_memory_and_must_hold_one_full_row(model, monkeypatch):
+    # The tiny model: 2 layers x 2 KV heads x 16 dims x 2 (K, V) x 4 bytes = 512 bytes a token, 8 KiB a block.
+    block, row_blocks = 512 * 16, 5120 // 16
+    config = WorkerConfig.from_env({}, model="x", max_batch_size=16, max_prompt_tokens=4096, max_tokens_limit=1024)
+    cpu = kv_pool_blocks(model.model, config, 5120, torch.device("cpu"), torch.float32)
+    assert cpu == 16 * row_blocks + 1  # what 16 full rows need (under the 1 GiB cap), plus the scratch block
+    sized = WorkerConfig.from_env({}, model="x", kv_cache_mb=4.0, max_prompt_tokens=4096, max_tokens_limit=1024)
+    assert kv_pool_blocks(model.model, sized, 5120, torch.device("cpu"), torch.float32) == 4 * 2**20 // block + 1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    assert kv_pool_blocks(model.model, config, 5120, torch.device("cuda"), torch.float32) == int(7 * 2**30) // block + 1
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (row_blocks * block, 80 * 2**30))  # 70 %: short
+    with pytest.raises(RuntimeError, match="QAIO_KV_CACHE_MB"):
+        kv_pool_blocks(model.model, config, 5120, torch.device("cuda"), torch.float32)

@@ -1,4 +1,6 @@
 """Reusing the fixed sentiment prefix's KV cache gives the full computation's answer."""
+import re
+
 import pytest
 
 from qwen_worker.config import WorkerConfig
@@ -48,3 +50,24 @@ def test_length_buckets_cover_every_row_once_and_bound_padding(lengths):
         without_last = real - max(lengths[i] for i in bucket)
         # A bucket only grows past the padding bound while it is still too small to stand alone.
         assert padded <= (1 + MAX_PADDING_SHARE) * real or without_last < MIN_BUCKET_TOKENS
+
+
+def test_a_repeated_conversation_reports_its_cached_prompt_tokens_in_usage_readyz_and_metrics(make_app):
+    client = make_app(max_batch_size=4).test_client()
+    messages = [{"role": "system", "content": "You answer in one short line. " * 6},
+                {"role": "user", "content": "what is the weather like?"}]
+    body = {"messages": messages, "max_tokens": 6, "temperature": 0}
+    first = client.post("/v1/chat/completions", json=body).get_json()
+    messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                 {"role": "user", "content": "and tomorrow?"}]
+    second = client.post("/v1/chat/completions", json=body).get_json()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert first["usage"]["prompt_tokens"] // 16 * 16 <= cached < second["usage"]["prompt_tokens"]
+    kv = client.get("/readyz").get_json()["kv_cache"]
+    assert kv["blocks_used"] == 0 and kv["bytes_in_use"] == 0 and kv["blocks_cached"] > 0
+    assert kv["prefix_hit_rate"] > 0 and kv["bytes_total"] == kv["blocks_total"] * 512 * 16
+    metrics = client.get("/metrics").get_data(as_text=True)
+    hit = re.search(r'^qaio_prefix_cache_tokens_total\{kind="hit"\} (\S+)$', metrics, re.M)
+    assert hit and float(hit.group(1)) >= cached
+    assert re.search(r'^qaio_kv_blocks\{state="cached"\} [1-9]', metrics, re.M)

@@ -73,10 +73,12 @@ def finish_all(handles: list[RequestHandle], gen: Generation) -> list[Choice]:
 
 
 def usage(handles: list[RequestHandle]) -> dict:
-    """Prompt tokens once (the choices share the prompt), completion tokens of every choice."""
+    """Prompt tokens once (the choices share the prompt), completion tokens of every choice; as OpenAI
+    and vLLM report it, how many prompt tokens came from the prefix cache."""
     prompt = handles[0].prompt_tokens
     completion = sum(len(h.tokens) for h in handles)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": handles[0].cached_tokens}}
 
 
 def token_text() -> TokenText:

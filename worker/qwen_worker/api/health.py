@@ -21,6 +21,16 @@ def healthz():
     return jsonify({"status": "alive", "instance": svc.config.instance_id})
 
 
+def kv_view(kv: dict[str, int]) -> dict:
+    """The KV pool as an operator reads it: blocks and bytes in use, and the prefix cache's hit rate."""
+    size = kv["block_bytes"]
+    return {"blocks_total": kv["blocks_total"], "blocks_used": kv["blocks_used"], "blocks_cached": kv["blocks_cached"],
+            "bytes_total": kv["blocks_total"] * size, "bytes_in_use": kv["blocks_used"] * size,
+            "prefix_hit_rate": round(kv["prefix_hit_tokens"] / kv["prefix_query_tokens"], 4)
+            if kv["prefix_query_tokens"] else None,
+            "preemptions": kv["preemptions"], "evictions": kv["evictions"]}
+
+
 @bp.get("/readyz")
 def readyz():
     svc = service()
@@ -29,6 +39,8 @@ def readyz():
     body = {"status": svc.readiness(status), "instance": svc.config.instance_id, **model.describe,
             "queue_depth": status.queue_depth, "queue_capacity": svc.config.queue_capacity,
             "requests_held": status.busy, "sentiment_calibration": svc.calibration_view(model)}
+    if status.kv is not None:
+        body["kv_cache"] = kv_view(status.kv)
     if model.demo_info is not None:
         body["warning"] = "demo model: random weights, answers are meaningless"
     elif model.stand_in_info is not None:

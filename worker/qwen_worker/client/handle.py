@@ -27,6 +27,7 @@ class RequestHandle:
         self.finished_at: float | None = None
         self.first_token_at: float | None = None  # when the engine produced its first token
         self.batch_size = 0
+        self.cached_tokens = 0  # prompt tokens the engine found in its prefix cache
         self.tokens: list[int] = []
         self.logprobs: list[tuple] = []  # per token, when the request asked for logprobs
         self.finish_reason: str | None = None
@@ -181,6 +182,8 @@ class RequestHandle:
             self.first_token_at = output.first_token_at
         if output.batch_size:
             self.batch_size = output.batch_size
+        if output.cached_tokens:
+            self.cached_tokens = output.cached_tokens
         if output.final:
             self.done = True
             self.finished_at = output.finished_at or time.monotonic()

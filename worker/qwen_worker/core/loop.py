@@ -118,6 +118,7 @@ class EngineLoop:
                 live = engine.live()
                 self.metrics.live_slots.set(live)
                 self.metrics.slot_utilization.set(live / max(engine.runner.slots, 1))
+                self.metrics.observe_kv(engine.kv_stats())
                 self._flush()
         finally:
             code = "device_error" if self.device_error is not None else "not_ready"
@@ -256,6 +257,7 @@ class EngineLoop:
         output = Output(work.id, started_at=work.started_at, batch_size=work.batch_size, **fields)
         if work.row is not None:
             output.tokens = work.row.tokens[work.sent:]
+            output.cached_tokens = work.row.cached_prompt_tokens
             output.first_token_at = work.first_token_at or (output.finished_at if work.row.tokens else None)
             if work.row.logprobs >= 0:
                 output.logprobs = work.row.token_logprobs[work.sent:]

@@ -1,5 +1,6 @@
 """The step loop's body: prefill what the scheduler picks, decode every live row once, then on the host
-(from one device-to-host copy of the new tokens) stream, stop, and free the slots of finished rows."""
+(from one device-to-host copy of the new tokens) stream, stop, and free the slots and blocks of
+finished rows."""
 from __future__ import annotations
 
 import logging
@@ -118,22 +119,9 @@ class Engine:
         self._sweep()
         chunks = self.scheduler.prefill_chunks()
         if chunks:
-            rows = [row for row, _ in chunks]
-            try:
-                logits = self.runner.prefill([chunk for _, chunk in chunks])
-            except Exception as exc:
-                self._fail(rows, exc)
-            for row, chunk in chunks:
-                row.cached = chunk.start + len(chunk.tokens)
-            done = [i for i, row in enumerate(rows) if row.prefilled]
-            if done:
-                picked = logits[done]
-                done_rows = [rows[i] for i in done]
-                now = self.clock()
-                tokens, logprobs = self._pick(done_rows, picked, None)
-                for row, token, logprob in zip(done_rows, tokens, logprobs):
-                    self._accept(row, token, now, logprob)
-        decoding = self.scheduler.decoding()
+            self._prefill(chunks)
+        decoding = self.scheduler.make_room_to_decode()
+        self._sync_tables()
         if not decoding:
             return
         width = self.scheduler.decode_width()
@@ -143,9 +131,12 @@ class Engine:
             logits, greedy = self.runner.decode({row.slot: (row.next_input, row.cached) for row in decoding}, width)
             launched = self.clock()
             by_slot: list[GenerationRow | None] = [None] * width
+            size = self.runner.block_tokens
             for row in decoding:
                 row.cached += 1
                 by_slot[row.slot] = row
+                if row.cached % size == 0:
+                    self.scheduler.blocks.register(row)
             tokens, logprobs = self._pick(by_slot, logits, greedy)  # the step's one host sync
             now = self.clock()
             for row in decoding:
@@ -160,6 +151,44 @@ class Engine:
             self._fail(decoding, exc)
         path = "graph" if self.runner.graph_replays > replays else "eager"
         self.observe_step(self.clock() - started, len(decoding), path)
+
+    def _prefill(self, chunks) -> None:
+        """Run the chunks; rows whose known tokens are all in their blocks now pick their first token
+        (a row recomputed after a preemption already has it: it goes on decoding)."""
+        self._sync_tables()
+        rows = [row for row, _ in chunks]
+        try:
+            logits = self.runner.prefill([chunk for _, chunk in chunks])
+        except Exception as exc:
+            self._fail(rows, exc)
+        for row, chunk in chunks:
+            row.cached = chunk.start + len(chunk.tokens)
+            self.scheduler.blocks.register(row)
+            if row.prefilled and row.tokens:
+                row.next_input = row.tokens[-1]
+        done = [i for i, row in enumerate(rows) if row.prefilled and not row.tokens]
+        if done:
+            done_rows = [rows[i] for i in done]
+            now = self.clock()
+            tokens, logprobs = self._pick(done_rows, logits[done], None)
+            for row, token, logprob in zip(done_rows, tokens, logprobs):
+                self._accept(row, token, now, logprob)
+
+    def _sync_tables(self) -> None:
+        """Tell the runner the block lists that changed."""
+        changed, rows = self.scheduler.changed, self.scheduler.rows
+        for slot in changed:
+            row = rows.get(slot)
+            self.runner.set_blocks(slot, row.blocks if row is not None else ())
+        changed.clear()
+
+    def kv_stats(self) -> dict[str, int]:
+        """The KV pool and the prefix cache: blocks by state, bytes per block, running totals."""
+        blocks = self.scheduler.blocks
+        return {"blocks_total": blocks.total, "blocks_used": blocks.used(), "blocks_cached": blocks.cached(),
+                "block_bytes": self.runner.kv.block_bytes, "prefix_hit_tokens": blocks.hit_tokens,
+                "prefix_query_tokens": blocks.query_tokens, "preemptions": self.scheduler.preemptions,
+                "evictions": blocks.evictions}
 
     def _fail(self, rows: Sequence[GenerationRow], exc: Exception):
         for row in rows:

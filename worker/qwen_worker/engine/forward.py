@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import SlotKVCache
+from .kv_cache import PagedKVCache
 
 
 class UnsupportedModel(ValueError):
@@ -50,7 +50,7 @@ def _gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, folded_mas
 
 
 class DecoderStack:
-    """Runs a causal LM's layers with keys and values in a SlotKVCache (or, for scoring, a fixed prefix)."""
+    """Runs a causal LM's layers with keys and values in a PagedKVCache (or, for scoring, a fixed prefix)."""
 
     def __init__(self, model, max_positions: int):
         base = getattr(model, "model", None)
@@ -145,45 +145,46 @@ class DecoderStack:
                             self.fused[i]["gate_up_weight"]).chunk(2, dim=-1)
         return x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
-    def decode(self, kv: SlotKVCache, tokens: torch.Tensor, positions: torch.Tensor, write_at: torch.Tensor,
+    def decode(self, kv: PagedKVCache, tokens: torch.Tensor, positions: torch.Tensor, write_at: torch.Tensor,
                lengths: torch.Tensor, attend: int) -> torch.Tensor:
         """One token for each of slots [0, n): logits [n, vocab].
 
-        tokens, positions, write_at, lengths: [n]; `lengths` counts the keys each row attends to
-        (the new one included), all within the first `attend` positions of its slot.
+        tokens, positions, write_at (token locations in the pool), lengths: [n]; `lengths` counts the
+        keys each row attends to (the new one included), all within the first `attend` positions of
+        the blocks in its block table row.
         """
         n = tokens.shape[0]
-        rows = torch.arange(n, device=tokens.device)
-        mask = (torch.arange(attend, device=tokens.device)[None] < lengths[:, None])[:, None]  # [n, 1, attend]
+        table = kv.block_table[:n, :-(-attend // kv.block_tokens)]
+        keys = table.shape[1] * kv.block_tokens
+        mask = (torch.arange(keys, device=tokens.device)[None] < lengths[:, None])[:, None]  # [n, 1, keys]
         mask = _fold_mask(mask, self.heads // self.kv_heads, self.cos.dtype)
         rope = self._rope_at(positions[:, None])
         x = self.embed(tokens)[:, None]
         for i in range(len(self.layers)):
             q, k, v = self._layer_qkv(i, x, rope)
-            kv.keys[i][rows, :, write_at] = k[:, :, 0]
-            kv.values[i][rows, :, write_at] = v[:, :, 0]
-            out = _gqa_attention(q, kv.keys[i][:n, :, :attend], kv.values[i][:n, :, :attend], mask, self.scale)
+            kv.write(i, write_at, k[:, :, 0], v[:, :, 0])
+            out = _gqa_attention(q, *kv.gather(i, table), mask, self.scale)
             x = self._layer_rest(i, x, out)
         return self.lm_head(self.norm(x[:, 0]))
 
-    def prefill(self, kv: SlotKVCache, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+    def prefill(self, kv: PagedKVCache, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                 write_at: torch.Tensor, last: torch.Tensor, attend: int) -> torch.Tensor:
-        """A chunk of prompt tokens [B, W] into slots [B]: writes their keys, returns logits [B, vocab]
-        at each row's index `last` (its last real token).
+        """A chunk of prompt tokens [B, W] of the rows in slots [B]: writes their keys, returns logits
+        [B, vocab] at each row's index `last` (its last real token).
 
         positions [B, W]: each token's position in its sequence (padding repeats the last real one);
-        write_at [B, W]: where its key goes (padding: the scratch position). Each token attends to
-        every earlier position of its slot, up to `attend` positions.
+        write_at [B, W]: the pool location its key goes to (padding: the scratch location). Each token
+        attends to every earlier position of its row, up to `attend` positions.
         """
         x = self.embed(tokens)
-        cols = torch.arange(attend, device=tokens.device)
+        table = kv.block_table[slots, :-(-attend // kv.block_tokens)]
+        cols = torch.arange(table.shape[1] * kv.block_tokens, device=tokens.device)
         mask = _fold_mask(cols[None, None] <= positions[:, :, None], self.heads // self.kv_heads, self.cos.dtype)  # causal
         rope = self._rope_at(positions)
         for i in range(len(self.layers)):
             q, k, v = self._layer_qkv(i, x, rope)
-            kv.keys[i][slots[:, None], :, write_at] = k.transpose(1, 2)
-            kv.values[i][slots[:, None], :, write_at] = v.transpose(1, 2)
-            out = _gqa_attention(q, kv.keys[i][slots, :, :attend], kv.values[i][slots, :, :attend], mask, self.scale)
+            kv.write(i, write_at, k.transpose(1, 2), v.transpose(1, 2))
+            out = _gqa_attention(q, *kv.gather(i, table), mask, self.scale)
             x = self._layer_rest(i, x, out)
         rows = torch.arange(x.shape[0], device=x.device)
         return self.lm_head(self.norm(x[rows, last]))

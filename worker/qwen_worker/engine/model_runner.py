@@ -1,7 +1,7 @@
 """How one step runs on the device: fixed shapes, CUDA graphs for decode, bucketed eager passes otherwise.
 
 Decode runs slots [0, n) with n padded to a batch bucket and attention over the first `attend`
-positions of each slot, padded to a length bucket; on a GPU each (n, attend) pair is a CUDA graph
+positions of each row's blocks, padded to a length bucket; on a GPU each (n, attend) pair is a CUDA graph
 captured at start-up that reads its inputs from fixed buffers. Prefill and sentiment scoring run
 eagerly, padded to width and batch buckets, so they too reuse a handful of shapes.
 """
@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .buckets import bucket, doubling
 from .forward import DecoderStack
-from .kv_cache import SlotKVCache
+from .kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +40,26 @@ class PrefillChunk:
 
 
 class ModelRunner:
-    """One model's forward passes over a SlotKVCache of `slots` slots of `max_tokens` tokens."""
+    """One model's forward passes for `slots` rows of up to `max_tokens` tokens over a pool of KV blocks."""
 
     def __init__(self, model, *, slots: int, max_tokens: int, prefill_chunk: int, use_graphs: bool,
-                 label_head: torch.Tensor, compile: bool = False, kernels: str = "torch", sdpa_backend: str = "auto"):
+                 label_head: torch.Tensor, kv_blocks: int, block_tokens: int = 16, compile: bool = False,
+                 kernels: str = "torch", sdpa_backend: str = "auto"):
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
         self.stack = DecoderStack(model, max_tokens)
         if self.device.type == "cuda":
             self.stack.fuse()  # on a CPU the packed oneDNN linears are the fast path; no second weight copy
         s = self.stack
-        self.kv = SlotKVCache(s.num_layers, slots, s.kv_heads, max_tokens, s.head_dim, self.dtype, self.device)
+        self.kv = PagedKVCache(s.num_layers, kv_blocks, s.kv_heads, block_tokens, s.head_dim, self.dtype, self.device,
+                               slots, max_tokens)
+        self.block_tokens = block_tokens
+        # The block tables' host side: rows change as blocks are given (set_blocks), and reach the
+        # device before the next pass, changed rows only.
+        self._tables = torch.zeros(self.kv.block_table.shape, dtype=torch.long,
+                                   pin_memory=self.device.type == "cuda")
+        self._tables_np = self._tables.numpy()
+        self._stale_tables: set[int] = set()
         self.slots = slots
         self.max_tokens = max_tokens
         self.prefill_chunk = prefill_chunk
@@ -115,6 +124,28 @@ class ModelRunner:
                    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[self.sdpa_backend]
         return sdpa_kernel([backend, SDPBackend.MATH])  # math: for shapes the chosen one refuses
 
+    # ---- block tables ----------------------------------------------------------------------------
+    def set_blocks(self, slot: int, blocks: Sequence[int]) -> None:
+        """Row `slot` now holds `blocks` (its first positions' keys, in order); the rest of its table row
+        points at the scratch block."""
+        row = self._tables_np[slot]
+        row[:len(blocks)] = blocks
+        row[len(blocks):] = self.kv.scratch // self.block_tokens
+        self._stale_tables.add(slot)
+
+    def _upload_tables(self) -> None:
+        if self._stale_tables:
+            slots = sorted(self._stale_tables)
+            self._stale_tables.clear()
+            low, high = slots[0], slots[-1] + 1  # one copy of the span covering the changed rows
+            self.kv.block_table[low:high].copy_(self._tables[low:high], non_blocking=True)
+
+    def _locations(self, slots: Sequence[int], positions: Sequence[int]) -> list[int]:
+        """Pool locations of the given rows' positions (their blocks must be set)."""
+        size = self.block_tokens
+        tables = self._tables_np
+        return [int(tables[slot, p // size]) * size + p % size for slot, p in zip(slots, positions)]
+
     # ---- decode --------------------------------------------------------------------------------
     def decode_shape(self, width: int, longest: int) -> tuple[int, int]:
         """The (batch, attend) bucket for slots [0, width) whose longest row attends to `longest` keys."""
@@ -170,8 +201,9 @@ class ModelRunner:
         tokens, positions = zip(*rows.values())
         staging[0, slots] = tokens
         staging[1, slots] = positions
-        staging[2, slots] = positions
+        staging[2, slots] = self._locations(slots, positions)
         staging[3, slots] = [p + 1 for p in positions]
+        self._upload_tables()
         self._inputs[:, :n].copy_(self._staging[:, :n], non_blocking=True)
         graph = self.graphs.get((n, attend))
         if graph is not None:
@@ -212,11 +244,13 @@ class ModelRunner:
             tokens[b, :length] = torch.as_tensor(chunk.tokens, dtype=torch.long)
             positions[b, :length] = span
             positions[b, length:] = chunk.start + length - 1  # padding repeats the last real position
-            write_at[b, :length] = span
+            write_at[b, :length] = self.kv.block_tokens * self._tables[chunk.slot, span // self.block_tokens] \
+                + span % self.block_tokens
             last[b] = length - 1
             slots[b] = chunk.slot
             longest = max(longest, chunk.start + length)
         attend = bucket(longest, self.attend_lengths)
+        self._upload_tables()
         to = dict(device=self.device, non_blocking=True)
         with self._attention_backend():
             out = self._prefill_pass(self.kv, slots.to(**to), tokens.to(**to), positions.to(**to),

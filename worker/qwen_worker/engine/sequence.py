@@ -29,11 +29,17 @@ class GenerationRow:
     # Per token of `tokens` when logprobs >= 0: (log-probability, top ids, their log-probabilities).
     token_logprobs: list[tuple[float, tuple[int, ...], tuple[float, ...]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # stop | length | deadline | cancelled
-    # Engine state: the KV slot it holds, how many of its tokens the slot's cache holds, the token the
-    # next decode step feeds (the last one sampled), and who to tell when it ends.
+    # Engine state: the batch slot it holds, its KV blocks (and the content hashes of the full ones), how
+    # many of its tokens the blocks hold, the token the next decode step feeds (the last one sampled),
+    # prompt tokens found in the prefix cache, times it lost its blocks to a fuller row, and who to tell
+    # when it ends.
     slot: int | None = None
+    blocks: list[int] = dataclasses.field(default_factory=list)
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)
     cached: int = 0
     next_input: int | None = None
+    cached_prompt_tokens: int = 0
+    preemptions: int = 0
     on_done: Callable[["GenerationRow", Exception | None], None] | None = None
     generator: Any = None  # the seed's torch.Generator, made on the device at the row's first draw
 
@@ -50,9 +56,19 @@ class GenerationRow:
     def greedy(self) -> bool:
         return self.temperature <= 0
 
+    def known_ids(self) -> list[int]:
+        """Every token whose keys the row needs before its next step: the prompt and, after a preemption,
+        what it generated except the last token (the next decode step feeds that one)."""
+        return self.prompt_ids + self.tokens[:-1] if self.tokens else self.prompt_ids
+
+    def ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of the sequence prompt + generated, without building all of it."""
+        p = len(self.prompt_ids)
+        return self.prompt_ids[start:min(end, p)] + self.tokens[max(start - p, 0):max(end - p, 0)]
+
     @property
     def prefilled(self) -> bool:
-        return self.cached >= len(self.prompt_ids)
+        return self.cached >= len(self.prompt_ids) + max(len(self.tokens) - 1, 0)
 
     def total_tokens(self) -> int:
         """The most tokens this row may ever hold in its slot."""

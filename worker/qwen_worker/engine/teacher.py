@@ -6,14 +6,29 @@ from typing import Sequence
 
 import torch
 
-from .model_runner import ModelRunner, PrefillChunk
+from .model_runner import PrefillChunk
+from .sequence import GenerationRow
 
 
-def teacher_forced_logits(runner: ModelRunner, rows: Sequence[Sequence[int]],
-                          prompt_lengths: Sequence[int]) -> list[torch.Tensor]:
+def teacher_forced_logits(engine, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> list[torch.Tensor]:
     """Each row's float32 logits at every position from its prompt's last token to its second-to-last
     token: one prefill pass of the prompts, then decode steps feeding the rest, all rows in the same
-    steps (slots 0..len(rows)-1, which must be free)."""
+    steps (slots 0..len(rows)-1, which must be free; their blocks come from the engine's pool)."""
+    runner, blocks = engine.runner, engine.scheduler.blocks
+    holders = [GenerationRow(list(row), 0) for row in rows]
+    for slot, holder in enumerate(holders):
+        if not blocks.grow(holder, len(holder.prompt_ids)):
+            raise RuntimeError("the KV pool cannot hold the rows")
+        runner.set_blocks(slot, holder.blocks)
+    try:
+        return _logits(runner, rows, prompt_lengths)
+    finally:
+        for slot, holder in enumerate(holders):
+            blocks.release(holder)
+            runner.set_blocks(slot, ())
+
+
+def _logits(runner, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> list[torch.Tensor]:
     first = runner.prefill([PrefillChunk(slot, row[:n], 0) for slot, (row, n) in enumerate(zip(rows, prompt_lengths))])
     out = [[first[slot].float()] for slot in range(len(rows))]
     for step in range(max(len(r) - n for r, n in zip(rows, prompt_lengths)) - 1):

@@ -1,4 +1,4 @@
-"""Engine construction for a loaded model: KV slots sized and checked, CUDA graphs captured, warm-up."""
+"""Engine construction for a loaded model: the KV block pool sized and checked, CUDA graphs captured, warm-up."""
 from __future__ import annotations
 
 import logging
@@ -7,23 +7,26 @@ import torch
 
 from ..engine import GenerationRow
 from ..engine.engine import Engine
-from ..engine.kv_cache import SlotKVCache
+from ..engine.block_manager import BlockManager
+from ..engine.kv_cache import PagedKVCache
 from ..engine.model_runner import ModelRunner
 from ..engine.scheduler import Scheduler
+
+CPU_DEFAULT_POOL_MB = 1024
 
 log = logging.getLogger(__name__)
 
 
 def build_engine(model, config, device: torch.device, dtype: torch.dtype, label_head: torch.Tensor,
                  eos_token_ids: set[int]) -> Engine:
-    """The engine over `model`: slots and chunk size from the config (derived defaults resolved there)."""
+    """The engine over `model`: rows, pool and chunk size from the config (derived defaults resolved there)."""
     max_tokens = config.max_prompt_tokens + config.max_tokens_limit
     chunk = config.prefill_chunk_tokens
-    if device.type == "cuda":
-        check_kv_fits(model, config.max_batch_size, max_tokens, device, dtype)
+    blocks = kv_pool_blocks(model, config, max_tokens, device, dtype)
     runner = ModelRunner(model, slots=config.max_batch_size, max_tokens=max_tokens, prefill_chunk=chunk,
-                         use_graphs=config.cuda_graphs == "on", label_head=label_head,
-                         compile=config.compile == "on", kernels=config.kernels, sdpa_backend=config.sdpa_backend)
+                         use_graphs=config.cuda_graphs == "on", label_head=label_head, kv_blocks=blocks,
+                         block_tokens=config.kv_block_tokens, compile=config.compile == "on", kernels=config.kernels,
+                         sdpa_backend=config.sdpa_backend)
     try:
         runner.capture_graphs()
     except Exception:
@@ -32,23 +35,35 @@ def build_engine(model, config, device: torch.device, dtype: torch.dtype, label_
         log.exception("torch.compile failed; the engine runs eager passes instead")
         runner.disable_compile()
         runner.capture_graphs()
-    return Engine(runner, Scheduler(config.max_batch_size, max_tokens, chunk), eos_token_ids,
+    manager = BlockManager(blocks, config.kv_block_tokens, caching=config.prefix_cache)
+    return Engine(runner, Scheduler(config.max_batch_size, max_tokens, chunk, manager), eos_token_ids,
                   sample_prefilter=config.sample_prefilter, sample_candidates=config.sample_candidates)
 
 
-def check_kv_fits(model, slots: int, max_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Fail the load with the settings to change, not with an opaque CUDA out-of-memory, when the KV
-    slots would not leave room for the model's activations and graphs."""
+def kv_pool_blocks(model, config, max_tokens: int, device: torch.device, dtype: torch.dtype) -> int:
+    """Blocks in the KV pool (the scratch block included): QAIO_KV_CACHE_MB, or the device's default.
+    Fails the load, naming the settings to change, when the pool cannot hold one full-length row."""
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    needed = SlotKVCache.bytes_needed(c.num_hidden_layers, slots, c.num_key_value_heads, max_tokens, head_dim, dtype)
-    free, _ = torch.cuda.mem_get_info(device)
-    if needed > 0.8 * free:
+    size = config.kv_block_tokens
+    block_bytes = PagedKVCache.bytes_per_block(c.num_hidden_layers, c.num_key_value_heads, size, head_dim, dtype)
+    row_blocks = -(-max_tokens // size)
+    if config.kv_cache_mb:
+        budget = int(config.kv_cache_mb * 2**20)
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * config.gpu_memory_fraction)
+    else:
+        budget = min(CPU_DEFAULT_POOL_MB * 2**20, config.max_batch_size * row_blocks * block_bytes)
+    blocks = budget // block_bytes
+    if blocks < row_blocks:
         raise RuntimeError(
-            f"the KV slots need {needed / 2**30:.1f} GiB but {device} has {free / 2**30:.1f} GiB free: "
-            f"lower QAIO_MAX_BATCH_SIZE ({slots} slots) or QAIO_MAX_PROMPT_TOKENS + "
-            f"QAIO_MAX_TOKENS_LIMIT ({max_tokens} tokens per slot)")
-    log.info("KV slots: %d x %d tokens, %.1f GiB of %.1f GiB free", slots, max_tokens, needed / 2**30, free / 2**30)
+            f"the KV pool of {budget / 2**20:.0f} MiB holds {blocks} blocks of {size} tokens, fewer than the "
+            f"{row_blocks} one row of {max_tokens} tokens needs: raise QAIO_KV_CACHE_MB (or "
+            f"QAIO_GPU_MEMORY_FRACTION) or lower QAIO_MAX_PROMPT_TOKENS + QAIO_MAX_TOKENS_LIMIT")
+    log.info("KV pool: %d blocks of %d tokens, %.2f GiB (%d full-length rows)", blocks, size,
+             blocks * block_bytes / 2**30, blocks // row_blocks)
+    return blocks + 1
 
 
 def warm_up(service) -> None:

@@ -42,7 +42,7 @@ def assert_logits_equal_transformers(service, model) -> None:
     rows = sequences(service)
     prompt_lengths = [len(service.prompter.chat_ids([Message("user", t)]))
                       for t in ("你好，今天怎么样？", "a much longer question about the weather " * 3)]
-    got = teacher_forced_logits(service.engine.runner, rows, prompt_lengths)
+    got = teacher_forced_logits(service.engine, rows, prompt_lengths)
     for row, n, logits in zip(rows, prompt_lengths, got):
         want = reference_logits(model, row, n)
         assert logits.shape == want.shape

@@ -1,15 +1,38 @@
 import pytest
 
+from qwen_worker.engine.block_manager import BlockManager
 from qwen_worker.engine.scheduler import Scheduler
 from qwen_worker.engine.sequence import GenerationRow
 
+SIZE = 4
 
-def row(prompt_len: int, max_new: int = 4) -> GenerationRow:
-    return GenerationRow(list(range(1, prompt_len + 1)), max_new)
+
+def row(prompt_len: int, max_new: int = 4, first: int = 1) -> GenerationRow:
+    return GenerationRow(list(range(first, first + prompt_len)), max_new)
+
+
+def make(slots: int, max_tokens: int, prefill_tokens_per_step: int, blocks: int = 64) -> Scheduler:
+    return Scheduler(slots, max_tokens, prefill_tokens_per_step, BlockManager(blocks, SIZE))
+
+
+def prefill(scheduler: Scheduler) -> list:
+    """Plan a step and mark its chunks computed, as the engine does (without sampling)."""
+    chunks = scheduler.prefill_chunks()
+    for r, chunk in chunks:
+        r.cached = chunk.start + len(chunk.tokens)
+    return chunks
+
+
+def decoding_after_prefill(scheduler: Scheduler, *rows: GenerationRow) -> None:
+    while not all(r.prefilled for r in rows):
+        assert prefill(scheduler)
+    for r in rows:
+        r.tokens.append(7)
+        r.next_input = 7
 
 
 def test_prompts_prefill_in_chunks_within_the_step_budget_oldest_first():
-    scheduler = Scheduler(slots=4, max_tokens=100, prefill_tokens_per_step=10)
+    scheduler = make(slots=4, max_tokens=100, prefill_tokens_per_step=10)
     long, short_a, short_b = row(25), row(4), row(7)
     for r in (long, short_a, short_b):
         scheduler.admit(r)
@@ -24,7 +47,7 @@ def test_prompts_prefill_in_chunks_within_the_step_budget_oldest_first():
 
 
 def test_rows_hold_the_lowest_slots_and_the_decode_width_covers_them():
-    scheduler = Scheduler(slots=4, max_tokens=100, prefill_tokens_per_step=64)
+    scheduler = make(slots=4, max_tokens=100, prefill_tokens_per_step=64)
     rows = [row(3) for _ in range(3)]
     for r in rows:
         scheduler.admit(r)
@@ -39,7 +62,7 @@ def test_rows_hold_the_lowest_slots_and_the_decode_width_covers_them():
 
 
 def test_only_rows_that_sampled_decode():
-    scheduler = Scheduler(slots=2, max_tokens=100, prefill_tokens_per_step=64)
+    scheduler = make(slots=2, max_tokens=100, prefill_tokens_per_step=64)
     a, b = row(3), row(3)
     scheduler.admit(a)
     scheduler.admit(b)
@@ -48,7 +71,56 @@ def test_only_rows_that_sampled_decode():
 
 
 def test_a_row_longer_than_a_slot_is_refused():
-    scheduler = Scheduler(slots=1, max_tokens=10, prefill_tokens_per_step=64)
+    scheduler = make(slots=1, max_tokens=10, prefill_tokens_per_step=64)
     with pytest.raises(ValueError):
         scheduler.admit(row(8, max_new=3))
     assert scheduler.free_slots() == 1
+
+
+def test_prefill_goes_as_far_as_the_free_blocks_and_no_younger_row_overtakes_a_waiting_one():
+    scheduler = make(slots=3, max_tokens=40, prefill_tokens_per_step=64, blocks=6)  # 5 usable blocks: 20 tokens
+    old, young = row(8), row(30, first=100)
+    scheduler.admit(old)
+    decoding_after_prefill(scheduler, old)  # 2 blocks
+    scheduler.admit(young)
+    chunks = scheduler.prefill_chunks()  # 3 blocks left, one kept back for old's next token (position 8)
+    assert [(r, len(c.tokens)) for r, c in chunks] == [(young, 8)]
+    young.cached = 8
+    late = row(2, first=200)
+    scheduler.admit(late)
+    assert scheduler.prefill_chunks() == []  # young waits for blocks; late, though tiny, waits behind it
+
+
+def test_a_decoding_row_short_of_a_block_takes_the_newest_rows_blocks_which_keeps_its_slot_and_tokens():
+    scheduler = make(slots=2, max_tokens=40, prefill_tokens_per_step=64, blocks=5)  # 4 usable
+    old, new = row(8), row(7, first=100)
+    scheduler.admit(old)
+    scheduler.admit(new)
+    decoding_after_prefill(scheduler, old, new)  # 2 blocks each, old's full
+    new.tokens.extend([8, 9])
+    new.cached = 9
+    decoding = scheduler.make_room_to_decode()  # old's 9th position needs a third block
+    assert decoding == [old] and len(old.blocks) == 3
+    assert new.blocks == [] and new.cached == 0 and new.next_input is None and new.preemptions == 1
+    assert new.slot == 1 and new.tokens == [7, 8, 9] and scheduler.preemptions == 1
+    assert new.known_ids() == list(range(100, 107)) + [7, 8]  # recomputed up to its last token, which decodes next
+
+
+def test_the_newest_row_short_of_a_block_preempts_itself():
+    scheduler = make(slots=2, max_tokens=40, prefill_tokens_per_step=64, blocks=5)
+    old, new = row(7), row(8, first=100)
+    scheduler.admit(old)
+    scheduler.admit(new)
+    decoding_after_prefill(scheduler, old, new)
+    assert scheduler.make_room_to_decode() == [old] and new.preemptions == 1 and old.preemptions == 0
+
+
+def test_the_oldest_row_waiting_for_blocks_preempts_younger_ones():
+    scheduler = make(slots=2, max_tokens=40, prefill_tokens_per_step=64, blocks=5)  # 4 usable
+    old, holder = row(14), row(8, first=300)
+    scheduler.admit(old)
+    scheduler.admit(holder)
+    assert scheduler.blocks.grow(holder, 16)  # a younger row holds every block (say, old was preempted)
+    chunks = scheduler.prefill_chunks()
+    assert [(r, len(c.tokens)) for r, c in chunks] == [(old, 14)]
+    assert holder.preemptions == 1 and holder.blocks == [] and len(old.blocks) == 4

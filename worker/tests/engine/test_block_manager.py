@@ -1,0 +1,97 @@
+"""The KV block pool's bookkeeping and its prefix cache, without a model."""
+from qwen_worker.engine.block_manager import BlockManager, block_hash
+from qwen_worker.engine.sequence import GenerationRow
+
+SIZE = 4
+
+
+def computed(manager: BlockManager, prompt: list[int], tokens: int | None = None) -> GenerationRow:
+    """A row holding blocks for its prompt, as if the prompt had been prefilled (and registered)."""
+    row = GenerationRow(list(prompt), 8)
+    row.cached = manager.attach_prefix(row)
+    assert manager.grow(row, len(prompt))
+    row.cached = len(prompt) if tokens is None else tokens
+    manager.register(row)
+    return row
+
+
+def test_blocks_are_given_as_tokens_arrive_and_all_come_back_when_the_row_ends():
+    manager = BlockManager(blocks=9, block_tokens=SIZE)
+    row = GenerationRow([1, 2, 3], 8)
+    assert manager.available() == 8  # one block is the scratch block
+    assert manager.grow(row, 3) and len(row.blocks) == 1
+    assert manager.grow(row, 4) and len(row.blocks) == 1
+    assert manager.grow(row, 5) and len(row.blocks) == 2 and manager.used() == 2
+    assert not manager.grow(row, 4 * 9) and len(row.blocks) == 2  # all or nothing
+    manager.release(row)
+    assert row.blocks == [] and manager.available() == 8 and manager.used() == 0
+
+
+def test_a_prompt_attaches_the_cached_full_blocks_it_starts_with_but_never_its_last_token():
+    manager = BlockManager(blocks=20, block_tokens=SIZE)
+    first = computed(manager, list(range(10)))  # blocks [0-3] [4-7] full, [8, 9] partial
+    manager.release(first)
+    again = GenerationRow(list(range(10)) + [99], 8)
+    assert manager.attach_prefix(again) == 8 and len(again.blocks) == 2
+    exact = GenerationRow(list(range(8)), 8)  # its last token ends the second block: only the first is reused
+    assert manager.attach_prefix(exact) == 4
+    assert manager.hit_tokens == 12 and manager.query_tokens == 10 + 11 + 8
+
+
+def test_a_block_is_reused_only_after_the_same_tokens_before_it():
+    manager = BlockManager(blocks=20, block_tokens=SIZE)
+    manager.release(computed(manager, [1, 2, 3, 4, 5, 6, 7, 8, 9]))
+    other_start = GenerationRow([0, 0, 0, 0, 5, 6, 7, 8, 9], 8)  # its second block's tokens match, not its past
+    assert manager.attach_prefix(other_start) == 0 and other_start.blocks == []
+    assert block_hash(b"", [1, 2]) != block_hash(b"x", [1, 2])
+
+
+def test_rows_share_cached_blocks_and_a_shared_block_is_never_evicted():
+    manager = BlockManager(blocks=6, block_tokens=SIZE)  # 5 usable blocks
+    a = computed(manager, list(range(9)))  # 3 blocks, 2 of them full and registered
+    b = GenerationRow(list(range(9)), 8)
+    assert manager.attach_prefix(b) == 8 and b.blocks == a.blocks[:2]
+    assert manager.used() == 3
+    manager.release(a)
+    assert manager.used() == 2 and manager.cached() == 0  # b still holds the two full blocks
+    hog = GenerationRow([7] * 12, 8)
+    assert manager.grow(hog, 12)  # the partial block came back free; plus two never-used blocks
+    assert not manager.grow(hog, 16)  # b's blocks cannot be taken
+    manager.release(b)
+    assert manager.cached() == 2 and manager.grow(hog, 20) and manager.evictions == 2
+
+
+def test_the_least_recently_used_cached_block_is_evicted_first_and_a_prefix_tail_before_its_head():
+    manager = BlockManager(blocks=6, block_tokens=SIZE)  # 5 usable
+    old = computed(manager, list(range(12)), tokens=12)  # 3 full blocks
+    manager.release(old)
+    recent = computed(manager, [50 + i for i in range(12)], tokens=12)  # the 2 free blocks and an eviction
+    manager.release(recent)
+    assert manager.evictions == 1
+    probe = GenerationRow(list(range(12)) + [1], 8)
+    assert manager.attach_prefix(probe) == 8  # the old prefix lost its tail, kept its head
+    manager.release(probe)
+    again = GenerationRow([50 + i for i in range(12)] + [1], 8)
+    assert manager.attach_prefix(again) == 12  # the recent one is whole
+
+
+def test_twin_blocks_computed_at_once_stay_private_and_return_to_the_free_list():
+    manager = BlockManager(blocks=9, block_tokens=SIZE)
+    a, b = GenerationRow([1, 2, 3, 4, 5], 8), GenerationRow([1, 2, 3, 4, 6], 8)
+    for row in (a, b):  # both prefill in the same step: neither finds the other's block
+        assert manager.attach_prefix(row) == 0 and manager.grow(row, 5)
+    for row in (a, b):
+        row.cached = 5
+        manager.register(row)
+    assert a.blocks[0] != b.blocks[0] and a.block_hashes == b.block_hashes
+    manager.release(b)
+    assert manager.cached() == 0  # b's copy of the first block was never the cached one
+    manager.release(a)
+    assert manager.cached() == 1
+
+
+def test_without_caching_nothing_is_attached():
+    manager = BlockManager(blocks=9, block_tokens=SIZE, caching=False)
+    manager.release(computed(manager, list(range(9))))
+    row = GenerationRow(list(range(9)), 8)
+    assert manager.attach_prefix(row) == 0 and manager.cached() == 0 and manager.available() == 8
