@@ -18,6 +18,7 @@ from qwen_worker.engine.model_runner import PrefillChunk
 from qwen_worker.engine.teacher import reference_logits, teacher_forced_logits
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
+from qwen_worker.sampling import SamplingParams
 
 CHAT_TOKENS = 64
 SAMPLED = dict(temperature=0.7, top_p=0.9)
@@ -73,7 +74,8 @@ def replay_ms(runner) -> dict:
 
 
 def chat_rows(service, texts, batch: int, tokens: int, **sampling) -> list[GenerationRow]:
-    return [GenerationRow(service.prompter.chat_ids([Message("user", t)]), tokens, **sampling) for t in texts[:batch]]
+    return [GenerationRow(service.prompter.chat_ids([Message("user", t)]), tokens, SamplingParams(**sampling))
+            for t in texts[:batch]]
 
 
 def steps(service, texts, batch: int, tokens: int = CHAT_TOKENS, **sampling) -> dict:

@@ -18,6 +18,7 @@ from qwen_worker.config import WorkerConfig
 from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
+from qwen_worker.sampling import SamplingParams
 from qaio_testing import REPO
 
 from .texts import review_texts
@@ -38,7 +39,7 @@ def repeated_share(text: str, n: int = 4) -> float:
 
 def run(service: ModelService, prompts: list[list[int]], tokens: int, penalty: float, temperature: float,
         top_p: float, seed: int) -> dict:
-    rows = [GenerationRow(p, tokens, temperature, top_p, seed=seed + i, repetition_penalty=penalty)
+    rows = [GenerationRow(p, tokens, SamplingParams(temperature, top_p, seed=seed + i, repetition_penalty=penalty))
             for i, p in enumerate(prompts)]
     started = time.perf_counter()
     for start in range(0, len(rows), service.engine.runner.slots):

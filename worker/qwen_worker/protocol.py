@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-PROTOCOL_VERSION = 4
+from .sampling import GREEDY, SamplingParams
+
+PROTOCOL_VERSION = 5
 
 SENTIMENT = "sentiment"  # score the label tokens after the prompt: one pass, between decode steps
 GENERATE = "generate"  # a generation row in the running batch
@@ -36,14 +38,8 @@ class Request:
     prompt: list[int]
     deadline: float
     max_tokens: int = 0
-    temperature: float = 0.0
-    top_p: float = 1.0
+    sampling: SamplingParams = GREEDY
     stream: bool = False  # send tokens with every pass, not only with the last output
-    seed: int | None = None  # the row draws from a generator of its own, seeded with this
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: int = -1  # >= 0: each token's log-probability and that many most likely alternatives
 
 
 @dataclasses.dataclass(slots=True)
@@ -123,6 +119,8 @@ class Status:
 _TYPES = {cls.__name__: cls for cls in (Request, Output, Cancel, Control, Status)}
 _FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
 _MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelInfo))
+_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+_SAMPLING_AT = _FIELDS[Request].index("sampling")
 
 
 def encode(message) -> tuple:
@@ -130,6 +128,8 @@ def encode(message) -> tuple:
     values = [getattr(message, name) for name in _FIELDS[cls]]
     if cls is Status and message.model is not None:
         values[_FIELDS[Status].index("model")] = tuple(getattr(message.model, n) for n in _MODEL_FIELDS)
+    elif cls is Request:
+        values[_SAMPLING_AT] = tuple(getattr(message.sampling, n) for n in _SAMPLING_FIELDS)
     return (cls.__name__, *values)
 
 
@@ -140,6 +140,8 @@ def decode(packed: tuple):
     message = cls(*packed[1:])
     if cls is Status and message.model is not None:
         message.model = ModelInfo(*message.model)
+    elif cls is Request:
+        message.sampling = SamplingParams(*message.sampling)
     return message
 
 

@@ -12,6 +12,7 @@ from .metrics import WorkerMetrics
 from .model.loading import model_key
 from .prompts import LABELS_ZH, ChatMLPrompter, Message
 from .protocol import ModelInfo, RequestFailed, Status
+from .sampling import GREEDY, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,10 @@ class WorkerService:
         return self.client.sentiment(task, ids, deadline)
 
     def submit_generation(self, prompt_ids: list[int], max_tokens: int, deadline: float, task: str,
-                          stream: bool = False, **sampling) -> RequestHandle:
-        """sampling: Request's temperature, top_p, seed, penalties, logprobs."""
+                          sampling: SamplingParams = GREEDY, stream: bool = False) -> RequestHandle:
         self.check_prompt_tokens(prompt_ids)
         self.check_deadline(deadline)
-        return self.client.generate(task, prompt_ids, deadline, max_tokens, stream, **sampling)
+        return self.client.generate(task, prompt_ids, deadline, max_tokens, sampling, stream)
 
     def deltas(self, handle: RequestHandle, client_gone=None, stops=None):
         """A streaming generation's text deltas, coalesced every QAIO_STREAM_COALESCE_MS."""

@@ -53,7 +53,7 @@ class GenerationBlocker:
     def occupy(self, service, max_tokens: int = 3000):
         """Start a long generation and return its job once it is really running (first token out)."""
         job = service.submit_generation(service.chat_ids([Message("user", "tell me a long story")]), max_tokens,
-                                        service.deadline(60_000), task="chat", stream=True, temperature=0.0)
+                                        service.deadline(60_000), task="chat", stream=True)
         self.jobs.append((service, job))
         while not job.tokens:
             assert not job.receive().final, "the long generation ended early"

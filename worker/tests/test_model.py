@@ -7,6 +7,7 @@ from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService, resolve_dtype
 from qwen_worker.model.building import kv_pool_blocks
 from qwen_worker.prompts import LABELS, Message
+from qwen_worker.sampling import SamplingParams
 
 TEXTS = ["很快，好吃，味道足，量大", "送餐太慢了，饭菜都凉了", "The food was great, thanks!",
          "一般般吧", "Terrible. Cold soup, rude driver, never again, and I want my money back!!!"]
@@ -72,7 +73,7 @@ def test_sampled_rows_do_not_disturb_greedy_rows_in_the_same_batch(model):
     greedy = _rows(model, [10])[0]
     model.engine.run([greedy])
     mixed = _rows(model, [10, 10, 10])
-    mixed[1].temperature, mixed[2].temperature, mixed[2].top_p = 1.0, 0.7, 0.5
+    mixed[1].sampling, mixed[2].sampling = SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.5)
     model.engine.run(mixed)
     assert mixed[0].tokens == greedy.tokens
     assert all(len(r.tokens) == 10 for r in mixed)

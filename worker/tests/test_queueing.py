@@ -57,7 +57,7 @@ def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(mak
     service = app.extensions["qaio"]
     long_job = blocker.occupy(service)
     prompt = service.chat_ids([Message("user", "等太久了")])
-    job = service.submit_generation(prompt, 5, service.deadline(100), task="chat", temperature=0.0)
+    job = service.submit_generation(prompt, 5, service.deadline(100), task="chat")
     with pytest.raises(RequestFailed) as err:
         job.wait()
     assert err.value.code == "deadline_exceeded"

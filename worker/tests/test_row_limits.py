@@ -72,7 +72,7 @@ def test_a_generation_row_the_slots_cannot_hold_fails_alone(make_app):
     engine = engine_host(service).model.engine
     prompt = service.prompter.chat_ids([])
     rows = [(prompt + [prompt[-1]] * engine.runner.max_tokens, 4), (prompt, 3), (prompt[:-1] + [-1], 4), (prompt, 3)]
-    jobs = [service.client.generate("chat", ids, service.deadline(30_000), max_tokens, temperature=0.0)
+    jobs = [service.client.generate("chat", ids, service.deadline(30_000), max_tokens)
             for ids, max_tokens in rows]
     outcomes = [_outcome(job) for job in jobs]
     assert (outcomes[0].status, outcomes[0].code) == (413, "prompt_too_long")

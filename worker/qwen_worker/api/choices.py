@@ -36,8 +36,8 @@ def start(prompt: list[int], gen: Generation, deadline: float, task: str, stream
     svc, handles = service(), []
     try:
         for i in range(gen.n):
-            handle = svc.submit_generation(prompt, gen.max_tokens, deadline, task, stream or bool(gen.stop),
-                                           **gen.seeded(i))
+            handle = svc.submit_generation(prompt, gen.max_tokens, deadline, task, gen.sampling.for_choice(i),
+                                           stream or bool(gen.stop))
             handle.on_success = functools.partial(svc.metrics.observe_generation, task, stream, g.started)
             handles.append(handle)
     except BaseException:

@@ -93,7 +93,7 @@ def respond(shape: Shape, prompt: list[int], gen: Generation, task: str, stream:
 
 def _logprobs(shape: Shape, handle, gen: Generation, start: int = 0, end: int | None = None,
               offset: int = 0) -> dict | None:
-    if gen.sampling["logprobs"] < 0:
+    if gen.sampling.logprobs < 0:
         return None
     end = len(handle.tokens) if end is None else end
     return shape.logprobs(handle.tokens[start:end], handle.logprobs[start:end], offset)

@@ -7,24 +7,19 @@ import dataclasses
 from .. import validation as v
 from ..engine.logprobs import MAX_TOP_LOGPROBS
 from ..errors import bad_request
+from ..sampling import SEED_LIMIT, SamplingParams
 from .common import service
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 64
-SEED_LIMIT = 2**63 - 1
 
 
 @dataclasses.dataclass
 class Generation:
     max_tokens: int
-    sampling: dict  # Request's temperature, top_p, seed, penalties, logprobs
+    sampling: SamplingParams
     stop: list[str]
     n: int = 1
-
-    def seeded(self, choice: int) -> dict:
-        """Choice i of n draws with seed + i: n different samples, each reproducible."""
-        seed = self.sampling.get("seed")
-        return self.sampling if seed is None or choice == 0 else {**self.sampling, "seed": (seed + choice) % SEED_LIMIT}
 
 
 def generation(body: dict, logprobs_style: str = "chat") -> Generation:
@@ -33,16 +28,16 @@ def generation(body: dict, logprobs_style: str = "chat") -> Generation:
     cfg = service().config
     if "max_completion_tokens" in body and body.get("max_tokens") is None:
         body["max_tokens"] = body["max_completion_tokens"]
-    sampling = {
-        "temperature": v.optional_number(body, "temperature", 0.0, 2.0, cfg.default_temperature),
-        "top_p": v.optional_number(body, "top_p", 0.0, 1.0, cfg.default_top_p, exclusive_min=True),
-        "seed": v.optional_int(body, "seed", 0, SEED_LIMIT, None),
-        "presence_penalty": v.optional_number(body, "presence_penalty", -2.0, 2.0, 0.0),
-        "frequency_penalty": v.optional_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
-        "repetition_penalty": v.optional_number(body, "repetition_penalty", 0.0, 2.0, cfg.default_repetition_penalty,
-                                                exclusive_min=True),
-        "logprobs": _logprobs(body, logprobs_style),
-    }
+    sampling = SamplingParams(
+        temperature=v.optional_number(body, "temperature", 0.0, 2.0, cfg.default_temperature),
+        top_p=v.optional_number(body, "top_p", 0.0, 1.0, cfg.default_top_p, exclusive_min=True),
+        seed=v.optional_int(body, "seed", 0, SEED_LIMIT, None),
+        presence_penalty=v.optional_number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        frequency_penalty=v.optional_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        repetition_penalty=v.optional_number(body, "repetition_penalty", 0.0, 2.0, cfg.default_repetition_penalty,
+                                             exclusive_min=True),
+        logprobs=_logprobs(body, logprobs_style),
+    )
     return Generation(v.optional_int(body, "max_tokens", 1, cfg.max_tokens_limit, cfg.default_max_tokens),
                       sampling, stop_strings(body), v.optional_int(body, "n", 1, cfg.max_choices, 1))
 

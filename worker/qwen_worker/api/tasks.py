@@ -61,7 +61,7 @@ def sentiment():
 
 def _choice_fields(choice: ch.Choice, gen: Generation) -> dict:
     fields = {"reply": choice.text, "finish_reason": choice.finish_reason}
-    if gen.sampling["logprobs"] >= 0:
+    if gen.sampling.logprobs >= 0:
         fields["logprobs"] = chat_content(ch.token_text(), choice.tokens, choice.handle.logprobs)
     return fields
 
@@ -69,7 +69,7 @@ def _choice_fields(choice: ch.Choice, gen: Generation) -> dict:
 def _generated(handles: list[RequestHandle], gen: Generation) -> dict:
     """/v1/chat's answer: the first choice's reply; with n > 1 every choice in `choices` too."""
     done = ch.finish_all(handles, gen)
-    g.cacheable = gen.sampling["temperature"] == 0 and gen.n == 1
+    g.cacheable = gen.sampling.greedy and gen.n == 1
     extra = {"choices": [_choice_fields(c, gen) for c in done]} if gen.n > 1 else {}
     return envelope(handles, **_choice_fields(done[0], gen), usage=ch.usage(handles), **extra)
 
@@ -99,7 +99,7 @@ def _reply_events(job: RequestHandle, gen: Generation, *before: RequestHandle, f
     try:
         for text, start, end in service().pieces(job, g.client_gone, ch.stops(gen)):
             event = {"delta": text}
-            if gen.sampling["logprobs"] >= 0:
+            if gen.sampling.logprobs >= 0:
                 event["logprobs"] = chat_content(ch.token_text(), job.tokens[start:end], job.logprobs[start:end])
             yield event
     except (ApiError, RequestFailed) as err:
@@ -126,6 +126,6 @@ def analyze():
         first = {"sentiment": result, "lang": lang, "instance": svc.config.instance_id}
         return sse(_reply_events(handles[0], gen, sentiment_job, first=first))
     done = ch.finish_all(handles, gen)
-    g.cacheable = gen.sampling["temperature"] == 0
+    g.cacheable = gen.sampling.greedy
     return jsonify(envelope([sentiment_job, *handles], sentiment=result, lang=lang, **_choice_fields(done[0], gen),
                             usage=ch.usage(handles)))

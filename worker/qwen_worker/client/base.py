@@ -7,6 +7,7 @@ import os
 import threading
 
 from ..protocol import GENERATE, SENTIMENT, Cancel, Output, Request, Status
+from ..sampling import GREEDY, SamplingParams
 from .handle import RequestHandle
 
 
@@ -27,11 +28,9 @@ class EngineClient(abc.ABC):
     def sentiment(self, task: str, prompt: list[int], deadline: float) -> RequestHandle:
         return self._submit(Request(next(self._ids), SENTIMENT, task, prompt, deadline))
 
-    def generate(self, task: str, prompt: list[int], deadline: float, max_tokens: int, stream: bool = False,
-                 **sampling) -> RequestHandle:
-        """sampling: Request's temperature, top_p, seed, penalties and logprobs."""
-        return self._submit(Request(next(self._ids), GENERATE, task, prompt, deadline, max_tokens, stream=stream,
-                                    **sampling))
+    def generate(self, task: str, prompt: list[int], deadline: float, max_tokens: int,
+                 sampling: SamplingParams = GREEDY, stream: bool = False) -> RequestHandle:
+        return self._submit(Request(next(self._ids), GENERATE, task, prompt, deadline, max_tokens, sampling, stream))
 
     def _submit(self, request: Request) -> RequestHandle:
         """RequestFailed at once when the engine refused it here (a remote engine's refusals arrive as

@@ -168,9 +168,7 @@ class EngineLoop:
     def _start_generation(self, work: Work) -> None:
         r = work.request
         work.started_at = time.monotonic()
-        work.row = GenerationRow(r.prompt, r.max_tokens, r.temperature, r.top_p, seed=r.seed,
-                                 presence_penalty=r.presence_penalty, frequency_penalty=r.frequency_penalty,
-                                 repetition_penalty=r.repetition_penalty, logprobs=r.logprobs, deadline=r.deadline)
+        work.row = GenerationRow(r.prompt, r.max_tokens, r.sampling, deadline=r.deadline)
         try:
             self.engine.add(work.row, lambda row, error, work=work: self._generation_done(work, error))
         except RowFailed as refused:  # a row the engine's tables cannot hold fails alone
@@ -259,7 +257,7 @@ class EngineLoop:
             output.tokens = work.row.tokens[work.sent:]
             output.cached_tokens = work.row.cached_prompt_tokens
             output.first_token_at = work.first_token_at or (output.finished_at if work.row.tokens else None)
-            if work.row.logprobs >= 0:
+            if work.row.sampling.logprobs >= 0:
                 output.logprobs = work.row.token_logprobs[work.sent:]
         if error is not None:
             output.error, output.message = (error.code, error.message) if isinstance(error, RequestFailed) \
@@ -275,7 +273,7 @@ class EngineLoop:
                 work.first_token_at = now
             if work.request.stream and len(work.row.tokens) > work.sent:
                 self._outbox.append(Output(work.id, tokens=work.row.tokens[work.sent:],
-                                           logprobs=work.row.token_logprobs[work.sent:] if work.row.logprobs >= 0
+                                           logprobs=work.row.token_logprobs[work.sent:] if work.row.sampling.logprobs >= 0
                                            else None, first_token_at=work.first_token_at))
                 work.sent = len(work.row.tokens)
         if self._outbox:

@@ -74,7 +74,7 @@ class Engine:
                                                   f"new tokens")
         row.on_done = on_done
         self.scheduler.admit(row)
-        if row.penalized:
+        if row.sampling.penalized:
             if self.penalties is None:
                 self.penalties = PenaltyState(self.runner.slots, self.runner.max_tokens, self.runner.device)
             self.penalties.reset(row)
@@ -202,21 +202,21 @@ class Engine:
         padding), chosen on the device and copied to the host once (twice with logprobs). Steps where
         every row is plainly greedy take the logits' argmax: the decode graph's own where it computed one
         (greedy), else one pass over the logits, never a second."""
-        if all(row is None or row.plain_greedy for row in rows):
+        if all(row is None or row.sampling.plain_greedy for row in rows):
             return (logits.argmax(dim=-1) if greedy is None else greedy).tolist(), [None] * len(rows)
         penalized = self.penalties.select(rows) if self.penalties is not None else None
         if penalized is not None:
             logits = self.penalties.apply(logits, penalized)
-        if all(row is None or row.greedy for row in rows):  # penalized, or with logprobs: no draw
+        if all(row is None or row.sampling.greedy for row in rows):  # penalized, or with logprobs: no draw
             tokens = logits.argmax(dim=-1)
             if penalized is not None:
                 self.penalties.count(penalized, tokens)
             return tokens.tolist(), token_logprobs(logits, tokens, rows)
-        temperature = torch.tensor([row.temperature if row else 0.0 for row in rows], dtype=torch.float32)
-        top_p = torch.tensor([row.top_p if row else 1.0 for row in rows], dtype=torch.float32)
+        temperature = torch.tensor([row.sampling.temperature if row else 0.0 for row in rows], dtype=torch.float32)
+        top_p = torch.tensor([row.sampling.top_p if row else 1.0 for row in rows], dtype=torch.float32)
         to = dict(device=logits.device, non_blocking=True)
-        generators = [self._generator(row, logits.device) if row is not None and row.seed is not None
-                      and not row.greedy else None for row in rows]
+        generators = [self._generator(row, logits.device) if row is not None and row.sampling.seed is not None
+                      and not row.sampling.greedy else None for row in rows]
         tokens = sample(logits, temperature.to(**to), top_p.to(**to), prefilter=self.sample_prefilter,
                         candidates=self.sample_candidates, row_generators=generators)
         if penalized is not None:
@@ -226,7 +226,7 @@ class Engine:
     @staticmethod
     def _generator(row: GenerationRow, device: torch.device) -> torch.Generator:
         if row.generator is None:
-            row.generator = torch.Generator(device=device).manual_seed(row.seed)
+            row.generator = torch.Generator(device=device).manual_seed(row.sampling.seed)
         return row.generator
 
     def _accept(self, row: GenerationRow, token: int, now: float, logprob: TokenLogprob | None = None) -> None:

@@ -16,17 +16,17 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
                    rows: Sequence[GenerationRow | None]) -> list[TokenLogprob | None]:
     """Per row asking for them: log-softmax of the logits it was served (after penalties, before
     temperature and top-p, as vLLM and OpenAI report them) at the drawn token, and its top k."""
-    at = [i for i, row in enumerate(rows) if row is not None and row.logprobs >= 0]
+    at = [i for i, row in enumerate(rows) if row is not None and row.sampling.logprobs >= 0]
     result: list[TokenLogprob | None] = [None] * len(rows)
     if not at:
         return result
     index = torch.tensor(at, dtype=torch.long).to(device=logits.device, non_blocking=True)
     logp = logits.index_select(0, index).float().log_softmax(dim=-1)
     chosen = logp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
-    k = max(rows[i].logprobs for i in at)
+    k = max(rows[i].sampling.logprobs for i in at)
     top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())
     chosen, top_values, top_ids = chosen.tolist(), top_values.tolist(), top_ids.tolist()
     for j, i in enumerate(at):
-        want = rows[i].logprobs
+        want = rows[i].sampling.logprobs
         result[i] = (chosen[j], tuple(top_ids[j][:want]), tuple(top_values[j][:want]))
     return result

@@ -51,12 +51,12 @@ class PenaltyState:
         self.ids[slot, :n].copy_(distinct, non_blocking=True)
         self.counts[slot].zero_()
         self.valid[slot] = n
-        self.params[slot] = torch.tensor([row.repetition_penalty, row.presence_penalty, row.frequency_penalty])
+        self.params[slot] = torch.tensor([row.sampling.repetition_penalty, row.sampling.presence_penalty, row.sampling.frequency_penalty])
         self.bound[slot] = n
 
     def select(self, rows: Sequence[GenerationRow | None]) -> PenalizedRows | None:
         """The penalized ones among a step's rows (None: padding), or None when no row is."""
-        at = [i for i, row in enumerate(rows) if row is not None and row.penalized]
+        at = [i for i, row in enumerate(rows) if row is not None and row.sampling.penalized]
         if not at:
             return None
         host_slots = np.fromiter((rows[i].slot for i in at), dtype=np.int64, count=len(at))

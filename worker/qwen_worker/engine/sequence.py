@@ -5,6 +5,8 @@ import dataclasses
 import threading
 from typing import Any, Callable
 
+from ..sampling import GREEDY, SamplingParams
+
 
 @dataclasses.dataclass(eq=False)
 class GenerationRow:
@@ -12,16 +14,7 @@ class GenerationRow:
 
     prompt_ids: list[int]
     max_new_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    # OpenAI's sampling options: a seed of the row's own random generator; penalties on tokens already
-    # generated (presence, frequency) or already seen, prompt included (repetition, as a divisor of
-    # positive logits); logprobs >= 0: each token's log-probability and that many alternatives.
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logprobs: int = -1
+    sampling: SamplingParams = GREEDY
     deadline: float = float("inf")  # time.monotonic() value
     on_token: Callable[[int], None] | None = None  # streaming callback, called from the engine thread
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -42,19 +35,6 @@ class GenerationRow:
     preemptions: int = 0
     on_done: Callable[["GenerationRow", Exception | None], None] | None = None
     generator: Any = None  # the seed's torch.Generator, made on the device at the row's first draw
-
-    @property
-    def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Its next token is the argmax of the model's logits as they are (the decode graph's own)."""
-        return self.greedy and not self.penalized and self.logprobs < 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
 
     def known_ids(self) -> list[int]:
         """Every token whose keys the row needs before its next step: the prompt and, after a preemption,

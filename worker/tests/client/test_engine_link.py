@@ -32,7 +32,13 @@ LONG = 1000  # max_tokens of a generation meant to be stopped early
 def started(client):
     """The client, started, once its engine says it is ready."""
     client.start()
-    eventually(lambda: client.status().ready, timeout=300, what="the engine ready")
+
+    def ready() -> bool:
+        status = client.status()
+        assert status.state != "failed", f"the engine failed to load: {status.load_error}"
+        return status.ready
+
+    eventually(ready, timeout=300, what="the engine ready")
     return client
 
 

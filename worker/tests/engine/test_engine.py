@@ -10,6 +10,7 @@ from qwen_worker.engine.engine import StepFailed
 from qwen_worker.core.failures import is_oom
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
+from qwen_worker.sampling import SamplingParams
 
 
 def load(model_dir: str, **settings) -> ModelService:
@@ -172,7 +173,7 @@ def test_a_prompt_outside_the_vocabulary_is_refused_before_the_device_sees_it(se
 
 
 def test_sampled_rows_keep_their_limits_and_never_emit_an_end_token(service):
-    rows = [GenerationRow(prompt(service, f"sample {i}"), 6, temperature=1.2, top_p=0.8) for i in range(4)]
+    rows = [GenerationRow(prompt(service, f"sample {i}"), 6, SamplingParams(temperature=1.2, top_p=0.8)) for i in range(4)]
     for tokens, reason, error in run(service.engine, rows):
         assert error is None and 1 <= len(tokens) <= 6
         assert reason == ("length" if len(tokens) == 6 else "stop")
@@ -225,19 +226,19 @@ def test_an_out_of_memory_decode_fails_the_rows_it_carried_frees_their_slots_and
 
 def test_a_seeded_row_draws_the_same_alone_and_beside_other_sampled_rows(service):
     def seeded():
-        return GenerationRow(prompt(service, "hello"), 12, temperature=1.0, top_p=0.95, seed=7)
+        return GenerationRow(prompt(service, "hello"), 12, SamplingParams(temperature=1.0, top_p=0.95, seed=7))
     (alone, _, _), = run(service.engine, [seeded()])
-    others = [GenerationRow(prompt(service, f"other {i}"), 20, temperature=1.0) for i in range(2)]
+    others = [GenerationRow(prompt(service, f"other {i}"), 20, SamplingParams(temperature=1.0)) for i in range(2)]
     beside = run(service.engine, [others[0], seeded(), others[1]])
     assert beside[1][0] == alone
-    (another, _, _), = run(service.engine, [GenerationRow(prompt(service, "hello"), 12, temperature=1.0, top_p=0.95,
-                                                            seed=8)])
+    (another, _, _), = run(service.engine, [GenerationRow(prompt(service, "hello"), 12,
+                                                            SamplingParams(temperature=1.0, top_p=0.95, seed=8))])
     assert another != alone
 
 
 def test_logprobs_of_a_penalized_greedy_row_follow_its_penalized_logits(service):
     """Greedy with a penalty takes the argmax of the penalized logits, and reports their log-softmax."""
-    row = GenerationRow(prompt(service, "hello"), 8, repetition_penalty=0.2, logprobs=2)
+    row = GenerationRow(prompt(service, "hello"), 8, SamplingParams(repetition_penalty=0.2, logprobs=2))
     run(service.engine, [row])
     assert len(row.token_logprobs) == len(row.tokens) == 8
     for token, (logprob, ids, logprobs) in zip(row.tokens, row.token_logprobs):

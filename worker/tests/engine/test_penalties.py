@@ -7,6 +7,7 @@ import torch
 
 from qwen_worker.engine import GenerationRow
 from qwen_worker.engine.penalties import PenaltyState
+from qwen_worker.sampling import SamplingParams
 
 
 class DensePenalties:
@@ -23,16 +24,17 @@ class DensePenalties:
         self.seen[row.slot, torch.tensor(row.prompt_ids)] = True
 
     def select(self, rows):
-        return rows if any(row is not None and row.penalized for row in rows) else None
+        return rows if any(row is not None and row.sampling.penalized for row in rows) else None
 
     def apply(self, logits, rows):
-        at = [i for i, row in enumerate(rows) if row is not None and row.penalized]
+        at = [i for i, row in enumerate(rows) if row is not None and row.sampling.penalized]
         if not at:
             return logits
         index = torch.tensor(at)
         slots = torch.tensor([rows[i].slot for i in at])
-        params = torch.tensor([[rows[i].repetition_penalty, rows[i].presence_penalty, rows[i].frequency_penalty]
-                               for i in at], dtype=torch.float32)
+        sampling = [rows[i].sampling for i in at]
+        params = torch.tensor([[s.repetition_penalty, s.presence_penalty, s.frequency_penalty] for s in sampling],
+                              dtype=torch.float32)
         repetition, presence, frequency = (params[:, i:i + 1] for i in range(3))
         chosen = logits.index_select(0, index).float()
         counts, seen = self.counts.index_select(0, slots), self.seen.index_select(0, slots)
@@ -43,7 +45,7 @@ class DensePenalties:
         return out
 
     def count(self, rows, tokens):
-        at = [i for i, row in enumerate(rows) if row is not None and row.penalized]
+        at = [i for i, row in enumerate(rows) if row is not None and row.sampling.penalized]
         if not at:
             return
         slots = torch.tensor([rows[i].slot for i in at])
@@ -56,8 +58,8 @@ def test_penalties_follow_their_definitions_on_the_rows_that_ask_and_leave_the_o
     state = PenaltyState(slots=3, max_tokens=8, device=torch.device("cpu"))
     plain = GenerationRow([0], 4)
     plain.slot = 0
-    rep = GenerationRow([1], 4, repetition_penalty=2.0)
-    freq = GenerationRow([1], 4, presence_penalty=0.5, frequency_penalty=0.25)
+    rep = GenerationRow([1], 4, SamplingParams(repetition_penalty=2.0))
+    freq = GenerationRow([1], 4, SamplingParams(presence_penalty=0.5, frequency_penalty=0.25))
     for slot, row in ((1, rep), (2, freq)):
         row.slot = slot
         state.reset(row)
@@ -86,10 +88,10 @@ def test_sparse_penalties_equal_the_dense_definition_bit_for_bit_over_many_steps
         kind = rng.choice([{}, {"repetition_penalty": rng.choice([0.5, 1.1, 1.7])},
                            {"presence_penalty": rng.uniform(-2, 2), "frequency_penalty": rng.uniform(-2, 2)},
                            {"repetition_penalty": 1.3, "presence_penalty": 0.4, "frequency_penalty": -0.7}])
-        row = GenerationRow(prompt, max_tokens - len(prompt), **kind)
+        row = GenerationRow(prompt, max_tokens - len(prompt), SamplingParams(**kind))
         row.slot = slot
         rows[slot] = row
-        if row.penalized:
+        if row.sampling.penalized:
             sparse.reset(row)
             dense.reset(row)
 
@@ -115,7 +117,7 @@ def test_sparse_penalties_equal_the_dense_definition_bit_for_bit_over_many_steps
 
 def test_penalties_change_the_logits_they_are_given_in_place_and_copy_other_precisions():
     state = PenaltyState(slots=1, max_tokens=4, device=torch.device("cpu"))
-    row = GenerationRow([1], 2, repetition_penalty=2.0)
+    row = GenerationRow([1], 2, SamplingParams(repetition_penalty=2.0))
     row.slot = 0
     state.reset(row)
     logits = torch.tensor([[1.0, 4.0, 2.0]])
@@ -140,7 +142,7 @@ def test_the_engine_draws_the_same_tokens_with_sparse_penalties_as_with_the_dens
     prompts = [service.prompter.chat_ids([Message("user", text)]) for text in ("你好 你好 你好", "the weather, the weather", "短")]
 
     def tokens(make_state, **sampling):
-        rows = [GenerationRow(p, 16, seed=i, **sampling) for i, p in enumerate(prompts)]
+        rows = [GenerationRow(p, 16, SamplingParams(seed=i, **sampling)) for i, p in enumerate(prompts)]
         rows.append(GenerationRow(prompts[0], 16))
         engine.penalties = make_state()
         engine.run(rows)
