@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 SEED_LIMIT = 2**63 - 1  # seeds are torch.Generator seeds (64-bit); seed + choice wraps below it
+# Below this a temperature is greedy (as vLLM's _SAMPLING_EPS): dividing logits by 1e-40 overflows to
+# infinities, and a draw from such a distribution is its argmax anyway.
+GREEDY_BELOW = 1e-5
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -25,7 +28,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

@@ -12,7 +12,7 @@ from flask import request
 from .errors import ApiError, bad_request
 from .prompts import Message
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")  # developer: what OpenAI's SDK sends for system
 _ALLOWED_CONTROLS = {"\t", "\n", "\r"}
 
 
@@ -125,9 +125,9 @@ def messages(body: dict, max_messages: int, max_chars: int) -> list[Message]:
         role = item.get("role")
         if role not in ROLES:
             raise bad_request(f"`messages[{i}].role` must be one of {', '.join(ROLES)}")
-        if role == "system" and i != 0:
-            raise bad_request("a system message may only come first")
-        result.append(Message(role, _content_text(item.get("content"), f"messages[{i}].content", max_chars)))
+        if role in ("system", "developer") and i != 0:
+            raise bad_request("a system (or developer) message may only come first")
+        result.append(Message("system" if role == "developer" else role, _content_text(item.get("content"), f"messages[{i}].content", max_chars)))
     if result[-1].role != "user":
         raise bad_request("the last message must come from the user")
     return result

@@ -109,7 +109,48 @@ HOSTILE = [
     ("openai without messages", O, js({"model": "x"}), 400, "invalid_request"),
     ("openai stream_options junk", O, js({"messages": [USER], "stream": True, "stream_options": "x"}),
      400, "invalid_request"),
+    # One rule for every endpoint: a field the server would not honour is named, never ignored.
+    ("chat misspelt temperature", C, js({"text": "hi", "temprature": 0}), 400, "unsupported_parameter"),
+    ("sentiment unknown field", S, js({"text": "hi", "threshold": 0.5}), 400, "unsupported_parameter"),
+    ("bulk unknown field", S, js({"texts": ["hi"], "batch": 2}), 400, "unsupported_parameter"),
+    ("analyze unknown field", A, js({"text": "hi", "tools": [1]}), 400, "unsupported_parameter"),
+    ("repetition_penalty 1e-40", O, js({"messages": [USER], "repetition_penalty": 1e-40}), 400, "invalid_request"),
+    ("developer in the middle", C, js({"messages": [USER, {"role": "developer", "content": "x"}, USER]}),
+     400, "invalid_request"),
 ]
+
+
+def strict_json(text: str):
+    """JSON as browsers parse it: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in a body")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy_and_every_number_finite(client):
+    body = {"messages": [USER], "max_tokens": 8, "logprobs": True, "top_logprobs": 3}
+    tiny = client.post(O, json={**body, "temperature": 1e-40})
+    greedy = client.post(O, json={**body, "temperature": 0})
+    assert tiny.status_code == greedy.status_code == 200
+    assert strict_json(tiny.get_data(as_text=True))["choices"][0]["message"] == greedy.get_json()["choices"][0]["message"]
+
+
+def test_the_strongest_repetition_penalty_accepted_gives_finite_logprobs(client):
+    response = client.post(O, json={"messages": [USER], "max_tokens": 8, "temperature": 0.5, "seed": 1,
+                                    "repetition_penalty": 0.01, "logprobs": True, "top_logprobs": 5})
+    assert response.status_code == 200
+    content = strict_json(response.get_data(as_text=True))["choices"][0]["logprobs"]["content"]
+    assert content and all(-9999.0 <= alt["logprob"] <= 0 for entry in content for alt in [entry, *entry["top_logprobs"]])
+
+
+def test_a_developer_message_is_the_system_message_openais_sdk_sends(client):
+    said = {"messages": [{"role": "developer", "content": "Answer briefly."}, USER], "max_tokens": 6, "temperature": 0}
+    developer = client.post(O, json=said)
+    system = client.post(O, json={**said, "messages": [{"role": "system", "content": "Answer briefly."}, USER]})
+    assert developer.status_code == system.status_code == 200
+    assert developer.get_json()["choices"][0]["message"] == system.get_json()["choices"][0]["message"]
+    assert client.post(C, json=said).status_code == 200
 
 
 @pytest.mark.parametrize("path, kwargs, status, code", [h[1:] for h in HOSTILE], ids=[h[0] for h in HOSTILE])

@@ -12,6 +12,13 @@ from .common import service
 
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 64
+# A positive logit is divided by the repetition penalty: below this, a real model's logits (tens) grow
+# past what a temperature's division and a softmax keep finite.
+MIN_REPETITION_PENALTY = 0.01
+# What every generating endpoint reads of a body (the product's own and OpenAI's): generation() and delivery.
+GENERATION_FIELDS = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "presence_penalty",
+                               "frequency_penalty", "repetition_penalty", "logprobs", "top_logprobs", "n", "stop",
+                               "stream", "deadline_ms"})
 
 
 @dataclasses.dataclass
@@ -34,8 +41,8 @@ def generation(body: dict, logprobs_style: str = "chat") -> Generation:
         seed=v.optional_int(body, "seed", 0, SEED_LIMIT, None),
         presence_penalty=v.optional_number(body, "presence_penalty", -2.0, 2.0, 0.0),
         frequency_penalty=v.optional_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
-        repetition_penalty=v.optional_number(body, "repetition_penalty", 0.0, 2.0, cfg.default_repetition_penalty,
-                                             exclusive_min=True),
+        repetition_penalty=v.optional_number(body, "repetition_penalty", MIN_REPETITION_PENALTY, 2.0,
+                                             cfg.default_repetition_penalty),
         logprobs=_logprobs(body, logprobs_style),
     )
     return Generation(v.optional_int(body, "max_tokens", 1, cfg.max_tokens_limit, cfg.default_max_tokens),
@@ -69,5 +76,5 @@ def refuse_unknown(body: dict, accepted: frozenset[str]) -> None:
     """400 naming the first field this server would not honour: nothing a client asks for is ignored.
     A field that asks for nothing (null, false, empty) is let through."""
     for name, value in body.items():
-        if name not in accepted and value not in (None, False, [], {}, ""):
+        if name not in accepted and not (value is None or value is False or value in ([], {}, "")):  # 0 is a value
             raise bad_request(f"`{name}` is not supported by this model server", "unsupported_parameter")

@@ -13,9 +13,14 @@ from ..service import sentiment_view
 from . import choices as ch
 from .common import envelope, service, sse
 from .logprob_view import chat_content
-from .params import Generation, generation
+from .params import GENERATION_FIELDS, Generation, generation, refuse_unknown
 
 bp = Blueprint("tasks", __name__, url_prefix="/v1")
+# Every field each endpoint reads: any other is refused with a 400 naming it, as the OpenAI endpoints do
+# (a misspelt `temprature` must not silently mean the default).
+SENTIMENT_FIELDS = frozenset({"text", "texts", "lang", "deadline_ms"})
+CHAT_FIELDS = GENERATION_FIELDS | {"messages", "text"}
+ANALYZE_FIELDS = CHAT_FIELDS | {"lang"}
 
 
 def usage(handle: RequestHandle) -> dict:
@@ -50,6 +55,7 @@ def _sentiment(body: dict, task: str, default_deadline_ms: int, conversation=Non
 @bp.post("/sentiment")
 def sentiment():
     body = v.json_body()
+    refuse_unknown(body, SENTIMENT_FIELDS)
     if "texts" in body:
         from .bulk import bulk_sentiment
 
@@ -78,6 +84,7 @@ def _generated(handles: list[RequestHandle], gen: Generation) -> dict:
 def chat():
     svc = service()
     body = v.json_body()
+    refuse_unknown(body, CHAT_FIELDS)
     messages = v.messages(body, svc.config.max_messages, svc.config.max_input_chars)
     gen = generation(body)
     stream = v.optional_bool(body, "stream")
@@ -112,6 +119,7 @@ def _reply_events(job: RequestHandle, gen: Generation, *before: RequestHandle, f
 def analyze():
     svc = service()
     body = v.json_body()
+    refuse_unknown(body, ANALYZE_FIELDS)
     gen = generation(body)
     stream = v.optional_bool(body, "stream")
     if gen.n > 1:

@@ -212,7 +212,8 @@ class Engine:
             if penalized is not None:
                 self.penalties.count(penalized, tokens)
             return tokens.tolist(), token_logprobs(logits, tokens, rows)
-        temperature = torch.tensor([row.sampling.temperature if row else 0.0 for row in rows], dtype=torch.float32)
+        temperature = torch.tensor([0.0 if row is None or row.sampling.greedy else row.sampling.temperature
+                                    for row in rows], dtype=torch.float32)
         top_p = torch.tensor([row.sampling.top_p if row else 1.0 for row in rows], dtype=torch.float32)
         to = dict(device=logits.device, non_blocking=True)
         generators = [self._generator(row, logits.device) if row is not None and row.sampling.seed is not None
