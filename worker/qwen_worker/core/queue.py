@@ -86,6 +86,33 @@ class RequestQueue:
         self._items = kept
         self._changed()
 
+    def take_within(self, kind: str, batch: list[Work], limit: int, budget: int, now: float) -> None:
+        """Move queued requests of `kind` into batch while its prompts' tokens stay within `budget` and it
+        holds fewer than `limit` (caller holds cond). Urgent requests first (half their deadline spent
+        waiting), oldest first; then the shortest prompts, so that a short request is never stuck behind a
+        queue of long ones; a request over what is left is skipped for a shorter one. An empty batch always
+        takes its first request, whatever its size."""
+        def urgent(work: Work) -> bool:
+            return now - work.enqueued_at >= (work.request.deadline - work.enqueued_at) / 2
+
+        candidates = [work for work in self._items if work.kind == kind]
+        ordered = [w for w in candidates if urgent(w)] + sorted((w for w in candidates if not urgent(w)),
+                                                                 key=lambda w: len(w.request.prompt))
+        spent = sum(len(work.request.prompt) for work in batch)
+        chosen: set[int] = set()
+        for work in ordered:
+            if len(batch) >= limit or (batch and spent >= budget):
+                break
+            size = len(work.request.prompt)
+            if batch and spent + size > budget:
+                continue
+            batch.append(work)
+            chosen.add(id(work))
+            spent += size
+        if chosen:
+            self._items = collections.deque(work for work in self._items if id(work) not in chosen)
+            self._changed()
+
     def drain_all(self) -> list[Work]:
         with self.cond:
             items, self._items = list(self._items), collections.deque()

@@ -169,3 +169,30 @@ def test_an_out_of_memory_scoring_pass_fails_only_its_requests_while_a_generatio
     assert sink.final(40).finish_reason == "length"
     loop.submit(sentiment(model, 43))
     assert sink.final(43).scores is not None
+
+
+def test_short_sentiment_requests_queued_behind_long_ones_are_scored_first(model):
+    config = WorkerConfig.from_env({}, model=model.config.model, max_batch_size=16, queue_capacity=16,
+                                   score_pass_tokens=1000)
+    health = Health(3, 30)
+    health.mark_ready()
+    sink = Sink()
+    engine_loop = EngineLoop(model, config, WorkerMetrics(), health, sink)
+    far = time.monotonic() + 600
+
+    def request(request_id, text):
+        return Request(request_id, SENTIMENT, "sentiment", model.prompter.sentiment_ids(text, "zh"), far)
+
+    longs, shorts = [request(i, "这家店的菜很一般，" * 120) for i in range(1, 4)], [request(i, "好吃") for i in (7, 8, 9)]
+    assert all(750 < len(r.prompt) < 1000 for r in longs)  # a long one fits the budget, not beside another
+    for r in longs + shorts:  # all queued before the loop takes anything: the order is the queue's choice
+        engine_loop.submit(r)
+    engine_loop.start()
+    try:
+        for r in longs + shorts:
+            assert sink.final(r.id).scores
+    finally:
+        engine_loop.stop()
+    passes = [ids for ids in sink.passes if ids]
+    assert sorted(passes[0]) == [7, 8, 9]  # one pass of the short ones (~300 tokens), before any long one
+    assert [len(ids) for ids in passes[1:]] == [1, 1, 1]  # then each long text alone: two pass the budget
