@@ -10,7 +10,7 @@ SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
 # Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
 STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost conversation-bench alerts loadtest soak run run-detached stop run-worker demo-models model-tiny \
+.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost conversation-bench bulk-bench alerts loadtest soak run run-detached stop run-worker demo-models model-tiny \
 	model-0.5b model-smol compose-test clean
 
 help:
@@ -22,6 +22,7 @@ help:
 	@echo "make calibrate    fit the served model's sentiment calibration (beside make eval's sample): worker/qwen_worker/calibrations/"
 	@echo "make repetition   chat replies with and without a repetition penalty: docs/repetition.md"
 	@echo "make conversation-bench  idle RSS, 5-turn conversations' TTFT, c=16 throughput (BEFORE=<checkout> beside): docs/conversations.md"
+	@echo "make bulk-bench   short sentiment requests beside a bulk one (BEFORE=<checkout> beside): docs/bulk-beside-short.md"
 	@echo "make penalty-cost server CPU per streamed token with the default repetition penalty and without: docs/penalty-cost.md"
 	@echo "make alerts       write the objectives' Prometheus rules from QAIO_SLO_* (deploy/alerts/, k8s/monitoring/): docs/alerts.md"
 	@echo "make eval         sentiment quality of the served model on waimai reviews: docs/eval.md"
@@ -90,6 +91,11 @@ penalty-cost: $(STAMP) model-tiny
 # docs/conversations.md. BEFORE=<another checkout> measures it too, in the same sitting.
 conversation-bench: $(STAMP) model-0.5b
 	$(PY) -m bench.conversations $(if $(BEFORE),--before $(BEFORE))
+
+# Eight one-line sentiment requests beside a bulk request of 64 long texts, on the stand-in:
+# docs/bulk-beside-short.md. BEFORE=<another checkout> measures it too, in the same sitting.
+bulk-bench: $(STAMP) model-smol
+	$(PY) -m bench.bulk_beside_short $(if $(BEFORE),--before $(BEFORE))
 
 model-tiny: $(TINY_MODEL)/qaio_demo_model.json
 $(TINY_MODEL)/qaio_demo_model.json: | $(STAMP)
