@@ -14,8 +14,8 @@ ROW_BLOCKS = (256 + 64) // 16  # one full-length row: the smallest pool allowed
 
 
 def load(model_dir: str, **settings) -> ModelService:
-    config = WorkerConfig.from_env({}, model=model_dir, max_batch_size=4, max_prompt_tokens=256,
-                                   max_tokens_limit=64, default_max_tokens=16, warmup=False, **settings)
+    config = WorkerConfig.from_env({}, **{"model": model_dir, "max_batch_size": 4, "max_prompt_tokens": 256,
+                                          "max_tokens_limit": 64, "default_max_tokens": 16, "warmup": False, **settings})
     service = ModelService(config)
     service.load()
     return service
@@ -118,3 +118,22 @@ def test_memory_in_use_follows_the_rows_held(cached):
     assert max(held) == -(-(len(row.prompt_ids) + 40) // 16) or max(held) == -(-(len(row.prompt_ids) + 39) // 16)
     assert held == sorted(held[:-1]) + held[-1:]  # grows as tokens arrive; the last step releases them all
     assert engine.kv_stats()["blocks_used"] == before["blocks_used"] == 0
+
+
+def test_the_triton_kernels_read_cached_blocks_and_preempted_rows_to_the_same_answer(tiny_model_dir, uncached):
+    """The GPU path (its kernels in Triton's interpreter here): the next turn through attached blocks, and
+    rows preempted and recomputed in a small pool, answer as the torch path without any cache."""
+    pytest.importorskip("triton")
+    # Rows of at most 128 + 32 tokens, a pool of 10 blocks: 4 rows of ~70 tokens do not fit at once.
+    kernels = load(tiny_model_dir, kernels="triton", cpu_linear="default", max_prompt_tokens=128,
+                   max_tokens_limit=32, kv_cache_mb=10 * BLOCK_BYTES / 2**20)
+    first = chat(kernels, "tell me about the weather in spring " * 3)
+    reply = kernels.prompter.tokenizer.decode(generate(kernels, [first])[0].tokens)
+    second = chat(kernels, "tell me about the weather in spring " * 3, reply, "and in autumn?")
+    row, = generate(kernels, [second])
+    assert row.cached_prompt_tokens >= len(first) // 16 * 16
+    assert row.tokens == generate(uncached, [second])[0].tokens
+    prompts = [chat(kernels, f"question number {i}: " + "why is the sky blue? " * 4) for i in range(4)]
+    rows = generate(kernels, prompts, max_new=12)
+    assert kernels.engine.kv_stats()["preemptions"] > 0
+    assert [r.tokens for r in rows] == [r.tokens for r in generate(uncached, prompts, max_new=12)]
