@@ -50,6 +50,7 @@ class EngineServer:
         self.connections: list[ApiConnection] = []  # replaced whole by a handshake thread, read by others
         self._admitting = threading.Lock()
         self._owners: dict[int, ApiConnection] = {}  # request id -> the API process waiting for it
+        self.reports_stopped = threading.Event()  # ends the status push (the process's exit does too)
 
     def start(self) -> None:
         self.host.start()
@@ -123,11 +124,14 @@ class EngineServer:
 
     def _report_status(self) -> None:
         heap_read_at = float("-inf")
-        while True:
-            time.sleep(STATUS_INTERVAL_S)
-            if time.monotonic() - heap_read_at >= HEAP_INTERVAL_S:
-                self.host.heap, heap_read_at = memory.heap(), time.monotonic()
-            status = encode(self.host.status())
+        while not self.reports_stopped.wait(STATUS_INTERVAL_S):
+            try:
+                if time.monotonic() - heap_read_at >= HEAP_INTERVAL_S:
+                    self.host.heap, heap_read_at = memory.heap(), time.monotonic()
+                status = encode(self.host.status())
+            except Exception:  # one status that cannot be built must not end every later one (the API
+                log.exception("engine: status report failed")  # processes would read a stale state forever)
+                continue
             for connection in self.connections:
                 connection.post(status)
                 connection.flush()
