@@ -2,8 +2,9 @@
 
 Each pass: queued generations join the running batch while batch slots are free, the sentiment requests
 waiting now are scored as one pass between two decode steps, bounded in prompt tokens (urgent ones first,
-then the shortest; an idle loop first waits batch_wait_ms to fill it), then one engine step runs. What the pass produced (started, streamed tokens, final outputs)
-goes to `sink` as one list. The loop knows requests, outputs and error codes; nothing of HTTP.
+then the shortest; an idle loop first waits batch_wait_ms to fill it), then one engine step runs. What
+the pass produced (started, streamed tokens, final outputs) goes to `sink` as one list. The loop knows
+requests, outputs and error codes; nothing of HTTP.
 """
 from __future__ import annotations
 
@@ -146,10 +147,10 @@ class EngineLoop:
                 # Idle: worth waiting a little to fill the pass. Busy: the decode steps must go on.
                 gather_until = time.monotonic() + cfg.batch_wait_ms / 1000
                 while True:
-                    queue.take_within(SENTIMENT, sentiment, cfg.max_batch_size, cfg.score_pass_tokens, time.monotonic())
+                    tokens = queue.take_within(SENTIMENT, sentiment, cfg.max_batch_size, cfg.score_pass_tokens,
+                                               time.monotonic())
                     remaining = gather_until - time.monotonic()
-                    full = len(sentiment) >= cfg.max_batch_size or \
-                        sum(len(work.request.prompt) for work in sentiment) >= cfg.score_pass_tokens
+                    full = len(sentiment) >= cfg.max_batch_size or tokens >= cfg.score_pass_tokens
                     if engine.has_work() or generation or full or remaining <= 0 or self._stopping:
                         break
                     queue.cond.wait(remaining)

@@ -86,12 +86,12 @@ class RequestQueue:
         self._items = kept
         self._changed()
 
-    def take_within(self, kind: str, batch: list[Work], limit: int, budget: int, now: float) -> None:
+    def take_within(self, kind: str, batch: list[Work], limit: int, budget: int, now: float) -> int:
         """Move queued requests of `kind` into batch while its prompts' tokens stay within `budget` and it
         holds fewer than `limit` (caller holds cond). Urgent requests first (half their deadline spent
         waiting), oldest first; then the shortest prompts, so that a short request is never stuck behind a
         queue of long ones; a request over what is left is skipped for a shorter one. An empty batch always
-        takes its first request, whatever its size."""
+        takes its first request, whatever its size. Returns the batch's prompt tokens."""
         def urgent(work: Work) -> bool:
             return now - work.enqueued_at >= (work.request.deadline - work.enqueued_at) / 2
 
@@ -112,6 +112,7 @@ class RequestQueue:
         if chosen:
             self._items = collections.deque(work for work in self._items if id(work) not in chosen)
             self._changed()
+        return spent
 
     def drain_all(self) -> list[Work]:
         with self.cond:

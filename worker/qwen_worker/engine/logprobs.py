@@ -24,7 +24,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
     if not at:
         return result
     index = torch.tensor(at, dtype=torch.long).to(device=logits.device, non_blocking=True)
-    logp = logits.index_select(0, index).float().log_softmax(dim=-1).nan_to_num_(nan=FLOOR, neginf=FLOOR).clamp_(min=FLOOR)
+    logp = logits.index_select(0, index).float().log_softmax(dim=-1).nan_to_num_(nan=FLOOR).clamp_(min=FLOOR)
     chosen = logp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]
     k = max(rows[i].sampling.logprobs for i in at)
     top_values, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long())

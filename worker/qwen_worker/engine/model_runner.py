@@ -13,12 +13,13 @@ import logging
 import time
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .buckets import bucket, doubling
 from .forward import DecoderStack
-from .kv_cache import PagedKVCache
+from .kv_cache import SCRATCH_BLOCK, PagedKVCache
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ class ModelRunner:
         points at the scratch block."""
         row = self._tables_np[slot]
         row[:len(blocks)] = blocks
-        row[len(blocks):] = self.kv.scratch // self.block_tokens
+        row[len(blocks):] = SCRATCH_BLOCK
         self._stale_tables.add(slot)
 
     def _upload_tables(self) -> None:
@@ -140,11 +141,11 @@ class ModelRunner:
             low, high = slots[0], slots[-1] + 1  # one copy of the span covering the changed rows
             self.kv.block_table[low:high].copy_(self._tables[low:high], non_blocking=True)
 
-    def _locations(self, slots: Sequence[int], positions: Sequence[int]) -> list[int]:
-        """Pool locations of the given rows' positions (their blocks must be set)."""
-        size = self.block_tokens
-        tables = self._tables_np
-        return [int(tables[slot, p // size]) * size + p % size for slot, p in zip(slots, positions)]
+    def _locations(self, slots, positions) -> np.ndarray:
+        """Pool locations (block * block_tokens + offset) of the given rows' positions, one array operation
+        (their blocks must be set): decode's one position per row, a prefill chunk's span."""
+        slots, positions, size = np.asarray(slots), np.asarray(positions), self.block_tokens
+        return self._tables_np[slots, positions // size] * size + positions % size
 
     # ---- decode --------------------------------------------------------------------------------
     def decode_shape(self, width: int, longest: int) -> tuple[int, int]:
@@ -244,8 +245,7 @@ class ModelRunner:
             tokens[b, :length] = torch.as_tensor(chunk.tokens, dtype=torch.long)
             positions[b, :length] = span
             positions[b, length:] = chunk.start + length - 1  # padding repeats the last real position
-            write_at[b, :length] = self.kv.block_tokens * self._tables[chunk.slot, span // self.block_tokens] \
-                + span % self.block_tokens
+            write_at[b, :length] = torch.from_numpy(self._locations(chunk.slot, span.numpy()))
             last[b] = length - 1
             slots[b] = chunk.slot
             longest = max(longest, chunk.start + length)

@@ -51,7 +51,9 @@ class PenaltyState:
         self.ids[slot, :n].copy_(distinct, non_blocking=True)
         self.counts[slot].zero_()
         self.valid[slot] = n
-        self.params[slot] = torch.tensor([row.sampling.repetition_penalty, row.sampling.presence_penalty, row.sampling.frequency_penalty])
+        sampling = row.sampling
+        self.params[slot] = torch.tensor([sampling.repetition_penalty, sampling.presence_penalty,
+                                          sampling.frequency_penalty])
         self.bound[slot] = n
 
     def select(self, rows: Sequence[GenerationRow | None]) -> PenalizedRows | None:

@@ -85,7 +85,7 @@ class Scheduler:
                 if not row.preemptions:
                     row.cached_prompt_tokens = row.cached
                 self.changed.add(row.slot)
-            known = len(row.prompt_ids) + max(len(row.tokens) - 1, 0)
+            known = row.known_tokens()
             size = min(known - row.cached, self.prefill_tokens_per_step)
             if chunks and size > budget:
                 break  # a chunk joins a pass whole: a CPU pays for every padded token

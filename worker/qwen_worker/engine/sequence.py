@@ -36,10 +36,14 @@ class GenerationRow:
     on_done: Callable[["GenerationRow", Exception | None], None] | None = None
     generator: Any = None  # the seed's torch.Generator, made on the device at the row's first draw
 
+    def known_tokens(self) -> int:
+        """How many tokens' keys the row needs before its next step: the prompt's and, after a preemption,
+        those of what it generated except the last token (the next decode step feeds that one)."""
+        return len(self.prompt_ids) + max(len(self.tokens) - 1, 0)
+
     def known_ids(self) -> list[int]:
-        """Every token whose keys the row needs before its next step: the prompt and, after a preemption,
-        what it generated except the last token (the next decode step feeds that one)."""
-        return self.prompt_ids + self.tokens[:-1] if self.tokens else self.prompt_ids
+        """The tokens known_tokens() counts."""
+        return self.ids(0, self.known_tokens())
 
     def ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of the sequence prompt + generated, without building all of it."""
@@ -48,7 +52,7 @@ class GenerationRow:
 
     @property
     def prefilled(self) -> bool:
-        return self.cached >= len(self.prompt_ids) + max(len(self.tokens) - 1, 0)
+        return self.cached >= self.known_tokens()
 
     def total_tokens(self) -> int:
         """The most tokens this row may ever hold in its slot."""
