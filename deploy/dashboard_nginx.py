@@ -15,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 QUERIES = REPO / "nginx" / "html" / "dashboard-queries.json"
-SECTIONS = ("instance", "stack", "charts")
+SECTIONS = ("instance", "stack", "keys", "charts")
 
 
 def promql(queries: dict, section: str, query: dict) -> str:

@@ -44,6 +44,11 @@ def dashboard(queries: dict) -> dict:
         panels.append(panel(panel_id, "timeseries", f"Per instance: {query['title']}", query, legend,
                             8 * (i % 3), y + 7 * (i // 3), 8, 7))
         panel_id += 1
+    y += 7 * ((len(per_instance) + 2) // 3)
+    for i, query in enumerate(queries["keys"]):
+        panels.append(panel(panel_id, "timeseries", f"Per API key: {query['title']}", query, "{{key}}",
+                            8 * (i % 3), y + 7 * (i // 3), 8, 7))
+        panel_id += 1
     return {
         "__inputs": [{"name": "DS_PROMETHEUS", "label": "Prometheus", "type": "datasource", "pluginId": "prometheus",
                       "pluginName": "Prometheus"}],

@@ -16,8 +16,29 @@ export QAIO_NGINX_PREFIX="$prefix"
 : "${QAIO_NGINX_HTML_DIR:=$here/html}"
 : "${QAIO_NGINX_ACCESS_LOG:=$prefix/logs/access.log}"
 : "${QAIO_NGINX_MIME_TYPES:=/etc/nginx/mime.types}"
-export QAIO_NGINX_CONF_DIR QAIO_NGINX_CACHE_DIR QAIO_NGINX_HTML_DIR QAIO_NGINX_ACCESS_LOG QAIO_NGINX_MIME_TYPES
+: "${QAIO_NGINX_NJS_DIR:=$here/njs}"
+# nginx reads the keys file from its workers: a relative path would be read from its prefix.
+if [ -n "${QAIO_API_KEYS_FILE:-}" ] && [ -d "$(dirname "$QAIO_API_KEYS_FILE")" ]; then
+  QAIO_API_KEYS_FILE="$(cd "$(dirname "$QAIO_API_KEYS_FILE")" && pwd)/$(basename "$QAIO_API_KEYS_FILE")"
+  export QAIO_API_KEYS_FILE
+fi
+export QAIO_NGINX_CONF_DIR QAIO_NGINX_CACHE_DIR QAIO_NGINX_HTML_DIR QAIO_NGINX_ACCESS_LOG QAIO_NGINX_MIME_TYPES \
+  QAIO_NGINX_NJS_DIR
 . "$here/qaio-env.envsh"
+
+# API keys are checked by njs (Debian: libnginx-mod-http-js), loaded only when they are on; the
+# official image loads it in its own nginx.conf (nginx/Dockerfile).
+QAIO_NGINX_MODULES_LINE="# no dynamic modules (API keys off)"
+if [ -n "$QAIO_API_KEYS_FILE" ]; then
+  for module in /usr/lib/nginx/modules/ngx_http_js_module.so /etc/nginx/modules/ngx_http_js_module.so; do
+    [ -e "$module" ] && QAIO_NGINX_MODULES_LINE="load_module $module;" && break
+  done
+  if [ "$QAIO_NGINX_MODULES_LINE" = "# no dynamic modules (API keys off)" ]; then
+    echo "API keys (QAIO_API_KEYS_FILE) need nginx's njs module: apt-get install libnginx-mod-http-js" >&2
+    exit 1
+  fi
+fi
+export QAIO_NGINX_MODULES_LINE
 
 # Every directory from / down to $1 lets others through (o+x).
 world_reachable() {
@@ -42,6 +63,13 @@ else
   nginx_user=""
 fi
 export QAIO_NGINX_USER_LINE
+if [ -n "$QAIO_API_KEYS_FILE" ] && [ "$nginx_user" = nobody ]; then
+  if ! world_reachable "$(dirname "$QAIO_API_KEYS_FILE")" \
+      || [ -z "$(find "$QAIO_API_KEYS_FILE" -maxdepth 0 -perm -o+r 2>/dev/null)" ]; then
+    echo "nginx's workers (nobody) cannot read QAIO_API_KEYS_FILE ($QAIO_API_KEYS_FILE): every key would be refused" >&2
+    exit 1
+  fi
+fi
 
 mkdir -p "$QAIO_NGINX_CONF_DIR" "$QAIO_NGINX_CACHE_DIR" "$prefix/logs" "$prefix/tmp"
 # Only QAIO_NGINX_* variables are substituted; nginx's own $variables stay as they are.

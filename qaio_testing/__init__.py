@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 GUNICORN_CONF = REPO / "worker" / "gunicorn.conf.py"
 RENDER_NGINX = REPO / "nginx" / "render-config.sh"
+API_KEY_SCRIPT = REPO / "scripts" / "api-key.sh"
 STACK_SCRIPT = REPO / "scripts" / "stack.sh"
 
 
@@ -174,6 +175,13 @@ class NginxServer:
 
     def stop(self) -> None:
         _stop_group(self.proc, signal.SIGQUIT)
+
+
+def add_api_key(path: Path, name: str, *fields: str) -> str:
+    """A new API key's line added to a keys file by the project's script (scripts/api-key.sh); the key returned."""
+    out = subprocess.run([str(API_KEY_SCRIPT), "add", str(path), name, *fields], check=True, capture_output=True,
+                         text=True)
+    return out.stdout.strip()
 
 
 # Several instances sharing one machine's cores: one torch thread each keeps them from fighting.

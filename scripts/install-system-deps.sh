@@ -2,13 +2,15 @@
 # Debian packages the stack and its tests need, installed only when missing:
 #   scripts/install-system-deps.sh        everything `make test` needs: what `run` needs, Chromium, its driver
 #                                          and CJK fonts (the page tests), kubectl (kustomize)
-#   scripts/install-system-deps.sh run    what `make run` needs: nginx, envsubst, curl, Prometheus and mtail
-#                                          (the dashboard's data)
+#   scripts/install-system-deps.sh run    what `make run` needs: nginx and its njs module, envsubst, curl,
+#                                          Prometheus and mtail (the dashboard's data)
 # Installs as root, or through sudo when it works without a password prompt; otherwise prints one
 # message naming the packages to install and fails.
 set -eu
 missing=""
 command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
+# njs, for API keys at the front door (QAIO_API_KEYS_FILE)
+[ -e /usr/lib/nginx/modules/ngx_http_js_module.so ] || missing="$missing libnginx-mod-http-js"
 command -v envsubst >/dev/null 2>&1 || missing="$missing gettext-base"
 command -v curl >/dev/null 2>&1 || missing="$missing curl"
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"

@@ -1,7 +1,8 @@
 #!/bin/sh
 # `make compose-test`: build both images, bring the CPU compose stack up with podman and the demo
-# model, and check it end to end through nginx: answers, balancing across the worker containers,
-# traffic continuing with one worker stopped, Prometheus scraping. Always brings everything down.
+# model, and check it end to end through nginx: API keys on (a request without one is refused),
+# answers, balancing across the worker containers, traffic continuing with one worker stopped,
+# Prometheus scraping. Always brings everything down.
 set -eu
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -31,7 +32,12 @@ podman build --format docker -f nginx/Dockerfile -t qaio-nginx:latest .
 podman build --format docker --network host -f deploy/mtail/Dockerfile -t qaio-log-exporter:latest .
 echo "== images built in $(( $(date +%s) - started )) s"
 
-export QAIO_PUBLISH_PORT="$port" QAIO_PROMETHEUS_PORT="$prom_port" QAIO_MODEL=/models/demo QAIO_NGINX_RESOLVER=""
+# A keys directory of its own, with one key, as `make api-key` writes keys/ for a real deployment.
+keys_dir=$(mktemp -d)
+chmod 755 "$keys_dir"
+api_key=$("$root/scripts/api-key.sh" add "$keys_dir/api-keys" compose-test)
+export QAIO_PUBLISH_PORT="$port" QAIO_PROMETHEUS_PORT="$prom_port" QAIO_MODEL=/models/demo QAIO_NGINX_RESOLVER="" \
+  QAIO_API_KEYS_DIR="$keys_dir"
 # Debian's nginx 1.22 in the local stand-in has no `resolve`; the real image (>= 1.27.3) uses it.
 
 healthchecks=""
@@ -40,7 +46,7 @@ down() {
   "$compose" -p "$project" -f compose.cpu.yml down -v >/dev/null 2>&1 || true
   podman volume rm -f "${project}_models" >/dev/null 2>&1 || true  # filled below, so not compose's to remove
 }
-trap down EXIT INT TERM
+trap 'down; rm -rf "$keys_dir"' EXIT INT TERM
 down
 
 echo "== the demo model into the models volume"
@@ -75,16 +81,23 @@ until curl -sf -o /dev/null "$url/nginx-health"; do
 done
 echo "== nginx answers after $(( $(date +%s) - started )) s since the build began"
 
-"$python" - "$url" "http://127.0.0.1:$prom_port" <<'PY'
-import collections, json, subprocess, sys, time, urllib.request
+"$python" - "$url" "http://127.0.0.1:$prom_port" "$api_key" <<'PY'
+import collections, json, subprocess, sys, time, urllib.error, urllib.request
 
-url, prometheus = sys.argv[1], sys.argv[2]
+url, prometheus, api_key = sys.argv[1], sys.argv[2], sys.argv[3]
 
-def post(path, body):
-    request = urllib.request.Request(url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+def post(path, body, key=api_key):
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    request = urllib.request.Request(url + path, data=json.dumps(body).encode(), headers=headers)
     with urllib.request.urlopen(request, timeout=60) as response:
         return response.status, json.load(response)
+
+try:
+    post("/v1/chat", {"text": "你好"}, key=None)
+    raise AssertionError("served without an API key")
+except urllib.error.HTTPError as err:
+    assert err.code == 401 and json.load(err)["error"]["code"] == "invalid_api_key", err
+print("without an API key: 401")
 
 def spread(tag, count=24):
     served = collections.Counter()

@@ -23,7 +23,7 @@ import grafana  # noqa: E402
 
 QUERIES = json.loads((REPO / "nginx" / "html" / "dashboard-queries.json").read_text())
 GRAFANA = json.loads((REPO / "deploy" / "grafana" / "qaio-dashboard.json").read_text())
-SECTIONS = ("instance", "stack", "charts")
+SECTIONS = ("instance", "stack", "keys", "charts")
 NAMES = {f"{section}.{q['key']}": q for section in SECTIONS for q in QUERIES[section]}
 GPU_ONLY = {name for name, q in NAMES.items() if q.get("gpu")}
 
@@ -61,6 +61,10 @@ def traffic(local_stack):
             assert s.post(url + "/v1/analyze", json={"text": "太慢了", "max_tokens": 8}, timeout=60).status_code == 200
             stream = s.post(url + "/v1/chat", json={"text": "hi", "max_tokens": 8, "stream": True}, timeout=60)
             assert stream.status_code == 200 and '"done": true' in stream.text
+            # What the front door sends with API keys on (this stack has them off): the key's name.
+            keyed = s.post(f"http://{local_stack.worker_addresses[0]}/v1/chat", json={"text": "hi", "max_tokens": 4},
+                           headers={"X-Qaio-Key": "dashboard-key"}, timeout=60)
+            assert keyed.status_code == 200
             time.sleep(3)
         worker = local_stack.worker_addresses[0]
         auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -128,6 +132,9 @@ def test_every_grafana_query_returns_data_from_prometheus(traffic, expr):
 def test_the_page_reads_what_it_needs(traffic):
     instance_rows = {r["metric"]["instance"] for r in query(traffic, "instance.up")}
     assert instance_rows == set(traffic.worker_addresses)
+    assert {r["metric"].get("key", "") for r in query(traffic, "keys.rps")} == {""}  # keys off: no name
+    used = query(traffic, "keys.completion_tokens")
+    assert [r["metric"]["key"] for r in used] == ["dashboard-key"] and float(used[0]["value"][1]) > 0
     cache = query(traffic, "stack.cache")
     assert 0 < float(cache[0]["value"][1]) < 100  # repeated texts hit, new ones missed
     # No 5xx reached a client (the drained worker's 503 was asked directly): the whole budget is left.

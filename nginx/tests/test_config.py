@@ -1,7 +1,9 @@
 """The rendered configuration: valid for nginx, clean for gixy, the settings really applied."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,10 @@ VARIANTS = {
 
 @pytest.mark.parametrize("settings", VARIANTS.values(), ids=VARIANTS.keys())
 def test_rendered_config_passes_nginx_t_and_gixy(tmp_path, settings):
-    conf = render(tmp_path, **settings)
+    assert_nginx_t_and_gixy_pass(tmp_path, render(tmp_path, **settings))
+
+
+def assert_nginx_t_and_gixy_pass(tmp_path: Path, conf: Path) -> None:
     checked = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "err.log")],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
@@ -127,3 +132,73 @@ def test_real_ip_and_the_per_client_cap_are_settings(tmp_path):
     bad = subprocess.run([str(RENDER_NGINX), str(tmp_path / "bad")], capture_output=True, text=True,
                          env={**os.environ, "QAIO_NGINX_REAL_IP_FROM": "10.0.0.0/8; allow all"})
     assert bad.returncode != 0 and "QAIO_NGINX_REAL_IP_FROM" in bad.stderr
+
+
+def keys_file(tmp_path: Path, text: str) -> Path:
+    """A keys file nginx's workers could read (nobody, when started as root)."""
+    tmp_path.chmod(0o755)
+    path = tmp_path / "api-keys"
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+GOOD_KEYS = f"# comment\nalice:sha256:{'a' * 64}\n\nbob:sha256:{'b' * 64} rate=2r/m conn=3  # trailing\r\n"
+
+
+def test_rendered_config_with_api_keys_passes_nginx_t_and_gixy(tmp_path):
+    conf = render(tmp_path / "out", QAIO_API_KEYS_FILE=str(keys_file(tmp_path, GOOD_KEYS)), QAIO_MAX_BATCH_SIZE="16")
+    assert_nginx_t_and_gixy_pass(tmp_path / "out", conf)
+    keys = (conf.parent / "conf.d" / "qaio-keys.inc").read_text()
+    assert "js_set $qaio_key qaio_keys.key;" in keys and "js_var $qaio_key_default_conn 8;" in keys  # half of 16
+    assert "js_var $qaio_key_default_rate 20r/s;" in keys
+    assert "load_module " in conf.read_text()
+    limits = (conf.parent / "conf.d" / "qaio-key-limits.inc").read_text()
+    assert limits.rstrip().endswith("auth_request /_qaio_key_check;")  # after every limit: wrong tries count
+    assert "limit_req zone=qaio_bad_key burst=20 nodelay;" in limits
+
+
+def test_without_api_keys_nothing_of_them_is_loaded(tmp_path):
+    conf = render(tmp_path)
+    assert "load_module" not in conf.read_text()
+    assert "js_" not in (conf.parent / "conf.d" / "qaio-keys.inc").read_text()
+    assert "auth_request" not in (conf.parent / "conf.d" / "qaio-key-limits.inc").read_text()
+
+
+@pytest.mark.parametrize("text, lines", [
+    (f"alice:sha256:{'a' * 63}\n", "1"),  # a short hash
+    (f"alice:{'a' * 64}\nok:sha256:{'a' * 64}\nbad name:sha256:{'a' * 64}\n", "1 3"),
+    (f"alice:sha256:{'a' * 64} rate=fast\n", "1"),
+    (f"alice:sha256:{'A' * 64}\n", "1"),  # sha256sum writes lower case; upper case would never match
+    ("plain-key-in-the-file\n", "1"),
+])
+def test_a_malformed_keys_file_stops_rendering_naming_its_lines(tmp_path, text, lines):
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        render(tmp_path / "out", QAIO_API_KEYS_FILE=str(keys_file(tmp_path, text)))
+    assert f"line(s) {lines} are not" in err.value.stderr
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"QAIO_NGINX_KEY_RATE": "20"}, "QAIO_NGINX_KEY_RATE"),
+    ({"QAIO_NGINX_KEY_CONN": "0"}, "QAIO_NGINX_KEY_CONN"),
+    ({"QAIO_API_KEYS_FILE": "/nonexistent/api-keys"}, "cannot be read"),
+])
+def test_bad_key_settings_stop_rendering_with_a_message(tmp_path, settings, message):
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        render(tmp_path, **settings)
+    assert message in err.value.stderr
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="nginx's workers change user only when it starts as root")
+def test_a_keys_file_nginxs_workers_cannot_read_stops_rendering():
+    # A prefix nobody can reach (not under pytest's private tmp), so nginx's workers will run as nobody.
+    base = Path(tempfile.mkdtemp(prefix="qaio-keys-"))
+    try:
+        path = keys_file(base, GOOD_KEYS)
+        render(base / "readable", QAIO_API_KEYS_FILE=str(path))
+        path.chmod(0o600)
+        with pytest.raises(subprocess.CalledProcessError) as err:
+            render(base / "unreadable", QAIO_API_KEYS_FILE=str(path))
+        assert "cannot read QAIO_API_KEYS_FILE" in err.value.stderr
+    finally:
+        shutil.rmtree(base)

@@ -21,7 +21,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import ADMIN_TOKEN
-from qaio_testing import REPO, eventually, served_by
+from qaio_testing import REPO, add_api_key, eventually, served_by
 from qaio_testing import metric as worker_metric
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -208,6 +208,36 @@ def test_a_rate_limited_turn_says_so_and_is_retried_after_retry_after(workers, n
     assert len(statuses) <= 2 + 5  # at most the page's attempts, one a second
 
 
+def test_the_page_asks_for_an_api_key_once_and_keeps_it(workers, nginx, browser, api_keys_file):
+    key = add_api_key(api_keys_file, "page")
+    proxy = nginx(workers, QAIO_API_KEYS_FILE=str(api_keys_file))
+    browser.get(proxy.url + "/")
+    browser.find_element(By.ID, "mode-chat").click()
+    set_max_tokens(browser, 4)
+    box = browser.find_element(By.ID, "input")
+    box.send_keys("hello", Keys.ENTER)
+    form = browser.find_element(By.ID, "key-form")
+    WebDriverWait(browser, 30).until(lambda d: form.is_displayed())
+    assert "needs an API key" in browser.find_element(By.ID, "key-why").text
+    assert "Waiting for an API key" in turns(browser)[0].find_element(By.CSS_SELECTOR, ".notice").text
+    field = browser.find_element(By.ID, "api-key")
+    assert field == browser.switch_to.active_element and field.get_attribute("type") == "password"
+    field.send_keys("not-the-key", Keys.ENTER)
+    WebDriverWait(browser, 30).until(lambda d: "was refused" in d.find_element(By.ID, "key-why").text)
+    screenshot(browser, "conversation-api-key")
+    browser.find_element(By.ID, "api-key").send_keys(key, Keys.ENTER)
+    first = wait_turn(browser, 0)
+    assert first.find_element(By.CSS_SELECTOR, ".reply").text and not form.is_displayed()
+
+    browser.refresh()  # kept in the browser: the next visit sends it without asking
+    browser.find_element(By.ID, "mode-chat").click()
+    browser.find_element(By.ID, "input").send_keys("again", Keys.ENTER)
+    wait_turn(browser, 0)
+    assert not browser.find_element(By.ID, "key-form").is_displayed()
+    entries = proxy.log_entries('"/v1/chat"', 4)
+    assert [(e["status"], e["key"]) for e in entries] == [(401, ""), (401, ""), (200, "page"), (200, "page")]
+
+
 def test_errors_are_shown_in_words(workers, nginx, browser):
     proxy = nginx(workers)
     browser.get(proxy.url + "/")
@@ -278,6 +308,9 @@ def test_dashboard_shows_instances_and_drain_moves_traffic_away_without_failures
         assert "worker-0" in dashboard_row(browser, drained).text or "worker-1" in dashboard_row(browser, drained).text
         assert "sentiment" in cell(browser, drained, ".latency")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-rps svg polyline"))
+        # API keys are off in this stack: every request is the key table's "(none)" row.
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#keys tr[data-key=""]'))
+        assert browser.find_element(By.CSS_SELECTOR, '#keys tr[data-key=""] .name').text == "(none)"
 
         browser.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
         dashboard_row(browser, drained).find_element(By.CSS_SELECTOR, "button.drain").click()

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from flask import Flask, g, request
 
 from . import logs
-from .api import metrics
+from .api import metrics, usage
 from .config import WorkerConfig
 from .connection import arrival, disconnect_probe
 from .errors import ApiError, register_error_handlers
@@ -59,6 +59,8 @@ def _gpu_index(config: WorkerConfig) -> int | None:
 
 
 def _install_request_tracking(app: Flask, config: WorkerConfig, service: WorkerService) -> None:
+    key_usage = usage.KeyUsage(service.metrics)
+
     @app.before_request
     def _start():
         incoming = request.headers.get("X-Request-ID", "")
@@ -70,6 +72,9 @@ def _install_request_tracking(app: Flask, config: WorkerConfig, service: WorkerS
         g.cacheable = False  # set by views whose answer is a pure function of the request body
         if request.path.startswith("/v1/"):
             service.metrics.in_flight.inc()
+            g.key_name = usage.key_name()
+            if g.key_name:
+                g.log_fields["key"] = g.key_name
 
     @app.after_request
     def _finish(response):
@@ -85,7 +90,7 @@ def _install_request_tracking(app: Flask, config: WorkerConfig, service: WorkerS
             response.headers["X-Accel-Expires"] = "0"
             response.headers["Cache-Control"] = "no-store"
         if request.path.startswith("/v1/"):
-            _observe_on_close(response, service.metrics, g.get("log_fields", {}).get("task"), g.started)
+            _observe_on_close(response, service.metrics, key_usage, g.get("log_fields", {}).get("task"), g.started)
             access_log.info("request", extra={
                 "request_id": g.get("request_id"), "method": request.method, "path": request.path,
                 "status": response.status_code, "instance": config.instance_id,
@@ -109,13 +114,17 @@ def _install_metrics_port(app: Flask, config: WorkerConfig) -> None:
             raise ApiError(404, "not_found", "no such endpoint")
 
 
-def _observe_on_close(response, metrics, task: str | None, started: float) -> None:
-    """Count the request out when its last byte is sent: for a stream, when the stream ends."""
+def _observe_on_close(response, metrics, key_usage: usage.KeyUsage, task: str | None, started: float) -> None:
+    """Count the request out when its last byte is sent: for a stream, when the stream ends; with the
+    tokens it cost under its API key's name."""
     task = task or _TASK_BY_PATH.get(request.path, "other")
     code = str(response.status_code)
+    key, groups = g.get("key_name", ""), g.get("usage_groups", [])
 
     def closed():
         metrics.in_flight.dec()
         metrics.request_duration.labels(task=task, code=code).observe(time.monotonic() - started)
+        if key:
+            key_usage.observe(key, groups)
 
     response.call_on_close(closed)

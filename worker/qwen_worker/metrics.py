@@ -87,6 +87,10 @@ class WorkerMetrics:
         self.request_duration = Histogram("qaio_request_duration_seconds",
                                           "API requests from arrival to the last byte (streams included), by task "
                                           "and status", ["task", "code"], buckets=LATENCY_BUCKETS, registry=r)
+        self.key_requests = Counter("qaio_key_requests_total", "API requests answered, by API key name (with "
+                                    "QAIO_API_KEYS_FILE at the front door)", ["key"], registry=r)
+        self.key_tokens = Counter("qaio_key_tokens_total", "Tokens by API key name: `prompt` (taken up by the "
+                                  "engine) and `completion` (generated)", ["key", "kind"], registry=r)
         self.model_info = Gauge("qaio_model_info", "The model this worker serves",
                                 ["model", "instance", "device", "dtype", "demo_model"], registry=r,
                                 multiprocess_mode="livemax")

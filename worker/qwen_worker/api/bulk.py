@@ -11,6 +11,7 @@ from ..protocol import RequestFailed
 from ..service import sentiment_view
 from .common import envelope, service
 from .tasks import _language
+from .usage import track
 
 
 def _texts(body: dict, limit: int, max_chars: int) -> list[str]:
@@ -46,6 +47,7 @@ def bulk_sentiment(body: dict):
         text, lang = texts[len(submitted)], langs[len(submitted)]
         try:
             submitted.append(svc.submit_sentiment(text, lang, deadline))
+            track(submitted[-1:])
         except (ApiError, RequestFailed) as err:
             submitted.append(_failure(err))
 

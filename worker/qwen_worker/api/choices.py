@@ -13,6 +13,7 @@ from ..protocol import RequestFailed
 from .common import service
 from .logprob_view import TokenText
 from .params import Generation
+from .usage import track
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ def start(prompt: list[int], gen: Generation, deadline: float, task: str, stream
         for handle in handles:
             handle.cancel("client_gone")
         raise
+    track(handles)
     return handles
 
 

@@ -14,6 +14,7 @@ from . import choices as ch
 from .common import envelope, service, sse
 from .logprob_view import chat_content
 from .params import GENERATION_FIELDS, Generation, generation, refuse_unknown
+from .usage import track
 
 bp = Blueprint("tasks", __name__, url_prefix="/v1")
 # Every field each endpoint reads: any other is refused with a 400 naming it, as the OpenAI endpoints do
@@ -49,6 +50,7 @@ def _sentiment(body: dict, task: str, default_deadline_ms: int, conversation=Non
     if task == "analyze":
         svc.check_analyze_tokens(conversation or text)
     job = svc.submit_sentiment(text, lang, deadline, task=task)
+    track([job])
     return text, lang, job, sentiment_view(job.wait(g.client_gone).scores, lang, svc.calibration())
 
 
