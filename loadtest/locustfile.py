@@ -2,7 +2,8 @@
 
     locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:8080 -u 8 -r 8 -t 60s
 Environment: QAIO_REVIEWS (CSV of label,review), QAIO_TEXT_POOL (500), QAIO_CHAT_TOKENS (32),
-QAIO_MAX_ERROR_RATE (0.01), QAIO_P95_SENTIMENT_MS (15000), QAIO_P95_CHAT_MS (120000).
+QAIO_MAX_ERROR_RATE (0.01), QAIO_P95_SENTIMENT_MS (15000), QAIO_P95_CHAT_MS (120000), QAIO_API_KEY (a
+stack with API keys: compose, Kubernetes).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from locust import HttpUser, events, task
 REVIEWS = Path(os.environ.get("QAIO_REVIEWS", Path(__file__).resolve().parents[2] / "shared" / "data" / "waimai_10k.csv"))
 POOL = int(os.environ.get("QAIO_TEXT_POOL", "500"))
 CHAT_TOKENS = int(os.environ.get("QAIO_CHAT_TOKENS", "32"))
+AUTH = {"Authorization": f"Bearer {os.environ['QAIO_API_KEY']}"} if os.environ.get("QAIO_API_KEY") else {}
 
 with open(REVIEWS, encoding="utf-8") as fh:
     TEXTS = [row["review"] for row, _ in zip(csv.DictReader(fh), range(POOL)) if row["review"].strip()]
@@ -25,7 +27,8 @@ class StackUser(HttpUser):
     """One client sending its next request as soon as the last is answered (closed loop, like k6)."""
 
     def _post(self, task_name: str, path: str, body: dict, check) -> None:
-        with self.client.post(path, json=body, name=task_name, catch_response=True, timeout=180) as response:
+        with self.client.post(path, json=body, headers=AUTH, name=task_name, catch_response=True,
+                              timeout=180) as response:
             if response.status_code != 200:
                 response.failure(f"{task_name}: status {response.status_code}")
             elif not check(response.json()):

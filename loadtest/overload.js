@@ -8,6 +8,7 @@ import { check, sleep } from 'k6';
 import { Counter, Trend } from 'k6/metrics';
 
 const BASE = __ENV.QAIO_URL || 'http://127.0.0.1:8080';
+const AUTH = __ENV.QAIO_API_KEY ? { Authorization: `Bearer ${__ENV.QAIO_API_KEY}` } : {};  // stacks with API keys
 const CHAT_TOKENS = parseInt(__ENV.QAIO_CHAT_TOKENS || '32', 10);
 const HONOR_RETRY_AFTER = (__ENV.QAIO_HONOR_RETRY_AFTER || '1') === '1';
 const CLIENT_TIMEOUT = __ENV.QAIO_CLIENT_TIMEOUT || '60s'; // a client that gives up abandons its request
@@ -43,7 +44,7 @@ export default function () {
   const body = chat ? { text: `overload ${__VU}-${__ITER}`, max_tokens: CHAT_TOKENS }
     : { text: `过载测试 ${__VU}-${__ITER}` };
   const res = http.post(`${BASE}${path}`, JSON.stringify(body), {
-    headers: { 'Content-Type': 'application/json' }, timeout: CLIENT_TIMEOUT, tags: { task: chat ? 'chat' : 'sentiment' },
+    headers: { 'Content-Type': 'application/json', ...AUTH }, timeout: CLIENT_TIMEOUT, tags: { task: chat ? 'chat' : 'sentiment' },
   });
   if (res.status === 0 && res.error_code === 1050) {
     statusCount.abandoned.add(1); // the client's own timeout (k6's error 1050): it left

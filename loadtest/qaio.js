@@ -7,6 +7,8 @@ import { Rate } from 'k6/metrics';
 import { SharedArray } from 'k6/data';
 
 const BASE = __ENV.QAIO_URL || 'http://127.0.0.1:8080';
+// A stack with API keys (compose, Kubernetes) needs one: -e QAIO_API_KEY=... (give it a high rate= and conn=).
+const AUTH = __ENV.QAIO_API_KEY ? { Authorization: `Bearer ${__ENV.QAIO_API_KEY}` } : {};
 const CHAT_TOKENS = parseInt(__ENV.QAIO_CHAT_TOKENS || '32', 10);
 const POOL = parseInt(__ENV.QAIO_TEXT_POOL || '500', 10); // a pool: popular texts repeat, as in life
 // Task weights, in percent of requests: sentiment, chat, analyze.
@@ -48,7 +50,7 @@ export const options = {
 };
 
 const params = (task) => ({
-  headers: { 'Content-Type': 'application/json' },
+  headers: { 'Content-Type': 'application/json', ...AUTH },
   tags: { task },
   timeout: '180s',
 });
