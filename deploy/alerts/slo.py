@@ -171,7 +171,7 @@ def cause_alerts() -> list[dict]:
                "{{ $labels.instance }} is up but not ready (loading, cooling down after errors, or broken)",
                "its /readyz (state, load_error, broken) and its log"),
         _cause("QaioRejecting", "ticket",
-               f'sum by (instance) (rate(qaio_rejections_total{{{WORKER},reason=~"queue_full|deadline_on_arrival|'
+               f'sum by (instance) (rate(qaio_rejections_total{{{WORKER},reason=~"queue_full|deadline_unreachable|deadline_on_arrival|'
                f'deadline_in_queue"}}[5m])) / sum by (instance) (rate(qaio_request_duration_seconds_count'
                f'{{{WORKER}}}[5m])) > 0.05', "10m",
                "{{ $labels.instance }} refuses or drops more than 5 % of its requests for lack of capacity",

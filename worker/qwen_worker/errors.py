@@ -25,7 +25,7 @@ class ApiError(Exception):
 # The one table from the engine's error codes to HTTP: (status, whether a retry elsewhere may succeed,
 # so Retry-After is sent). nginx retries the 503s on another worker; the 4xx are the request's own.
 ENGINE_ERRORS = {
-    "queue_full": (503, True), "draining": (503, True), "not_ready": (503, True), "device_error": (503, True),
+    "queue_full": (503, True), "deadline_unreachable": (503, True), "draining": (503, True), "not_ready": (503, True), "device_error": (503, True),
     "engine_lost": (503, True), "out_of_memory": (503, True), "model_error": (503, True),
     "deadline_exceeded": (504, False), "prompt_too_long": (413, False), "invalid_token_id": (400, False),
     "client_closed_request": (499, False),  # answered to nobody: the access log and metrics see it

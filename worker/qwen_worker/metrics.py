@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.8, 1, 1.5, 2.5, 5, 10, 20, 30, 60, 120)
 TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-REJECTION_REASONS = ("queue_full", "not_ready", "draining", "deadline_on_arrival", "deadline_in_queue", "client_gone",
+REJECTION_REASONS = ("queue_full", "deadline_unreachable", "not_ready", "draining", "deadline_on_arrival", "deadline_in_queue", "client_gone",
                      "prompt_too_long", "invalid_token_id")
 FAILURE_REASONS = ("out_of_memory", "model_error", "device_error")
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.5, 1, 2)

@@ -52,6 +52,24 @@ def test_full_queue_answers_503_with_retry_after_at_once(make_app, blocker):
     assert 'qaio_rejections_total{reason="queue_full"} 1.0' in metrics
 
 
+def test_a_chat_that_would_not_finish_before_its_deadline_answers_503_at_once(make_app, blocker):
+    app = make_app(max_batch_size=1, retry_after_s=2)
+    service = app.extensions["qaio"]
+    loop = host(service).loop
+    for _ in range(loop.turnover.MIN_SEEN):  # the slot has recently been held ~30 s per generation
+        loop.turnover.observe(30.0, 100)
+    long_job = blocker.occupy(service)
+    client = app.test_client()
+    refused = client.post("/v1/chat", json={**CHAT, "deadline_ms": 5000})
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "2"
+    assert refused.get_json()["error"]["code"] == "deadline_unreachable"
+    assert long_job.finish_reason is None, "refused while the slot was still held, not after its deadline"
+    assert service.status().queue_depth == 0
+    blocker.release(long_job)
+    assert client.post("/v1/chat", json={**CHAT, "deadline_ms": 60000}).status_code == 200  # the slot is free again: admitted
+    assert 'qaio_rejections_total{reason="deadline_unreachable"} 1.0' in client.get("/metrics").get_data(as_text=True)
+
+
 def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(make_app, blocker):
     app = make_app(max_batch_size=1)
     service = app.extensions["qaio"]

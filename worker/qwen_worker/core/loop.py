@@ -19,6 +19,7 @@ from ..health import Health
 from ..metrics import WorkerMetrics
 from ..protocol import GENERATE, SENTIMENT, Output, Request, RequestFailed
 from .failures import count_failure, failure_code
+from .admission import SlotTurnover
 from .queue import RequestQueue, Work
 
 Sink = Callable[[list[Output]], None]
@@ -37,8 +38,10 @@ class EngineLoop:
         self.metrics = metrics
         self.health = health
         self.sink = sink
+        self.turnover = SlotTurnover(config.max_batch_size)
         self.queue = RequestQueue(config.queue_capacity, metrics,
-                                  free_slots=lambda: max(0, config.max_batch_size - len(self._running)))
+                                  free_slots=lambda: max(0, config.max_batch_size - len(self._running)),
+                                  turnover=self.turnover)
         self._running: dict[int, Work] = {}  # generations holding a slot, by request id
         self._outbox: list[Output] = []  # what this pass produced (engine thread only)
         self._scoring = 0  # sentiment requests in the pass running now
@@ -142,6 +145,7 @@ class EngineLoop:
                 return None
             generation: list[Work] = []
             queue.take(GENERATE, generation, engine.free_slots())
+            unreachable = queue.unreachable(time.monotonic(), engine.free_slots() - len(generation))
             sentiment: list[Work] = []
             if queue.has(SENTIMENT):
                 # Idle: worth waiting a little to fill the pass. Busy: the decode steps must go on.
@@ -154,6 +158,8 @@ class EngineLoop:
                     if engine.has_work() or generation or full or remaining <= 0 or self._stopping:
                         break
                     queue.cond.wait(remaining)
+        for work, refusal in unreachable:
+            self._final(work, error=refusal)
         return self._drop_expired(generation), self._drop_expired(sentiment)
 
     def _drop_expired(self, batch: list[Work]) -> list[Work]:
@@ -194,6 +200,7 @@ class EngineLoop:
 
     def _generation_done(self, work: Work, error: Exception | None) -> None:
         self._running.pop(work.id, None)
+        self.turnover.observe(time.monotonic() - work.started_at, len(work.row.tokens))
         if error is not None:
             self._failed.append((work, error))  # answered by _answer_failed, after the failure is counted
             return

@@ -8,7 +8,8 @@ import time
 
 from ..engine import GenerationRow
 from ..metrics import WorkerMetrics
-from ..protocol import Request, RequestFailed
+from ..protocol import GENERATE, Request, RequestFailed
+from .admission import UNREACHABLE, SlotTurnover, unreachable
 
 
 @dataclasses.dataclass(eq=False)
@@ -37,12 +38,15 @@ class RequestQueue:
 
     `free_slots()` counts slots no generation holds: requests the engine thread has not yet moved
     into free slots are not waiting for one, so they do not count against `capacity` (else a burst
-    arriving faster than the engine thread wakes would be refused with slots free)."""
+    arriving faster than the engine thread wakes would be refused with slots free). With `turnover`, a
+    generation that would not get a slot before its deadline is refused (admission.py)."""
 
-    def __init__(self, capacity: int, metrics: WorkerMetrics, free_slots=lambda: 0):
+    def __init__(self, capacity: int, metrics: WorkerMetrics, free_slots=lambda: 0,
+                 turnover: SlotTurnover | None = None):
         self.capacity = capacity
         self.metrics = metrics
         self.free_slots = free_slots
+        self.turnover = turnover
         self.cond = threading.Condition()
         self._items: collections.deque[Work] = collections.deque()
 
@@ -54,6 +58,11 @@ class RequestQueue:
             if len(self._items) >= self.capacity + self.free_slots():
                 self.metrics.rejected("queue_full")
                 raise RequestFailed("queue_full", "too many requests are waiting for the model")
+            if work.kind == GENERATE:
+                position = sum(1 for queued in self._items if queued.kind == GENERATE) + 1 - self.free_slots()
+                refusal = self._refusal(work, position, time.monotonic())
+                if refusal is not None:
+                    raise refusal
             self._items.append(work)
             self._changed()
             self.cond.notify()
@@ -113,6 +122,32 @@ class RequestQueue:
             self._items = collections.deque(work for work in self._items if id(work) not in chosen)
             self._changed()
         return spent
+
+    def unreachable(self, now: float, free_slots: int) -> list[tuple[Work, RequestFailed]]:
+        """Queued generations that would not get a slot before their deadline, taken out, with their
+        refusal (caller holds cond): the estimate may have grown since they were admitted."""
+        refused, position = [], 1 - free_slots
+        for work in [w for w in self._items if w.kind == GENERATE]:
+            refusal = self._refusal(work, position, now)
+            if refusal is not None:
+                self._items.remove(work)
+                refused.append((work, refusal))
+            else:
+                position += 1
+        if refused:
+            self._changed()
+        return refused
+
+    def _refusal(self, work: Work, position: int, now: float) -> RequestFailed | None:
+        """A generation `position`-th in line for a slot (0 or less: one is free) refused, and counted,
+        when it would not finish before its deadline; one that gets a slot at once never is."""
+        if self.turnover is None or position <= 0:
+            return None
+        estimate = self.turnover.finish_s(position, work.request.max_tokens)
+        if estimate is None or now + sum(estimate) <= work.request.deadline:
+            return None
+        self.metrics.rejected(UNREACHABLE)
+        return unreachable(*estimate)
 
     def drain_all(self) -> list[Work]:
         with self.cond:
