@@ -19,7 +19,9 @@ LAYOUTS = {
     "one-process": {"QAIO_ENGINE_PROCESS": "off"},
     "engine-process": {"QAIO_ENGINE_PROCESS": "on", "QAIO_WORKERS": "2"},
 }
-COMMON = {"QAIO_MAX_BATCH_SIZE": "2", "QAIO_QUEUE_CAPACITY": "1", "QAIO_THREADS": "16", "QAIO_TORCH_THREADS": "1",
+# Admission by estimate off: the queue tests below want a request to wait out its deadline in the queue
+# (test_queueing.py and core/test_admission.py test the estimate).
+COMMON = {"QAIO_ADMIT_BY_ESTIMATE": "false", "QAIO_MAX_BATCH_SIZE": "2", "QAIO_QUEUE_CAPACITY": "1", "QAIO_THREADS": "16", "QAIO_TORCH_THREADS": "1",
           "QAIO_ADMIN_TOKEN": TOKEN, "QAIO_RETRY_AFTER_S": "2"}
 LONG = 1000  # max_tokens of a generation meant to be stopped early
 CHAT = {"messages": [{"role": "user", "content": "你好，介绍一下你自己"}], "max_tokens": 12, "temperature": 0}

@@ -70,6 +70,18 @@ def test_a_chat_that_would_not_finish_before_its_deadline_answers_503_at_once(ma
     assert 'qaio_rejections_total{reason="deadline_unreachable"} 1.0' in client.get("/metrics").get_data(as_text=True)
 
 
+def test_with_admission_by_estimate_off_the_same_chat_waits_out_its_deadline(make_app, blocker):
+    app = make_app(max_batch_size=1, admit_by_estimate=False)
+    service = app.extensions["qaio"]
+    loop = host(service).loop
+    for _ in range(loop.turnover.MIN_SEEN):
+        loop.turnover.observe(30.0, 100)
+    long_job = blocker.occupy(service)
+    response = app.test_client().post("/v1/chat", json={**CHAT, "deadline_ms": 300})
+    assert response.status_code == 504 and response.get_json()["error"]["code"] == "deadline_exceeded"
+    blocker.release(long_job)
+
+
 def test_deadline_passed_in_the_queue_answers_504_at_once_and_never_computes(make_app, blocker):
     app = make_app(max_batch_size=1)
     service = app.extensions["qaio"]

@@ -41,7 +41,7 @@ class EngineLoop:
         self.turnover = SlotTurnover(config.max_batch_size)
         self.queue = RequestQueue(config.queue_capacity, metrics,
                                   free_slots=lambda: max(0, config.max_batch_size - len(self._running)),
-                                  turnover=self.turnover)
+                                  turnover=self.turnover if config.admit_by_estimate else None)
         self._running: dict[int, Work] = {}  # generations holding a slot, by request id
         self._outbox: list[Output] = []  # what this pass produced (engine thread only)
         self._scoring = 0  # sentiment requests in the pass running now
