@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ import requests
 from qaio_testing import REPO, GunicornServer, eventually
 
 from .run import machine
+from .trees import measure_trees, tree_env
 from .texts import review_texts
 
 BULK_TEXTS = 64
@@ -45,10 +45,8 @@ def timed_post(url: str, body: dict) -> tuple[int, float]:
 
 
 def measure(tree: str, model: str, texts: list[str]) -> dict:
-    env = {} if tree == str(REPO) else {"PYTHONPATH": f"{tree}/worker:{tree}"}
-    server = GunicornServer(model, **env).wait_ready(900)
+    server = GunicornServer(model, **tree_env(tree)).wait_ready(900)
     try:
-        commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         timed_post(server.url, {"text": "预热"})
         bulk: dict = {}
         worker = threading.Thread(target=lambda: bulk.update(zip(("status", "seconds"), timed_post(
@@ -69,7 +67,7 @@ def measure(tree: str, model: str, texts: list[str]) -> dict:
         for thread in threads + [worker]:
             thread.join()
         seconds = [s for _, s in shorts]
-        return {"tree": tree, "commit": commit.stdout.strip(), "short_statuses": [s for s, _ in shorts],
+        return {"short_statuses": [s for s, _ in shorts],
                 "short_seconds": seconds, "short_p50_s": statistics.median(seconds), "short_max_s": max(seconds),
                 "bulk_status": bulk.get("status"), "bulk_seconds": bulk.get("seconds")}
     finally:
@@ -83,11 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     args = parser.parse_args(argv)
     texts = review_texts(400)
-    runs = []
-    for name, tree in (("before", args.before), ("this tree", str(REPO))):
-        if tree:
-            runs.append({"name": name, **measure(tree, args.model, texts)})
-            print(json.dumps(runs[-1]), flush=True)
+    runs = measure_trees(args.before, lambda tree: measure(tree, args.model, texts))
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "model": Path(args.model).name, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bulk-beside-short.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -16,7 +16,6 @@ import argparse
 import collections
 import json
 import statistics
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ import requests
 from qaio_testing import REPO, GunicornServer, NginxServer
 
 from .run import machine
+from .trees import measure_trees, tree_env
 
 CHATS = 400
 MAX_TOKENS = 128
@@ -42,8 +42,7 @@ def chat(url: str, i: int) -> tuple[int, float, int]:
 def measure(tree: str, model: str) -> dict:
     # Each worker its share of the cores, and its default HTTP threads (capacity + 32), as `make run`
     # starts them: every request nginx sends it is in its own queue, none waits for a thread.
-    env = {"QAIO_TORCH_THREADS": "1"} if tree == str(REPO) else {"QAIO_TORCH_THREADS": "1",
-                                                                 "PYTHONPATH": f"{tree}/worker:{tree}"}
+    env = {"QAIO_TORCH_THREADS": "1", **tree_env(tree)}
     workers = [GunicornServer(model, **env) for _ in range(2)]
     proxy = None
     try:
@@ -51,7 +50,6 @@ def measure(tree: str, model: str) -> dict:
             worker.wait_ready(900)
         proxy = NginxServer([w.address for w in workers], QAIO_MODEL=model, QAIO_NGINX_CHAT_RATE="100000r/s",
                             QAIO_NGINX_CHAT_BURST="100000", QAIO_NGINX_CONN_PER_CLIENT="0")
-        commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda i: chat(proxy.url, -i), range(16)))
         started = time.perf_counter()
@@ -66,7 +64,7 @@ def measure(tree: str, model: str) -> dict:
     by_status = collections.defaultdict(list)
     for status, took, _ in results:
         by_status[status].append(took)
-    return {"tree": tree, "commit": commit.stdout.strip(), "seconds": round(seconds, 1),
+    return {"seconds": round(seconds, 1),
             "statuses": {str(s): len(t) for s, t in sorted(by_status.items())},
             "p50_s": {str(s): round(statistics.median(t), 2) for s, t in sorted(by_status.items())},
             "max_s": {str(s): round(max(t), 2) for s, t in sorted(by_status.items())},
@@ -79,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", help="another checkout of the project, measured the same way first")
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     args = parser.parse_args(argv)
-    runs = []
-    for name, tree in (("before", args.before), ("this tree", str(REPO))):
-        if tree:
-            runs.append({"name": name, **measure(tree, args.model)})
-            print(json.dumps(runs[-1]), flush=True)
+    runs = measure_trees(args.before, lambda tree: measure(tree, args.model))
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "model": Path(args.model).name, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "chat-storm.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from qaio_testing import REPO, GunicornServer
 from .gpu_http import level, worker_processes
 from .run import machine
 from .texts import review_texts
+from .trees import measure_trees, tree_env
 
 TURNS = 5
 CONVERSATIONS = 4
@@ -80,17 +80,10 @@ def conversations(url: str, texts: list[str], max_tokens: int) -> list[list[floa
 
 
 def measure(tree: str, model: str, texts: list[str], max_tokens: int, requests_per_level: int) -> dict:
-    env = {"QAIO_MAX_BATCH_SIZE": "16"}
-    if tree != str(REPO):
-        env["PYTHONPATH"] = f"{tree}/worker:{tree}"
-    server = GunicornServer(model, **env).wait_ready(900)
+    server = GunicornServer(model, QAIO_MAX_BATCH_SIZE="16", **tree_env(tree)).wait_ready(900)
     try:
         roles = worker_processes(server.proc.pid)
-        commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        out = {"tree": tree, "commit": commit.stdout.strip() + (" + changes" if dirty else ""),
-               "idle_rss_mb": rss_mb(roles)}
+        out = {"idle_rss_mb": rss_mb(roles)}
         ttft = conversations(server.url, texts, max_tokens)
         out["ttft_p50_ms_by_turn"] = [1000 * statistics.median(turn) for turn in ttft]
         out["rss_after_conversations_mb"] = rss_mb(roles)
@@ -114,11 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs")
     args = parser.parse_args(argv)
     texts = review_texts(max(4 * args.requests, 3 * TURNS * CONVERSATIONS))
-    runs = []
-    for name, tree in (("before", args.before), ("this tree", str(REPO))):
-        if tree:
-            runs.append({"name": name, **measure(tree, args.model, texts, args.max_tokens, args.requests)})
-            print(json.dumps(runs[-1]), flush=True)
+    runs = measure_trees(args.before, lambda tree: measure(tree, args.model, texts, args.max_tokens, args.requests))
     write(args, runs)
     return 0
 

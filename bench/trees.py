@@ -1,0 +1,32 @@
+"""Benchmarks that compare source trees in one sitting: this checkout, and with `--before` another one
+(e.g. `git worktree add /tmp/before <commit>`), each run the same way."""
+from __future__ import annotations
+
+import json
+import subprocess
+from typing import Callable
+
+from qaio_testing import REPO
+
+
+def tree_env(tree: str) -> dict[str, str]:
+    """The environment a worker needs to run another checkout's code."""
+    return {} if tree == str(REPO) else {"PYTHONPATH": f"{tree}/worker:{tree}"}
+
+
+def commit_of(tree: str) -> str:
+    """The tree's commit, with `+ changes` when its tracked files differ from it."""
+    commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", tree, "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return commit.stdout.strip() + (" + changes" if dirty else "")
+
+
+def measure_trees(before: str | None, measure: Callable[[str], dict]) -> list[dict]:
+    """`measure(tree)` for the other checkout first, when given, then this one; each printed as it ends."""
+    runs = []
+    for name, tree in (("before", before), ("this tree", str(REPO))):
+        if tree:
+            runs.append({"name": name, "tree": tree, "commit": commit_of(tree), **measure(tree)})
+            print(json.dumps(runs[-1]), flush=True)
+    return runs
