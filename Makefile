@@ -10,7 +10,7 @@ SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
 # Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
 STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost conversation-bench bulk-bench storm-bench key-cost alerts loadtest soak run run-detached stop api-key run-worker demo-models model-tiny \
+.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost conversation-bench bulk-bench storm-bench key-cost bench-host alerts loadtest soak run run-detached stop api-key run-worker demo-models model-tiny \
 	model-0.5b model-smol compose-test clean
 
 help:
@@ -24,6 +24,7 @@ help:
 	@echo "make conversation-bench  idle RSS, 5-turn conversations' TTFT, c=16 throughput (BEFORE=<checkout> beside): docs/conversations.md"
 	@echo "make bulk-bench   short sentiment requests beside a bulk one (BEFORE=<checkout> beside): docs/bulk-beside-short.md"
 	@echo "make storm-bench  400 chats at once through nginx and two workers (BEFORE=<checkout> beside): docs/chat-storm.md"
+	@echo "make bench-host   the host path without the model (QAIO_NULL_MODEL): server CPU per token and per sentiment request, c=64/256, both layouts (BEFORE=<checkout> beside): docs/benchmarks-host.md"
 	@echo "make key-cost     nginx CPU per request with API keys and without, and a worker's /healthz beside: docs/key-check-cost.md"
 	@echo "make penalty-cost server CPU per streamed token with the default repetition penalty and without: docs/penalty-cost.md"
 	@echo "make alerts       write the objectives' Prometheus rules from QAIO_SLO_* (deploy/alerts/, k8s/monitoring/): docs/alerts.md"
@@ -102,6 +103,11 @@ bulk-bench: $(STAMP) model-smol
 
 storm-bench: $(STAMP) model-smol
 	$(PY) -m bench.chat_storm $(if $(BEFORE),--before $(BEFORE))
+
+# The host path without the model's arithmetic (QAIO_NULL_MODEL; the tiny model's tokenizer):
+# docs/benchmarks-host.md. BEFORE=<another checkout> measures it too, in the same sitting.
+bench-host: $(STAMP) model-tiny
+	$(PY) -m bench.host_path $(if $(BEFORE),--before $(BEFORE))
 
 key-cost: $(STAMP) model-tiny
 	@scripts/install-system-deps.sh run

@@ -95,15 +95,16 @@ def _level_in_process(kind: str, url: str, texts: list[str], concurrency: int, m
         (lambda s, t: chat_call(s, url, t, max_tokens, **sampling))
     ready.release()
     go.wait()
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     level = run_level(call, texts, concurrency)
-    results.put((started, time.time(), [(o.latency, o.ttft, o.tokens, o.ok) for o in level.outcomes]))
+    results.put((started, time.time(), [(o.latency, o.ttft, o.tokens, o.ok) for o in level.outcomes],
+                 time.process_time() - cpu))
 
 
 def run_level_processes(kind: str, url: str, texts: list[str], concurrency: int, max_tokens: int,
                         processes: int | None = None, sampling: dict | None = None) -> dict:
     """run_level spread over several client processes, so that at thousands of events per second the
-    client's own GIL is not what is measured. Returns the level's summary."""
+    client's own GIL is not what is measured. Returns the level's summary and the clients' CPU seconds."""
     import multiprocessing
     import os
 
@@ -124,4 +125,5 @@ def run_level_processes(kind: str, url: str, texts: list[str], concurrency: int,
         worker.join()
     level = LevelResult(concurrency, max(p[1] for p in parts) - min(p[0] for p in parts),
                         [Outcome(*o) for p in parts for o in p[2]])
-    return level.summary()
+    # The clients' CPU while the level ran (not their start-up: interpreter, imports).
+    return {**level.summary(), "client_cpu_s": sum(p[3] for p in parts)}

@@ -37,6 +37,10 @@ class WorkerConfig:
     dtype: str = _setting("auto", "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` or `float16`",
                           choices=("auto", "float32", "bfloat16", "float16"))
     torch_threads: int = _setting(0, "CPU threads for torch (0: torch's default, one per core)", minimum=0)
+    null_model: bool = _setting(False, "Serve no model: the tokenizer of QAIO_MODEL, prompts, engine, scheduler and "
+                                       "HTTP as always, over a forward pass that does no arithmetic (a fixed cycle "
+                                       "of tokens and label scores), named `null` in every answer; for measuring "
+                                       "the host path (make bench-host)")
     instance_id: str = _setting("", "Name of this instance in responses, logs and metrics (default: host name)")
     warmup: bool = _setting(True, "Run a warm-up forward pass before reporting ready")
     # HTTP server (read by gunicorn.conf.py)
@@ -229,7 +233,9 @@ class WorkerConfig:
                     workers=self.workers or (4 if engine_process == "on" and on_gpu else 1))
         if not self.instance_id:
             fill["instance_id"] = socket.gethostname()
-        if not self.model_name:
+        if self.null_model:
+            fill["model_name"] = "null"  # whatever QAIO_MODEL_NAME says: the null model is never mistaken for one
+        elif not self.model_name:
             fill["model_name"] = self.model.rstrip("/").split("/")[-1] if os.path.isdir(self.model) else self.model
         return dataclasses.replace(self, **fill) if fill else self
 

@@ -14,6 +14,7 @@ from ..health import Health
 from ..memory import HeapTrimmer
 from ..metrics import WorkerMetrics
 from ..model import ModelService
+from ..model.null import NullModelService
 from ..protocol import Control, ModelInfo, Request, Status
 from .loop import EngineLoop, Sink
 
@@ -25,7 +26,7 @@ class EngineHost:
                  exit_process: Callable[[], None] | None = None):
         self.config = config
         self.metrics = metrics
-        self.model = model or ModelService(config)
+        self.model = model or (NullModelService if config.null_model else ModelService)(config)
         self.health = Health(config.failure_threshold, config.failure_cooldown_s)
         self.loop = EngineLoop(self.model, config, metrics, self.health, sink)
         self.loop.on_device_error = self._after_device_error
@@ -71,7 +72,10 @@ class EngineHost:
 
     def _warn_if_not_the_model(self) -> None:
         model = self.model
-        if model.is_demo:
+        if model.is_null:
+            log.warning("NULL MODEL: no model is served; every answer is a fixed cycle of tokens and scores, "
+                        "for measuring the host path (QAIO_NULL_MODEL)")
+        elif model.is_demo:
             log.warning("DEMO MODEL: %s serves RANDOM WEIGHTS; its answers are meaningless",
                         model.served_source, extra={"demo_model": model.demo_info})
         elif model.is_stand_in:

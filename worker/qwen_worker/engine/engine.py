@@ -80,7 +80,7 @@ class Engine:
             self.penalties.reset(row)
 
     def _check_token_ids(self, ids: Sequence[int]) -> None:
-        vocab = self.runner.stack.vocab_size
+        vocab = self.runner.vocab_size
         if not ids or min(ids) < 0 or max(ids) >= vocab:
             raise RowFailed("invalid_token_id", f"prompt token ids must be in [0, {vocab})")
 
@@ -170,7 +170,9 @@ class Engine:
         if done:
             done_rows = [rows[i] for i in done]
             now = self.clock()
-            tokens, logprobs = self._pick(done_rows, logits[done], None)
+            picked = logits[done]
+            tokens, logprobs = self._pick(done_rows, None, picked) if self.runner.picks_tokens \
+                else self._pick(done_rows, picked, None)
             for row, token, logprob in zip(done_rows, tokens, logprobs):
                 self._accept(row, token, now, logprob)
 
@@ -186,7 +188,7 @@ class Engine:
         """The KV pool and the prefix cache: blocks by state, bytes per block, running totals."""
         blocks = self.scheduler.blocks
         return {"blocks_total": blocks.total, "blocks_used": blocks.used(), "blocks_cached": blocks.cached(),
-                "block_bytes": self.runner.kv.block_bytes, "prefix_hit_tokens": blocks.hit_tokens,
+                "block_bytes": self.runner.block_bytes, "prefix_hit_tokens": blocks.hit_tokens,
                 "prefix_query_tokens": blocks.query_tokens, "preemptions": self.scheduler.preemptions,
                 "evictions": blocks.evictions}
 
@@ -201,7 +203,10 @@ class Engine:
         """Each row's next token (and its logprobs, for rows asking) from logits aligned with rows (None:
         padding), chosen on the device and copied to the host once (twice with logprobs). Steps where
         every row is plainly greedy take the logits' argmax: the decode graph's own where it computed one
-        (greedy), else one pass over the logits, never a second."""
+        (greedy), else one pass over the logits, never a second. A runner that picks its own tokens (the
+        null model) passes them as `greedy`, with no logits."""
+        if logits is None:
+            return self._picked(rows, greedy)
         if all(row is None or row.sampling.plain_greedy for row in rows):
             return (logits.argmax(dim=-1) if greedy is None else greedy).tolist(), [None] * len(rows)
         penalized = self.penalties.select(rows) if self.penalties is not None else None
@@ -223,6 +228,17 @@ class Engine:
         if penalized is not None:
             self.penalties.count(penalized, tokens)
         return tokens.tolist(), token_logprobs(logits, tokens, rows)
+
+    def _picked(self, rows: Sequence[GenerationRow | None], tokens: torch.Tensor):
+        """Tokens the runner chose: the penalties' counts kept as for drawn ones; rows asking for
+        logprobs get the token itself at log-probability 0 (there is no distribution)."""
+        penalized = self.penalties.select(rows) if self.penalties is not None else None
+        if penalized is not None:
+            self.penalties.count(penalized, tokens)
+        ids = tokens.tolist()
+        return ids, [None if row is None or row.sampling.logprobs < 0 else
+                     (0.0, (token,)[:row.sampling.logprobs], (0.0,)[:row.sampling.logprobs])
+                     for row, token in zip(rows, ids)]
 
     @staticmethod
     def _generator(row: GenerationRow, device: torch.device) -> torch.Generator:

@@ -43,6 +43,8 @@ class PrefillChunk:
 class ModelRunner:
     """One model's forward passes for `slots` rows of up to `max_tokens` tokens over a pool of KV blocks."""
 
+    picks_tokens = False  # its passes return logits; the engine chooses the tokens
+
     def __init__(self, model, *, slots: int, max_tokens: int, prefill_chunk: int, use_graphs: bool,
                  label_head: torch.Tensor, kv_blocks: int, block_tokens: int = 16, compile: bool = False,
                  kernels: str = "torch", sdpa_backend: str = "auto"):
@@ -55,6 +57,8 @@ class ModelRunner:
         self.kv = PagedKVCache(s.num_layers, kv_blocks, s.kv_heads, block_tokens, s.head_dim, self.dtype, self.device,
                                slots, max_tokens)
         self.block_tokens = block_tokens
+        self.block_bytes = self.kv.block_bytes
+        self.vocab_size = s.vocab_size
         # The block tables' host side: rows change as blocks are given (set_blocks), and reach the
         # device before the next pass, changed rows only.
         self._tables = torch.zeros(self.kv.block_table.shape, dtype=torch.long,
@@ -221,7 +225,7 @@ class ModelRunner:
 
         Chunks of similar width share a pass padded to a width and batch bucket.
         """
-        logits = torch.empty((len(chunks), self.stack.vocab_size), dtype=self.dtype, device=self.device)
+        logits = torch.empty((len(chunks), self.vocab_size), dtype=self.dtype, device=self.device)
         groups: dict[int, list[int]] = {}
         for i, chunk in enumerate(chunks):
             width = _round_up(len(chunk.tokens), self.widths) if self.pad_shapes else 0

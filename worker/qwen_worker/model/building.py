@@ -35,9 +35,15 @@ def build_engine(model, config, device: torch.device, dtype: torch.dtype, label_
         log.exception("torch.compile failed; the engine runs eager passes instead")
         runner.disable_compile()
         runner.capture_graphs()
+    return engine_over(runner, config, blocks, eos_token_ids)
+
+
+def engine_over(runner, config, blocks: int, eos_token_ids: set[int]) -> Engine:
+    """The engine, its scheduler and its block manager over a runner of `blocks` KV blocks."""
     manager = BlockManager(blocks, config.kv_block_tokens, caching=config.prefix_cache)
-    return Engine(runner, Scheduler(config.max_batch_size, max_tokens, chunk, manager), eos_token_ids,
-                  sample_prefilter=config.sample_prefilter, sample_candidates=config.sample_candidates)
+    scheduler = Scheduler(config.max_batch_size, runner.max_tokens, config.prefill_chunk_tokens, manager)
+    return Engine(runner, scheduler, eos_token_ids, sample_prefilter=config.sample_prefilter,
+                  sample_candidates=config.sample_candidates)
 
 
 def kv_pool_blocks(model, config, max_tokens: int, device: torch.device, dtype: torch.dtype) -> int:

@@ -60,6 +60,7 @@ class ServedModel:
 
     demo_info: dict | None = None
     stand_in_info: dict | None = None
+    is_null = False  # QAIO_NULL_MODEL: no model at all (model/null.py)
 
     @property
     def is_demo(self) -> bool:
