@@ -235,6 +235,9 @@ class WorkerConfig:
             fill["instance_id"] = socket.gethostname()
         if self.null_model:
             fill["model_name"] = "null"  # whatever QAIO_MODEL_NAME says: the null model is never mistaken for one
+            # Its only tensors are the bookkeeping's (a GPU's engine launches those on the device); torch's
+            # OpenMP threads would spin after each of them, CPU no host path of a GPU engine pays.
+            fill["torch_threads"] = self.torch_threads or 1
         elif not self.model_name:
             fill["model_name"] = self.model.rstrip("/").split("/")[-1] if os.path.isdir(self.model) else self.model
         return dataclasses.replace(self, **fill) if fill else self

@@ -112,11 +112,14 @@ class Scheduler:
     def make_room_to_decode(self) -> list[GenerationRow]:
         """Blocks for every decoding row's next token, oldest first, preempting the newest rows when the
         pool is dry (a row may be the one preempted); returns the rows that decode this step."""
-        for row in self.decoding():
+        decoding, preempted = self.decoding(), self.preemptions
+        for row in decoding:
+            held = len(row.blocks)
             while row.next_input is not None and not self.blocks.grow(row, row.cached + 1):
                 self._preempt(self._newest_holding())
-            self.changed.add(row.slot)
-        return self.decoding()
+            if len(row.blocks) != held:  # only a changed block list goes to the runner's tables
+                self.changed.add(row.slot)
+        return decoding if self.preemptions == preempted else self.decoding()
 
     def _newest_holding(self) -> GenerationRow:
         return next(row for row in reversed(self.rows.values()) if row.blocks)
