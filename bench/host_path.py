@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--scale", type=int, default=1, help="divide the requests per level (a quick look)")
     parser.add_argument("--out", type=Path, default=REPO / "docs")
+    parser.add_argument("--note", default="", help="a paragraph the report prints under its tables (what changed)")
     parser.add_argument("--engine-steps-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.engine_steps_json:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     runs = measure_trees(args.before, lambda tree: measure(tree, args))
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "tokenizer": Path(args.model).name,
-              "max_tokens": args.max_tokens, "layouts": LAYOUTS, "runs": runs}
+              "max_tokens": args.max_tokens, "layouts": LAYOUTS, "runs": runs, "note": args.note}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks-host.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "benchmarks-host.md").write_text(render(report))
@@ -175,6 +176,8 @@ def render(report: dict) -> str:
         for row in run["engine_step"]:
             lines.append(f"| {run['name']} ({run['commit']}) | {row['batch']} | {row['rows']} | {row['step_ms']} | "
                          f"{row['us_per_row']} |")
+    if report.get("note"):
+        lines += ["", report["note"]]
     return "\n".join(lines) + "\n"
 
 
