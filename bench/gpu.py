@@ -9,6 +9,12 @@ phase, first vs second prefill and sentiment pass on a new thread, greedy and sa
 256, bf16 logit error against float32 next to transformers' own); then one worker over HTTP in the
 default GPU layout per variant (`bench/gpu_http.py`), with each process's CPU seconds.
 `--smoke` runs every phase the machine allows on the tiny model at toy sizes (the CPU test of this script).
+
+A GPU slot is lent once, for minutes, so nothing here may waste it: a worker whose model fails to load
+ends its phase at once (wait_ready reads /readyz's `failed`), engine variants are saved probe by probe,
+the float32 reference loads inside a phase of its own, the run's output (run.log) and each worker's log
+are written beside the results, the load clients are processes that import neither torch nor the
+worker, and every wait has a timeout.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -125,6 +132,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="toy sizes, every phase this machine allows")
     parser.add_argument("--note", default="", help="what this run is of (the change measured), for the report")
     args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "run.log", "a", encoding="utf-8") as log, \
+            contextlib.redirect_stdout(Tee(sys.stdout, log)), contextlib.redirect_stderr(Tee(sys.stderr, log)):
+        return run(args)
+
+
+class Tee:
+    """Writes to a stream and a log file: the run's own output comes back under $OUT with its results."""
+
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def run(args) -> int:
     started = time.monotonic()
     cuda = torch.cuda.is_available()
     texts = review_texts(4096)
@@ -148,18 +179,22 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         phase("hardware", 10, lambda: results.update(hardware=measure_hardware()))
         phase("sdpa", 10, lambda: results.update(sdpa=sdpa_probe()))
-    reference = reference_model(args.model) if cuda else None
+    reference = {}  # the float32 model the logit errors compare with: a failed load skips only them
+    if cuda:
+        phase("reference", 30, lambda: reference.update(model=reference_model(args.model)))
     batches, tokens = ((4,), 6) if args.smoke else ((64, 256), CHAT_TOKENS)
     for spec in filter(None, args.engine_variants.split(",")):
-        phase(f"engine {spec}", 40, lambda spec=spec: results["engine"].__setitem__(
-            spec, gpu_engine.measure_variant(args.model, spec, texts, reference, batches, tokens)))
-    del reference
+        phase(f"engine {spec}", 40, lambda spec=spec: gpu_engine.measure_variant(
+            args.model, spec, texts, reference.get("model"), batches, tokens,
+            result=results["engine"].setdefault(spec, {}), on_probe=lambda: save(results, args.out)))
+    reference.clear()
     levels = dict(chat_levels=(1, 4), sampled_levels=(4,), sentiment_levels=(4,), scale=8) if args.smoke else \
         dict(chat_levels=(1, 64, 256), sampled_levels=(64, 256), sentiment_levels=(16, 256))
     for spec in filter(None, args.http_variants.split(",")):
         def http(spec=spec):
             results["http"][spec] = {}
             gpu_http.measure(args.model, texts, http_env(spec, args.smoke), max_tokens=CHAT_TOKENS,
+                             log_path=args.out / f"worker-{spec.replace('/', '-')}.log",
                              on_level=lambda partial: (results["http"].__setitem__(spec, partial),
                                                        save(results, args.out)), **levels)
         phase(f"http {spec}", 90, http)

@@ -170,18 +170,29 @@ def errors_against_float32(service, texts, reference_model) -> dict:
 
 
 def measure_variant(model_dir: str, spec: str, texts: list[str], reference_model=None, batches=(64, 256),
-                    tokens: int = CHAT_TOKENS) -> dict:
-    service, result = load(model_dir, spec, max(batches))
+                    tokens: int = CHAT_TOKENS, result: dict | None = None, on_probe=None) -> dict:
+    """Fills `result` probe by probe, calling on_probe() after each (a run cut short keeps them)."""
+    result = {} if result is None else result
+    on_probe = on_probe or (lambda: None)
+    service, loaded = load(model_dir, spec, max(batches))
+    result.update(loaded, decode_attention="triton kernel" if spec.split("/")[0] == "triton" else
+                  f"torch sdpa ({service.engine.runner.sdpa_backend})")
+    on_probe()
     try:
         result["replay_ms"] = replay_ms(service.engine.runner) if torch.cuda.is_available() else {}
         result.update(firsts(service, texts))
+        on_probe()
         for batch in (1, *batches):
             result[f"greedy_b{batch}"] = steps(service, texts, batch, tokens)
+            on_probe()
         for batch in batches:
             result[f"sampled_b{batch}"] = steps(service, texts, batch, tokens, **SAMPLED)
+            on_probe()
         result["sentiment_b256_per_s"] = sentiment_rate(service, texts)
+        on_probe()
         if reference_model is not None:
             result["logit_error"] = errors_against_float32(service, texts, reference_model)
+            on_probe()
         return result
     finally:
         del service

@@ -55,9 +55,10 @@ def level(server, roles, kind: str, texts, c: int, max_tokens: int, **sampling) 
 
 
 def measure(model_dir: str, texts: list[str], env: dict, chat_levels, sampled_levels, sentiment_levels,
-            max_tokens: int, scale: int = 1, on_level=None) -> dict:
-    """on_level(results) after each level, so a run cut short keeps what it measured."""
-    server = GunicornServer(model_dir, **env).wait_ready(600)
+            max_tokens: int, scale: int = 1, on_level=None, log_path=None) -> dict:
+    """on_level(results) after each level, so a run cut short keeps what it measured; the worker's log
+    at log_path (a temporary file without one)."""
+    server = GunicornServer(model_dir, log_path=str(log_path) if log_path else None, **env).wait_ready(600)
     try:
         roles = worker_processes(server.proc.pid)
         results = {"processes": sorted(roles.values()), "chat": [], "chat_sampled": [], "sentiment": []}

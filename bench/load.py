@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
+import select
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import requests
 
 from .stats import summary_ms
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: `bench` is importable from it
 
 
 @dataclass
@@ -89,41 +96,60 @@ def run_level(call, texts: list[str], concurrency: int) -> LevelResult:
     return LevelResult(concurrency, time.perf_counter() - started, outcomes)
 
 
-def _level_in_process(kind: str, url: str, texts: list[str], concurrency: int, max_tokens: int, sampling: dict,
-                      ready, go, results):
-    call = (lambda s, t: sentiment_call(s, url, t)) if kind == "sentiment" else \
+def _client_main() -> None:
+    """One load client process (`python -m bench.load`): its level's job as a JSON line on stdin, `ready`
+    on stdout, then `go` on stdin starts it; its outcomes and CPU seconds as a JSON line on stdout. It
+    imports neither torch nor the worker: what it costs is a client's, not a model's start-up."""
+    job = json.loads(sys.stdin.readline())
+    url, max_tokens, sampling = job["url"], job["max_tokens"], job["sampling"]
+    call = (lambda s, t: sentiment_call(s, url, t)) if job["kind"] == "sentiment" else \
         (lambda s, t: chat_call(s, url, t, max_tokens, **sampling))
-    ready.release()
-    go.wait()
+    print("ready", flush=True)
+    sys.stdin.readline()
     started, cpu = time.time(), time.process_time()
-    level = run_level(call, texts, concurrency)
-    results.put((started, time.time(), [(o.latency, o.ttft, o.tokens, o.ok) for o in level.outcomes],
-                 time.process_time() - cpu))
+    level = run_level(call, job["texts"], job["concurrency"])
+    print(json.dumps([started, time.time(), [(o.latency, o.ttft, o.tokens, o.ok) for o in level.outcomes],
+                      time.process_time() - cpu]), flush=True)
+
+
+def _read_line(stream, timeout: float) -> str:
+    if not select.select([stream], [], [], timeout)[0]:
+        raise TimeoutError(f"a load client said nothing within {timeout} s")
+    return stream.readline()
 
 
 def run_level_processes(kind: str, url: str, texts: list[str], concurrency: int, max_tokens: int,
-                        processes: int | None = None, sampling: dict | None = None) -> dict:
+                        processes: int | None = None, sampling: dict | None = None, timeout: float = 1800) -> dict:
     """run_level spread over several client processes, so that at thousands of events per second the
-    client's own GIL is not what is measured. Returns the level's summary and the clients' CPU seconds."""
-    import multiprocessing
-    import os
-
+    client's own GIL is not what is measured; all start together, each wait bounded by `timeout`.
+    Returns the level's summary and the clients' CPU seconds."""
     processes = max(1, min(concurrency, processes or max(1, (os.cpu_count() or 2) // 2)))
-    ctx = multiprocessing.get_context("spawn")
-    ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
-    shares = [texts[i::processes] for i in range(processes)]
-    workers = [ctx.Process(target=_level_in_process,
-                           args=(kind, url, shares[i], concurrency // processes + (i < concurrency % processes),
-                                 max_tokens, sampling or {}, ready, go, results)) for i in range(processes)]
-    for worker in workers:
-        worker.start()
-    for _ in workers:
-        ready.acquire()
-    go.set()
-    parts = [results.get() for _ in workers]
-    for worker in workers:
-        worker.join()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    clients = [subprocess.Popen([sys.executable, "-m", "bench.load"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True, env=env, cwd=ROOT) for _ in range(processes)]
+    try:
+        for i, client in enumerate(clients):
+            job = {"kind": kind, "url": url, "texts": texts[i::processes], "max_tokens": max_tokens,
+                   "sampling": sampling or {}, "concurrency": concurrency // processes + (i < concurrency % processes)}
+            client.stdin.write(json.dumps(job) + "\n")
+            client.stdin.flush()
+        for client in clients:
+            if _read_line(client.stdout, timeout).strip() != "ready":
+                raise RuntimeError(f"a load client exited with {client.wait(timeout)} before it was ready")
+        for client in clients:
+            client.stdin.write("go\n")
+            client.stdin.flush()
+        parts = [json.loads(client.communicate(timeout=timeout)[0].strip().splitlines()[-1]) for client in clients]
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+                client.wait()
     level = LevelResult(concurrency, max(p[1] for p in parts) - min(p[0] for p in parts),
                         [Outcome(*o) for p in parts for o in p[2]])
     # The clients' CPU while the level ran (not their start-up: interpreter, imports).
     return {**level.summary(), "client_cpu_s": sum(p[3] for p in parts)}
+
+
+if __name__ == "__main__":
+    _client_main()

@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from typing import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,13 +89,35 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
         return None
 
 
-def wait_for(url: str, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
+def load_failure(url: str) -> str | None:
+    """What a worker's /readyz says went wrong when its model load failed (it stays up, 503 for good)."""
+    import json
+
+    try:
+        with urllib.request.urlopen(url, timeout=2.0):
+            return None
+    except urllib.error.HTTPError as err:
+        try:
+            body = json.loads(err.read())
+        except ValueError:
+            return None
+        return body.get("error") or "failed" if isinstance(body, dict) and body.get("status") == "failed" else None
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+def wait_for(url: str, proc: subprocess.Popen, timeout: float, what: str, log: Path,
+             failed: Callable[[], str | None] | None = None) -> None:
+    """Until `url` answers 200; raises at once when the process exits or `failed()` names a failure."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}; last of {log}:\n{log.read_text()[-3000:]}")
-        if http_status(url) == 200:
+        status = http_status(url)
+        if status == 200:
             return
+        if status == 503 and failed is not None and (reason := failed()):
+            raise RuntimeError(f"{what} failed to load: {reason}; last of {log}:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
     raise TimeoutError(f"{what} was not ready at {url} within {timeout} s")
 
@@ -129,7 +152,8 @@ class GunicornServer:
                 env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 300) -> "GunicornServer":
-        wait_for(self.url + "/readyz", self.proc, timeout, "gunicorn", self.log_path)
+        url = self.url + "/readyz"
+        wait_for(url, self.proc, timeout, "gunicorn", self.log_path, failed=lambda: load_failure(url))
         return self
 
     def kill(self) -> None:

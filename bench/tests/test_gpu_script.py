@@ -34,3 +34,17 @@ def test_the_gpu_run_measures_each_phase_and_writes_its_report(tiny_model_dir, t
     report = (tmp_path / "benchmarks-gpu.md").read_text()
     assert "Smoke run" in report and "smoke test" in report and "`triton/math/8/16`" in report
     assert len(list((tmp_path / "gpu-runs").glob("*.json"))) == 1
+    # What comes back from a device run: its own output and each worker's log beside the results.
+    assert "engine torch..." in (tmp_path / "run.log").read_text()
+    assert "model ready" in (tmp_path / "worker-torch.log").read_text()
+    assert engine["decode_attention"] == "triton kernel" and results["engine"]["torch"]["decode_attention"] == \
+        "torch sdpa (auto)"
+
+
+def test_a_load_client_imports_neither_torch_nor_the_worker():
+    """Load clients are processes of their own (`python -m bench.load`); one importing torch would spend
+    seconds and memory of a GPU run's slot on something no client uses."""
+    code = "import runpy, sys; sys.argv = ['x']; import bench.load; print(sorted(m for m in sys.modules " \
+           "if m.split('.')[0] in ('torch', 'qwen_worker', 'transformers')))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

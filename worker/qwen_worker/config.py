@@ -82,7 +82,8 @@ class WorkerConfig:
                                      "kernels: attention over the KV cache by per-row lengths, RoPE fused with the K/V "
                                      "write, add + RMSNorm, SiLU x mul; one decode graph per batch size). Off until a GPU "
                                      "run has measured it (docs/gpu-engine-notes.md)", choices=("torch", "triton"))
-    sdpa_backend: str = _setting("auto", "Attention backend for prefill and sentiment passes: `auto` (torch's choice), "
+    sdpa_backend: str = _setting("auto", "Attention backend of the passes that use torch's attention (prefill, sentiment, and decode on the "
+                                         "`torch` kernels; captured into its graphs): `auto` (torch's choice), "
                                          "`efficient`, `flash`, `cudnn`, `math`",
                                  choices=("auto", "efficient", "flash", "cudnn", "math"))
     sample_candidates: int = _setting(-1, "Sampled rows order only their this many most likely tokens for top-p, "

@@ -6,7 +6,7 @@ import openai
 import pytest
 import requests
 
-from qaio_testing import eventually
+from qaio_testing import GunicornServer, eventually
 
 
 def test_openai_sdk_works_unchanged(gunicorn_server):
@@ -81,3 +81,16 @@ def test_a_metrics_port_serves_metrics_and_nothing_else(gunicorn_server, layout)
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "not_found"
     assert requests.get(server.url + "/metrics", timeout=10, headers={"Host": f"127.0.0.1:{metrics_port}"}).status_code == 404
     assert requests.post(server.url + "/v1/sentiment", json={"text": "好"}, timeout=30).status_code == 200
+
+
+@pytest.mark.gunicorn
+@pytest.mark.parametrize("layout", [{}, {"QAIO_ENGINE_PROCESS": "on", "QAIO_WORKERS": "2"}], ids=["one process", "engine process"])
+def test_a_failed_model_load_is_reported_at_once_not_after_the_readiness_wait(layout):
+    """The GPU run's HTTP phase must not spend its slot waiting 600 s for a worker that will never load:
+    /readyz says `failed` with the error, and wait_ready raises that (not a TimeoutError)."""
+    server = GunicornServer("/nonexistent-model-dir", QAIO_FALLBACK_MODEL="", **layout)
+    try:
+        with pytest.raises(RuntimeError, match="failed to load: .*nonexistent-model-dir"):
+            server.wait_ready(timeout=600)
+    finally:
+        server.stop()

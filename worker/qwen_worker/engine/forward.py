@@ -212,4 +212,6 @@ class DecoderStack:
                 v = torch.cat([pv.expand(batch, -1, -1, -1), v], dim=2)
             x = self._layer_rest(i, x, _gqa_attention(q, k, v, mask, self.scale))
         rows = torch.arange(batch, device=x.device)
-        return (self.norm(x[rows, last]) @ head.T).float()
+        # The label logits in float32: in bf16 the three logits' differences, which are the answer, keep
+        # about two significant digits.
+        return self.norm(x[rows, last]).float() @ head.float().T

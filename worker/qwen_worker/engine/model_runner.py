@@ -71,7 +71,7 @@ class ModelRunner:
         self.batch_sizes = doubling(1, slots)
         self.attend_lengths = doubling(min(MIN_ATTEND, max_tokens), max_tokens)
         self.widths = doubling(min(MIN_WIDTH, prefill_chunk), prefill_chunk)
-        self.label_head = label_head.to(self.device, self.dtype)
+        self.label_head = label_head.to(self.device, torch.float32)  # scoring's last product is float32
         # Decode inputs live in fixed buffers that the captured graphs read: tokens, positions, write_at, lengths.
         # A slot that decodes nothing: token 0 at position 0, its key written to scratch, one key attended.
         self._idle_row = (PAD_TOKEN, 0, self.kv.scratch, 1)
@@ -101,8 +101,8 @@ class ModelRunner:
             passes = KernelPasses(self.stack, self.kv)
             self._decode_pass, self._prefill_pass = passes.decode, passes.prefill
             self.decode_attend_lengths = (max_tokens,)
-        # Prefill and scoring attention backend, chosen once rather than per shape by torch (cuDNN
-        # plans are built per shape and per thread, on the serving path).
+        # The attention backend of every pass (decode on the torch path, prefill, scoring), chosen once
+        # rather than per shape by torch (cuDNN plans are built per shape and per thread, on the serving path).
         self.sdpa_backend = sdpa_backend
         if compile and kernels == "torch":
             self._decode_pass = torch.compile(self.stack.decode, dynamic=True)
@@ -158,7 +158,8 @@ class ModelRunner:
 
     def _decode_logits(self, n: int, attend: int) -> torch.Tensor:
         tokens, positions, write_at, lengths = self._inputs[:, :n]
-        return self._decode_pass(self.kv, tokens, positions, write_at, lengths, attend)
+        with self._attention_backend():  # captured with the graph: decode uses the backend the setting names
+            return self._decode_pass(self.kv, tokens, positions, write_at, lengths, attend)
 
     def _decode_fixed(self, n: int, attend: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The captured step: logits and their argmax (a greedy step reads only the argmax)."""
