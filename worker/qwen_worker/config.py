@@ -108,10 +108,11 @@ class WorkerConfig:
                                                 "block pool takes when QAIO_KV_CACHE_MB is 0 (the rest: activations, "
                                                 "CUDA graphs, sentiment passes)", minimum=0.01)
     kv_block_tokens: int = _setting(16, "Tokens per KV block: the unit of allocation and of prefix reuse", minimum=1)
-    score_pass_tokens: int = _setting(0, "Prompt tokens (the sentiment instruction's included) one sentiment pass "
-                                         "scores at most, so a pass of long texts cannot hold short ones for long: a "
-                                         "pass takes urgent requests (half their deadline spent), then the shortest; "
-                                         "a longer text goes alone (0: 32768 on a GPU, 2048 on a CPU)", minimum=0)
+    score_pass_tokens: int = _setting(0, "Prompt tokens one sentiment pass computes at most (each text's own: the "
+                                         "instruction prefix is cached when QAIO_PREFIX_CACHE is on), so a pass of "
+                                         "long texts cannot hold short ones for long: a pass takes urgent requests "
+                                         "(half their deadline spent), then the shortest; a longer text goes alone "
+                                         "(0: 32768 on a GPU, 512 on a CPU)", minimum=0)
     batch_wait_ms: float = _setting(10.0, "How long an idle worker waits for more sentiment requests to fill a batch",
                                     minimum=0)
     queue_capacity: int = _setting(0, "Requests that may wait for a slot or a sentiment pass; more are refused with "
@@ -228,7 +229,7 @@ class WorkerConfig:
         engine_process = self.engine_process if self.engine_process != "auto" else ("on" if on_gpu else "off")
         fill.update(prefill_chunk_tokens=self.prefill_chunk_tokens or (2048 if on_gpu else 512),
                     cuda_graphs=self.cuda_graphs if self.cuda_graphs != "auto" else ("on" if on_gpu else "off"))
-        fill.update(score_pass_tokens=self.score_pass_tokens or (32768 if on_gpu else 2048))
+        fill.update(score_pass_tokens=self.score_pass_tokens or (32768 if on_gpu else 512))
         fill.update(sample_candidates=self.sample_candidates if self.sample_candidates >= 0 else (0 if on_gpu else 1024))
         fill.update(engine_process=engine_process,
                     workers=self.workers or (4 if engine_process == "on" and on_gpu else 1))

@@ -62,7 +62,10 @@ class EngineLoop:
         if refusal is not None:
             self.metrics.rejected("not_ready" if refusal == "device_error" else refusal)
             raise RequestFailed(refusal, REFUSALS[refusal])
-        self.queue.put(Work(request))
+        work = Work(request)
+        if request.kind == SENTIMENT:
+            work.pass_tokens = self.model.scorer.pass_tokens(request.prompt)
+        self.queue.put(work)
 
     def _refusal(self) -> str | None:
         if self.health.broken or self.device_error is not None:

@@ -23,6 +23,13 @@ class Work:
     sent: int = 0  # generated tokens already sent in earlier outputs
     first_token_at: float | None = None  # the end of the step that produced its first token
     batch_size: int = 0
+    # Prompt tokens a sentiment pass computes for it: its prompt less the cached instruction prefix
+    # (the loop sets it at submission; by default the whole prompt).
+    pass_tokens: int = -1
+
+    def __post_init__(self) -> None:
+        if self.pass_tokens < 0:
+            self.pass_tokens = len(self.request.prompt)
 
     @property
     def id(self) -> int:
@@ -96,23 +103,23 @@ class RequestQueue:
         self._changed()
 
     def take_within(self, kind: str, batch: list[Work], limit: int, budget: int, now: float) -> int:
-        """Move queued requests of `kind` into batch while its prompts' tokens stay within `budget` and it
-        holds fewer than `limit` (caller holds cond). Urgent requests first (half their deadline spent
-        waiting), oldest first; then the shortest prompts, so that a short request is never stuck behind a
-        queue of long ones; a request over what is left is skipped for a shorter one. An empty batch always
-        takes its first request, whatever its size. Returns the batch's prompt tokens."""
+        """Move queued requests of `kind` into batch while the tokens the pass computes (Work.pass_tokens)
+        stay within `budget` and it holds fewer than `limit` (caller holds cond). Urgent requests first (half
+        their deadline spent waiting), oldest first; then the shortest, so that a short request is never
+        stuck behind a queue of long ones; a request over what is left is skipped for a shorter one. An empty
+        batch always takes its first request, whatever its size. Returns the batch's tokens."""
         def urgent(work: Work) -> bool:
             return now - work.enqueued_at >= (work.request.deadline - work.enqueued_at) / 2
 
         candidates = [work for work in self._items if work.kind == kind]
         ordered = [w for w in candidates if urgent(w)] + sorted((w for w in candidates if not urgent(w)),
-                                                                 key=lambda w: len(w.request.prompt))
-        spent = sum(len(work.request.prompt) for work in batch)
+                                                                 key=lambda w: w.pass_tokens)
+        spent = sum(work.pass_tokens for work in batch)
         chosen: set[int] = set()
         for work in ordered:
             if len(batch) >= limit or (batch and spent >= budget):
                 break
-            size = len(work.request.prompt)
+            size = work.pass_tokens
             if batch and spent + size > budget:
                 continue
             batch.append(work)

@@ -60,6 +60,11 @@ class SentimentScorer:
                 return prefix
         return None
 
+    def pass_tokens(self, prompt: Sequence[int]) -> int:
+        """The tokens a pass computes for `prompt`: those after its cached prefix."""
+        prefix = self._cached_prefix(prompt)
+        return len(prompt) - (len(prefix) if prefix else 0)
+
     def score(self, prompts: Sequence[Sequence[int]]) -> list[dict[str, float]]:
         """Softmax over the label tokens' logits after each prompt.
 

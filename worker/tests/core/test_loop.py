@@ -183,8 +183,12 @@ def test_short_sentiment_requests_queued_behind_long_ones_are_scored_first(model
     def request(request_id, text):
         return Request(request_id, SENTIMENT, "sentiment", model.prompter.sentiment_ids(text, "zh"), far)
 
-    longs, shorts = [request(i, "这家店的菜很一般，" * 120) for i in range(1, 4)], [request(i, "好吃") for i in (7, 8, 9)]
-    assert all(750 < len(r.prompt) < 1000 for r in longs)  # a long one fits the budget, not beside another
+    longs, shorts = [request(i, "这家店的菜很一般，" * 140) for i in range(1, 4)], [request(i, "好吃") for i in (7, 8, 9)]
+    # The budget counts what a pass computes: each text's tokens after the cached instruction prefix.
+    cost = model.scorer.pass_tokens
+    assert all(cost(r.prompt) < len(r.prompt) - 50 for r in shorts)  # the prefix is not counted
+    short_cost = sum(cost(r.prompt) for r in shorts)
+    assert all(cost(r.prompt) <= 1000 < cost(r.prompt) + short_cost for r in longs)  # alone, or not beside the shorts
     for r in longs + shorts:  # all queued before the loop takes anything: the order is the queue's choice
         engine_loop.submit(r)
     engine_loop.start()
@@ -194,5 +198,5 @@ def test_short_sentiment_requests_queued_behind_long_ones_are_scored_first(model
     finally:
         engine_loop.stop()
     passes = [ids for ids in sink.passes if ids]
-    assert sorted(passes[0]) == [7, 8, 9]  # one pass of the short ones (~300 tokens), before any long one
+    assert sorted(passes[0]) == [7, 8, 9]  # one pass of the short ones, before any long one
     assert [len(ids) for ids in passes[1:]] == [1, 1, 1]  # then each long text alone: two pass the budget
