@@ -12,12 +12,12 @@ from .load import run_level_processes
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     out = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         text = (task / "children").read_text().split()
@@ -28,7 +28,7 @@ def _children(pid: int) -> list[int]:
 def worker_processes(master: int) -> dict[int, str]:
     """The instance's processes by role: engine (qwen_worker.engine_server), api (gunicorn's workers)."""
     roles = {master: "master"}
-    for child in _children(master):
+    for child in children(master):
         cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
         roles[child] = "engine" if b"qwen_worker.engine_server" in cmdline else "api"
     return roles
@@ -38,7 +38,7 @@ def cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for pid, role in roles.items():
         try:
-            out[role] = out.get(role, 0.0) + _cpu_seconds(pid)
+            out[role] = out.get(role, 0.0) + cpu_seconds(pid)
         except OSError:
             pass
     return out

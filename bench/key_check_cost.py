@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -20,33 +19,16 @@ from pathlib import Path
 
 from qaio_testing import REPO, GunicornServer, NginxServer, add_api_key, free_port
 
+from .gpu_http import children, cpu_by_role
 from .run import machine
-
-TICK = os.sysconf("SC_CLK_TCK")
-
 
 def process_tree(root: int) -> list[int]:
     """root and its children (nginx's workers, gunicorn's processes)."""
-    pids = [root]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1] == str(root):
-                    pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
+    return [root, *children(root)]
 
 
 def cpu_s(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / TICK
+    return sum(cpu_by_role(dict.fromkeys(pids, "all")).values())
 
 
 def per_request_us(port: int, path: str, pids: list[int], n: int, headers: dict) -> float:

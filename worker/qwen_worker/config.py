@@ -245,6 +245,11 @@ class WorkerConfig:
         return dataclasses.replace(self, **fill) if fill else self
 
     @property
+    def row_tokens(self) -> int:
+        """The most tokens one generation row holds: the longest prompt and the longest reply."""
+        return self.max_prompt_tokens + self.max_tokens_limit
+
+    @property
     def capacity(self) -> int:
         """Requests one instance holds at once (generating + queued); the front door's max_conns per
         worker (nginx/qaio-env.envsh applies the same rule to the same variables)."""

@@ -4,18 +4,14 @@ sentiment); over HTTP every place that names a model says `null`, and stop strin
 import json
 
 import pytest
-from prometheus_client import CollectorRegistry
-
 from qaio_testing import eventually
-from qwen_worker.client.inprocess import InProcessClient
 from qwen_worker.config import WorkerConfig
 from qwen_worker.engine import GenerationRow
-from qwen_worker.metrics import WorkerMetrics
 from qwen_worker.model.null import CYCLE_TEXT, NullModelService
 from qwen_worker.prompts import Message
 from qwen_worker.sampling import SamplingParams
 
-from .client.test_engine_link import EngineProcess, soon, started
+from .client.test_engine_link import LAYOUTS, open_link, soon
 
 SETTINGS = {"QAIO_NULL_MODEL": "1", "QAIO_MAX_BATCH_SIZE": "4", "QAIO_MAX_TOKENS_LIMIT": "1000"}
 
@@ -53,21 +49,10 @@ def test_its_sentiment_scores_are_distributions_that_vary_with_the_text(null_ser
     assert len({max(s, key=s.get) for s in scores}) > 1
 
 
-@pytest.fixture(scope="module", params=["in-process", "engine-process"])
+@pytest.fixture(scope="module", params=LAYOUTS)
 def null_link(request, tiny_model_dir, tmp_path_factory):
-    env = {"QAIO_MODEL": tiny_model_dir, **SETTINGS}
-    if request.param == "engine-process":
-        process = EngineProcess(env, tmp_path_factory.mktemp("engine"))
-        try:
-            yield started(process.client)
-        finally:
-            process.stop()
-        return
-    client = InProcessClient(WorkerConfig.from_env(env), WorkerMetrics(CollectorRegistry()))
-    try:
-        yield started(client)
-    finally:
-        client.stop()
+    with open_link(request.param, {"QAIO_MODEL": tiny_model_dir, **SETTINGS}, tmp_path_factory) as client:
+        yield client
 
 
 def test_both_layouts_carry_its_streams_cancellations_and_scores(null_link, null_service):

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 def build_engine(model, config, device: torch.device, dtype: torch.dtype, label_head: torch.Tensor,
                  eos_token_ids: set[int]) -> Engine:
     """The engine over `model`: rows, pool and chunk size from the config (derived defaults resolved there)."""
-    max_tokens = config.max_prompt_tokens + config.max_tokens_limit
+    max_tokens = config.row_tokens
     chunk = config.prefill_chunk_tokens
     blocks = kv_pool_blocks(model, config, max_tokens, device, dtype)
     runner = ModelRunner(model, slots=config.max_batch_size, max_tokens=max_tokens, prefill_chunk=chunk,

@@ -175,8 +175,9 @@ class ModelService(ServedModel):
         return onednn_available()
 
     def _eos_ids(self, model) -> set[int]:
+        """ChatML's end of turn, the tokenizer's end of text and the model config's (None: no model)."""
         ids = {self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
-        for candidate in (self.tokenizer.eos_token_id, model.config.eos_token_id):
+        for candidate in (self.tokenizer.eos_token_id, model.config.eos_token_id if model is not None else None):
             if isinstance(candidate, int):
                 ids.add(candidate)
             elif candidate:

@@ -37,16 +37,14 @@ class NullModelService(ModelService):
     def _prepare(self, model) -> None:
         config = self.config
         self.parameter_count = 0
-        self.eos_token_ids = {i for i in (self.tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                          self.tokenizer.eos_token_id) if isinstance(i, int) and i >= 0}
+        self.eos_token_ids = self._eos_ids(None)
         self.prompter = ChatMLPrompter(self.tokenizer)
         cycle = [t for t in self.tokenizer.encode(CYCLE_TEXT, add_special_tokens=False) if t not in self.eos_token_ids]
-        max_tokens = config.max_prompt_tokens + config.max_tokens_limit
         size = config.kv_block_tokens
         runner = NullRunner(cycle, vocab_size=len(self.tokenizer), slots=config.max_batch_size,
-                            max_tokens=max_tokens, block_tokens=size)
+                            max_tokens=config.row_tokens, block_tokens=size)
         # Blocks for every row at full length: they hold no memory, and the pool never runs dry.
-        self.engine = engine_over(runner, config, config.max_batch_size * -(-max_tokens // size) + 1,
+        self.engine = engine_over(runner, config, config.max_batch_size * -(-config.row_tokens // size) + 1,
                                   self.eos_token_ids)
         self.scorer = SentimentScorer(self.engine, runner.device, {})
         self.calibration = NONE

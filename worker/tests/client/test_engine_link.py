@@ -3,6 +3,7 @@ interface (client/base.py) against the engine loop on a thread of this process (
 against a real engine-server subprocess over its Unix socket (RemoteClient): answers, streams,
 deadlines, cancellation, a full queue, drain, and (the socket only) the loss of the engine. No HTTP, no
 gunicorn; test_contract.py keeps one smoke run of the same promises per layout through real servers."""
+import contextlib
 import os
 import secrets
 import signal
@@ -62,10 +63,14 @@ class EngineProcess:
         self.log.close()
 
 
-@pytest.fixture(scope="module", params=["in-process", "engine-process"])
-def link(request, tiny_model_dir, tmp_path_factory):
-    env = {"QAIO_MODEL": tiny_model_dir, **SETTINGS}
-    if request.param == "engine-process":
+LAYOUTS = ["in-process", "engine-process"]
+
+
+@contextlib.contextmanager
+def open_link(layout: str, env: dict, tmp_path_factory):
+    """A started client of an engine with settings `env`: on a thread of this process, or in an
+    engine-server subprocess over its socket; stopped on exit."""
+    if layout == "engine-process":
         process = EngineProcess(env, tmp_path_factory.mktemp("engine"))
         try:
             yield started(process.client)
@@ -77,6 +82,12 @@ def link(request, tiny_model_dir, tmp_path_factory):
         yield started(client)
     finally:
         client.stop()
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def link(request, tiny_model_dir, tmp_path_factory):
+    with open_link(request.param, {"QAIO_MODEL": tiny_model_dir, **SETTINGS}, tmp_path_factory) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")
