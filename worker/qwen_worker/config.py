@@ -71,7 +71,7 @@ class WorkerConfig:
                                         "none)", choices=("auto", "fitted", "content_free", "none"))
     prefix_cache: bool = _setting(True, "Reuse computed keys and values of prompt prefixes: generation prompts attach "
                                         "the cached KV blocks they start with (earlier turns of a conversation, "
-                                        "shared system prompts); the fixed sentiment prompt's are computed once at load")
+                                        "shared system prompts, the sentiment instruction)")
     cuda_graphs: str = _setting("auto", "Decode steps as CUDA graphs captured at start-up: `auto` (on a GPU), `on`, `off` "
                                         "(eager, for debugging)", choices=("auto", "on", "off"))
     compile: str = _setting("off", "`on`: torch.compile the engine's passes (experimental: it recompiles for each "
@@ -93,13 +93,15 @@ class WorkerConfig:
     sample_prefilter: int = _setting(0, "Sampled rows draw from their this many most likely tokens (top-k before "
                                         "top-p; the sort then covers k entries, not the vocabulary); 0: the whole "
                                         "vocabulary, exact", minimum=0)
-    prefill_chunk_tokens: int = _setting(0, "Prompt tokens prefilled per engine step; longer prompts go in chunks, so "
-                                            "running replies wait at most one chunk (0: 2048 on a GPU, 512 on a CPU)",
+    prefill_chunk_tokens: int = _setting(0, "Prompt tokens prefilled per engine step, generations' and sentiment "
+                                            "texts' alike; longer prompts go in chunks, so running replies wait at "
+                                            "most one chunk. Prompts with at most a quarter of it left go first (0: "
+                                            "2048 on a GPU, 512 on a CPU)",
                                          minimum=0)
     # Batching and admission
     max_batch_size: int = _setting(0, "Requests generating at once (rows of a decode step; their keys and values "
-                                      "live in the KV block pool) and most sentiment texts per pass (0: 256 on a "
-                                      "GPU, 16 on a CPU)", minimum=0)
+                                      "live in the KV block pool), and as many sentiment texts being scored beside "
+                                      "them (0: 256 on a GPU, 16 on a CPU)", minimum=0)
     kv_cache_mb: float = _setting(0.0, "Size of the KV block pool in MiB (0: on a GPU QAIO_GPU_MEMORY_FRACTION of the "
                                    "memory free after the weights; on a CPU what QAIO_MAX_BATCH_SIZE full-length rows "
                                    "need, at most 1024 MiB, its pages resident only once used). It must hold one "
@@ -108,11 +110,6 @@ class WorkerConfig:
                                                 "block pool takes when QAIO_KV_CACHE_MB is 0 (the rest: activations, "
                                                 "CUDA graphs, sentiment passes)", minimum=0.01)
     kv_block_tokens: int = _setting(16, "Tokens per KV block: the unit of allocation and of prefix reuse", minimum=1)
-    score_pass_tokens: int = _setting(0, "Prompt tokens one sentiment pass computes at most (each text's own: the "
-                                         "instruction prefix is cached when QAIO_PREFIX_CACHE is on), so a pass of "
-                                         "long texts cannot hold short ones for long: a pass takes urgent requests "
-                                         "(half their deadline spent), then the shortest; a longer text goes alone "
-                                         "(0: 32768 on a GPU, 512 on a CPU)", minimum=0)
     batch_wait_ms: float = _setting(10.0, "How long an idle worker waits for more sentiment requests to fill a batch",
                                     minimum=0)
     queue_capacity: int = _setting(0, "Requests that may wait for a slot or a sentiment pass; more are refused with "
@@ -229,7 +226,6 @@ class WorkerConfig:
         engine_process = self.engine_process if self.engine_process != "auto" else ("on" if on_gpu else "off")
         fill.update(prefill_chunk_tokens=self.prefill_chunk_tokens or (2048 if on_gpu else 512),
                     cuda_graphs=self.cuda_graphs if self.cuda_graphs != "auto" else ("on" if on_gpu else "off"))
-        fill.update(score_pass_tokens=self.score_pass_tokens or (32768 if on_gpu else 512))
         fill.update(sample_candidates=self.sample_candidates if self.sample_candidates >= 0 else (0 if on_gpu else 1024))
         fill.update(engine_process=engine_process,
                     workers=self.workers or (4 if engine_process == "on" and on_gpu else 1))

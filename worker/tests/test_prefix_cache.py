@@ -1,9 +1,11 @@
-"""Reusing the fixed sentiment prefix's KV cache gives the full computation's answer."""
+"""The prefix cache over sentiment prompts (their instruction prefix) and conversations: what it serves,
+what it reports, and answers equal to the full computation's."""
 import re
 
 import pytest
 
 from qwen_worker.config import WorkerConfig
+from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService
 
 TEXTS = ["很快，好吃，味道足，量大", "送餐太慢了，饭菜都凉了，再也不点了", "Great food!", "一般",
@@ -20,15 +22,22 @@ def pair(tiny_model_dir):
     return services
 
 
-def test_one_cached_prefix_per_language(pair):
+def test_sentiment_prompts_attach_the_cached_instruction_prefix_of_their_language(pair):
     reused, full = pair
-    assert len(reused.scorer.prefix_kv) == 2 and not full.scorer.prefix_kv
-    prefix = reused.prompter.sentiment_prefix_ids["zh"]
-    keys, values = reused.scorer.prefix_kv[tuple(prefix)][0]
-    assert keys.shape[0] == 1 and keys.shape[2] == len(prefix)
+    engine = reused.engine
+    for lang, text in (("zh", "送餐很快"), ("en", "fast delivery")):
+        prefix = reused.prompter.sentiment_prefix_ids[lang]
+        reused.score_sentiment([reused.prompter.sentiment_ids("first", lang)])  # its full blocks stay cached
+        row = GenerationRow.scoring(reused.prompter.sentiment_ids(text, lang))
+        engine.run([row])
+        # Its full blocks, then the rest of the prefix copied from the head of the block that followed them.
+        assert len(prefix) <= row.cached_prompt_tokens < len(row.prompt_ids) and row.finish_reason == "scored"
+    row = GenerationRow.scoring(full.prompter.sentiment_ids("送餐很快", "zh"))
+    full.engine.run([row])
+    assert row.cached_prompt_tokens == 0  # QAIO_PREFIX_CACHE=false: every prompt is computed whole
 
 
-def test_prefix_reuse_equals_full_computation_in_mixed_padded_batches(pair):
+def test_prefix_reuse_equals_full_computation_in_mixed_batches(pair):
     reused, full = pair
     prompts = [reused.prompter.sentiment_ids(t, "en" if i % 2 else "zh") for i, t in enumerate(TEXTS)]
     prompts.append(list(reused.prompter.markup("<|im_start|>user\nno cached prefix<|im_end|>\n")))
@@ -36,20 +45,6 @@ def test_prefix_reuse_equals_full_computation_in_mixed_padded_batches(pair):
     for prompt, got, expected in zip(prompts, batched, full.score_sentiment(prompts)):
         assert got == pytest.approx(expected, abs=1e-5)
         assert reused.score_sentiment([prompt])[0] == pytest.approx(expected, abs=1e-5)
-
-
-@pytest.mark.parametrize("lengths", [[5] * 10, [3, 60, 10, 12, 9, 40, 15, 11, 8, 100, 14, 13, 16, 7, 20, 25], [1], []])
-def test_length_buckets_cover_every_row_once_and_bound_padding(lengths):
-    from qwen_worker.model.sentiment import MAX_PADDING_SHARE, MIN_BUCKET_TOKENS, length_buckets
-
-    buckets = length_buckets(lengths)
-    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
-    for bucket in buckets:
-        real = sum(lengths[i] for i in bucket)
-        padded = len(bucket) * max(lengths[i] for i in bucket)
-        without_last = real - max(lengths[i] for i in bucket)
-        # A bucket only grows past the padding bound while it is still too small to stand alone.
-        assert padded <= (1 + MAX_PADDING_SHARE) * real or without_last < MIN_BUCKET_TOKENS
 
 
 def test_a_repeated_conversation_reports_its_cached_prompt_tokens_in_usage_readyz_and_metrics(make_app):
@@ -61,7 +56,8 @@ def test_a_repeated_conversation_reports_its_cached_prompt_tokens_in_usage_ready
     messages += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
                  {"role": "user", "content": "and tomorrow?"}]
     second = client.post("/v1/chat/completions", json=body).get_json()
-    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # The first finds no full block, at most the head of the warm-up prompt's first block (the template's).
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < 16
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert first["usage"]["prompt_tokens"] // 16 * 16 <= cached < second["usage"]["prompt_tokens"]
     kv = client.get("/readyz").get_json()["kv_cache"]

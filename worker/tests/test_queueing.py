@@ -136,16 +136,16 @@ def test_model_failures_in_a_row_drain_readiness_but_the_worker_keeps_serving(ma
     app = make_app(failure_threshold=2, failure_cooldown_s=300)
     service, client = app.extensions["qaio"], app.test_client()
     runner = host(service).model.engine.runner
-    score = runner.score
+    label_logits = runner.label_logits
     failures = iter([IndexError("index out of range in self")] * 2)  # the model fails two passes, then not
 
     def failing(*args, **kwargs):
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        return score(*args, **kwargs)
+        return label_logits(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "score", failing)
+    monkeypatch.setattr(runner, "label_logits", failing)
     for _ in range(2):
         job = service.submit_sentiment("坏了", "zh", service.deadline(5000))
         with pytest.raises(RequestFailed) as err:

@@ -3,6 +3,7 @@ tokens at the HTTP boundary on every path, and never counted as the model's fail
 import pytest
 import torch
 
+from qwen_worker.engine import GenerationRow
 from qwen_worker.errors import ENGINE_ERRORS
 from qwen_worker.protocol import RequestFailed
 from qaio_testing import engine_host
@@ -81,20 +82,26 @@ def test_a_generation_row_the_slots_cannot_hold_fails_alone(make_app):
     assert engine.free_slots() == engine.runner.slots and service.status().state == "ready"
 
 
-def test_padding_past_the_tables_is_never_an_index(make_app):
-    """On a GPU the widths are rounded up to buckets: a text near the limit pads past the position table.
-    Padding positions are clamped, so the longest admissible prompt scores like a short one."""
-    from qwen_worker.engine.model_runner import _round_up
+def test_a_chunk_padded_to_its_width_bucket_answers_as_unpadded(make_app):
+    """On a GPU prefill chunks are padded to width buckets: a chunk that ends at the position table's
+    end pads past it. Padding repeats the last real position and writes to scratch, so it changes nothing."""
+    from qwen_worker.engine.model_runner import PrefillChunk, _round_up
 
     app = make_app(max_prompt_tokens=120, max_tokens_limit=8, default_max_tokens=8)
-    model = engine_host(app.extensions["qaio"]).model
-    runner = model.engine.runner
-    prefix = next(iter(model.scorer.prefix_kv.values()))
-    prefix_len = prefix[0][0].shape[2]
-    fits = runner.max_tokens - prefix_len
-    width = _round_up(fits, runner.widths)  # the GPU's width bucket for this text
-    assert fits > 0 and prefix_len + width > runner.max_tokens  # its padding runs past the tables
-    texts = [[100] * fits, [100]]
-    padded = runner._score_group(prefix, texts, width)  # the pass the GPU runs for this group
-    assert padded.shape == (2, 3) and bool(padded.isfinite().all())
-    assert torch.allclose(padded, runner._score_group(prefix, texts, fits), atol=1e-4)  # padding changes nothing
+    engine = engine_host(app.extensions["qaio"]).model.engine
+    runner, blocks = engine.runner, engine.scheduler.blocks
+    length = runner.max_tokens - 20
+    width = _round_up(length, runner.widths)  # the GPU's width bucket for this chunk
+    assert 20 + width > runner.max_tokens  # its padding runs past the tables
+    holder = GenerationRow(list(range(100, 100 + runner.max_tokens)), 0)
+    assert blocks.grow(holder, runner.max_tokens)
+    runner.set_blocks(0, holder.blocks)
+    try:
+        chunk = PrefillChunk(0, holder.prompt_ids[20:], 20)
+        runner.prefill([PrefillChunk(0, holder.prompt_ids[:20], 0)])
+        padded = runner._prefill_group([chunk], width)  # the pass the GPU runs for it
+        assert padded.shape[0] == 1 and bool(padded.isfinite().all())
+        assert torch.allclose(padded, runner._prefill_group([chunk], 0), atol=1e-4)
+    finally:
+        blocks.release(holder)
+        runner.set_blocks(0, ())

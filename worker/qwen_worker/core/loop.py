@@ -1,10 +1,11 @@
 """The engine loop: one thread that feeds the engine from the queue and reports every pass to a sink.
 
-Each pass: queued generations join the running batch while batch slots are free, the sentiment requests
-waiting now are scored as one pass between two decode steps, bounded in prompt tokens (urgent ones first,
-then the shortest; an idle loop first waits batch_wait_ms to fill it), then one engine step runs. What
-the pass produced (started, streamed tokens, final outputs) goes to `sink` as one list. The loop knows
-requests, outputs and error codes; nothing of HTTP.
+Each pass: queued generations join the running batch while batch slots are free, queued sentiment
+requests become scoring rows while scoring slots are free (within a step's prompt tokens: urgent ones
+first, then the shortest; an idle loop first waits batch_wait_ms to gather them), then one engine step
+runs, which prefills both kinds' prompts within its token budget. What the pass produced (started,
+streamed tokens, scores, final outputs) goes to `sink` as one list. The loop knows requests, outputs and
+error codes; nothing of HTTP.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..engine.engine import RowFailed, StepFailed
 from ..health import Health
 from ..metrics import WorkerMetrics
 from ..protocol import GENERATE, SENTIMENT, Output, Request, RequestFailed
+from ..model.sentiment import label_scores
 from .failures import count_failure, failure_code
 from .admission import SlotTurnover
 from .queue import RequestQueue, Work
@@ -44,7 +46,7 @@ class EngineLoop:
                                   turnover=self.turnover if config.admit_by_estimate else None)
         self._running: dict[int, Work] = {}  # generations holding a slot, by request id
         self._outbox: list[Output] = []  # what this pass produced (engine thread only)
-        self._scoring = 0  # sentiment requests in the pass running now
+        self._scoring: dict[int, Work] = {}  # sentiment requests holding a scoring slot, by request id
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.device_error: Exception | None = None  # a sticky device error: the loop stopped on it
@@ -63,8 +65,8 @@ class EngineLoop:
             self.metrics.rejected("not_ready" if refusal == "device_error" else refusal)
             raise RequestFailed(refusal, REFUSALS[refusal])
         work = Work(request)
-        if request.kind == SENTIMENT:
-            work.pass_tokens = self.model.scorer.pass_tokens(request.prompt)
+        if request.kind == SENTIMENT:  # what its prefill computes: the instruction prefix is cached
+            work.pass_tokens = len(request.prompt) - self.engine.scheduler.blocks.cached_tokens(request.prompt)
         self.queue.put(work)
 
     def _refusal(self) -> str | None:
@@ -79,13 +81,13 @@ class EngineLoop:
         if self.queue.remove(request_id) is not None:
             self.metrics.rejected(reason)
             return
-        work = self._running.get(request_id)
+        work = self._running.get(request_id) or self._scoring.get(request_id)
         if work is not None and work.row is not None:
             work.row.cancelled.set()
 
     def busy(self) -> int:
         """Requests held: queued, scoring or generating (what a drain waits for)."""
-        return len(self.queue) + self._scoring + len(self._running)
+        return len(self.queue) + len(self._scoring) + len(self._running)
 
     def start(self) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -119,7 +121,7 @@ class EngineLoop:
                 for item in generation:
                     self._start_generation(item)
                 if sentiment:
-                    self._score(sentiment)
+                    self._start_scoring(sentiment)
                 if engine.has_work() and self.device_error is None:
                     self._step()
                 live = engine.live()
@@ -139,7 +141,9 @@ class EngineLoop:
             self.on_device_error()
 
     def _next_work(self) -> tuple[list[Work], list[Work]] | None:
-        """Generations for the free slots and the sentiment requests to score now; None when stopping."""
+        """Generations for the free slots and sentiment requests for the free scoring slots; None when
+        stopping. Requests with long texts hold at most half the scoring slots: the rest stay free for
+        short ones, which the scheduler prefills first."""
         engine, queue, cfg = self.engine, self.queue, self.config
         with queue.cond:
             while not self._stopping and not len(queue) and not engine.has_work():
@@ -150,14 +154,17 @@ class EngineLoop:
             queue.take(GENERATE, generation, engine.free_slots())
             unreachable = queue.unreachable(time.monotonic(), engine.free_slots() - len(generation))
             sentiment: list[Work] = []
-            if queue.has(SENTIMENT):
+            if queue.has(SENTIMENT) and engine.free_score_slots():
                 # Idle: worth waiting a little to fill the pass. Busy: the decode steps must go on.
                 gather_until = time.monotonic() + cfg.batch_wait_ms / 1000
+                budget, slots, short = cfg.prefill_chunk_tokens, engine.free_score_slots(), engine.scheduler.short_tokens
+                long_room = max(engine.runner.score_slots // 2, 1) - sum(
+                    1 for work in self._scoring.values() if work.pass_tokens > short)
                 while True:
-                    tokens = queue.take_within(SENTIMENT, sentiment, cfg.max_batch_size, cfg.score_pass_tokens,
-                                               time.monotonic())
+                    tokens = queue.take_within(SENTIMENT, sentiment, slots, budget, time.monotonic(),
+                                               long_tokens=short, long_room=long_room)
                     remaining = gather_until - time.monotonic()
-                    full = len(sentiment) >= cfg.max_batch_size or tokens >= cfg.score_pass_tokens
+                    full = len(sentiment) >= slots or tokens >= budget
                     if engine.has_work() or generation or full or remaining <= 0 or self._stopping:
                         break
                     queue.cond.wait(remaining)
@@ -223,35 +230,40 @@ class EngineLoop:
         self.metrics.rejected(refused.code)
         self._final(work, error=refused)
 
-    def _score(self, batch: list[Work]) -> None:
+    def _start_scoring(self, batch: list[Work]) -> None:
+        """Each request a scoring row in a scoring slot; a text the engine's tables cannot hold fails alone."""
+        started = time.monotonic()
         admitted = []
-        for work in batch:  # a text the position table cannot hold never takes its pass down
+        for work in batch:
+            work.started_at = started
+            work.row = GenerationRow.scoring(work.request.prompt, deadline=work.request.deadline)
             try:
-                self.engine.check_score_prompt(work.request.prompt)
+                self.engine.add(work.row, lambda row, error, work=work: self._scoring_done(work, error))
             except RowFailed as refused:
                 self._refuse(work, refused)
                 continue
+            self._scoring[work.id] = work
             admitted.append(work)
-        if not admitted:
-            return
-        started = time.monotonic()
         for work in admitted:
-            work.started_at, work.batch_size = started, len(admitted)
-        self._scoring = len(admitted)
-        try:
-            results = self.model.score_sentiment([work.request.prompt for work in admitted])
-        except Exception as exc:  # a model failure fails this pass, never the process
-            self._fail(admitted, exc)
-            return
-        finally:
-            self._scoring = 0
-        finished = time.monotonic()
-        self.health.record_success()
-        self.metrics.batch_size.labels(kind=SENTIMENT).observe(len(admitted))
-        for work, scores in zip(admitted, results):
-            self.metrics.observe_done(work.request.task, started - work.enqueued_at, finished - started,
-                                      len(work.request.prompt))
-            self._final(work, scores=scores, finished_at=finished)
+            work.batch_size = len(admitted)
+        if admitted:
+            self.metrics.batch_size.labels(kind=SENTIMENT).observe(len(admitted))
+
+    def _scoring_done(self, work: Work, error: Exception | None) -> None:
+        self._scoring.pop(work.id, None)
+        row = work.row
+        if error is not None:
+            self._failed.append((work, error))  # answered by _answer_failed, after the failure is counted
+        elif row.finish_reason == "scored":
+            self.health.record_success()
+            finished = time.monotonic()
+            self.metrics.observe_done(work.request.task, work.started_at - work.enqueued_at, finished - work.started_at,
+                                      len(row.prompt_ids))
+            self._final(work, scores=label_scores(row.label_probs), finished_at=finished)
+        elif row.finish_reason == "deadline":
+            self._final(work, error=RequestFailed("deadline_exceeded", "the request's deadline passed before it was scored"))
+        else:  # cancelled: its client left
+            self._final(work, error=RequestFailed("client_closed_request", "the client left before it was scored"))
 
     def _fail(self, batch: list[Work], exc: Exception) -> None:
         self._after_failure(exc, len(batch))

@@ -23,8 +23,8 @@ class Work:
     sent: int = 0  # generated tokens already sent in earlier outputs
     first_token_at: float | None = None  # the end of the step that produced its first token
     batch_size: int = 0
-    # Prompt tokens a sentiment pass computes for it: its prompt less the cached instruction prefix
-    # (the loop sets it at submission; by default the whole prompt).
+    # Prompt tokens its prefill computes: its prompt less the cached instruction prefix (the loop sets it
+    # for sentiment requests at submission; by default the whole prompt).
     pass_tokens: int = -1
 
     def __post_init__(self) -> None:
@@ -102,12 +102,14 @@ class RequestQueue:
         self._items = kept
         self._changed()
 
-    def take_within(self, kind: str, batch: list[Work], limit: int, budget: int, now: float) -> int:
-        """Move queued requests of `kind` into batch while the tokens the pass computes (Work.pass_tokens)
+    def take_within(self, kind: str, batch: list[Work], limit: int, budget: int, now: float,
+                    long_tokens: int | None = None, long_room: int = 0) -> int:
+        """Move queued requests of `kind` into batch while the tokens their prefill computes (Work.pass_tokens)
         stay within `budget` and it holds fewer than `limit` (caller holds cond). Urgent requests first (half
         their deadline spent waiting), oldest first; then the shortest, so that a short request is never
         stuck behind a queue of long ones; a request over what is left is skipped for a shorter one. An empty
-        batch always takes its first request, whatever its size. Returns the batch's tokens."""
+        batch always takes its first request, whatever its size. With `long_tokens`, at most `long_room`
+        requests of more tokens are taken. Returns the batch's tokens."""
         def urgent(work: Work) -> bool:
             return now - work.enqueued_at >= (work.request.deadline - work.enqueued_at) / 2
 
@@ -122,6 +124,10 @@ class RequestQueue:
             size = work.pass_tokens
             if batch and spent + size > budget:
                 continue
+            if long_tokens is not None and size > long_tokens:
+                if long_room <= 0:
+                    continue
+                long_room -= 1
             batch.append(work)
             chosen.add(id(work))
             spent += size

@@ -1,17 +1,33 @@
 """Which KV blocks each row holds, and the prefix cache: full blocks keyed by a hash of their tokens and
 of everything before them, kept after their last row ends until the pool needs them (least recently
-used first). A row whose prompt starts with cached blocks attaches them and prefills only the rest."""
+used first). A row whose prompt starts with cached blocks attaches them and prefills only the rest;
+where its prompt then goes on like the head of a cached block (the sentiment instruction's tail, before
+each text), that head's keys are copied into a fresh block of its own (copy on attach) rather than
+computed again."""
 from __future__ import annotations
 
 import hashlib
 import heapq
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
 from .kv_cache import SCRATCH_BLOCK
 from .sequence import GenerationRow
+
+
+# How many of the most recently cached blocks after a prefix copy_on_attach compares a prompt with.
+RECENT_SIBLINGS = 8
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def block_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
@@ -31,6 +47,11 @@ class BlockManager:
         self._hash_of: dict[int, bytes] = {}  # block -> its content hash (full, registered blocks)
         self._cached: dict[bytes, int] = {}  # content hash -> block
         self._unused: OrderedDict[int, None] = OrderedDict()  # cached blocks no row holds, oldest first
+        # Cached blocks by the hash of what precedes them, newest last, with their tokens: where a
+        # prompt's next tokens begin like one of them, copy_on_attach finds it.
+        self._children: dict[bytes, OrderedDict[int, tuple[int, ...]]] = {}
+        self._parent_of: dict[int, bytes] = {}
+        self.copies: list[tuple[int, int]] = []  # (source, destination) blocks to copy before the next pass
         self.hit_tokens = 0  # prompt tokens served from the cache, and asked for (totals, for metrics)
         self.query_tokens = 0
         self.evictions = 0
@@ -51,22 +72,77 @@ class BlockManager:
         """Attach the cached blocks the row's tokens start with to the row (which holds none); returns
         the tokens they hold. Only blocks before the last token count: its logits must be computed."""
         assert not row.blocks
-        tokens, blocks, hashes = row.known_ids(), row.blocks, row.block_hashes
+        tokens = row.known_ids()
         self.query_tokens += len(tokens)
+        for digest, block in self._cached_chain(tokens):
+            self._take(block)
+            row.blocks.append(block)
+            row.block_hashes.append(digest)
+        attached = len(row.blocks) * self.block_tokens + self._copy_on_attach(row, tokens)
+        self.hit_tokens += attached
+        return attached
+
+    def _copy_on_attach(self, row: GenerationRow, tokens: Sequence[int]) -> int:
+        """Tokens after the row's full cached blocks that begin one of the recent cached blocks following
+        them (its last token excepted): a fresh block for the row gets that block's keys (self.copies)."""
         if not self.caching:
             return 0
+        best, source = self._best_sibling(row.block_hashes[-1] if row.block_hashes else b"", tokens,
+                                          len(row.blocks) * self.block_tokens)
+        # The source is held until copied (no allocation may evict it first); a source no row holds
+        # leaves the available blocks as it is taken, so then two must be available.
+        if source is None or self.available() < (2 if self._refs[source] == 0 else 1):
+            return 0
+        self._take(source)
+        destination = self._allocate()
+        row.blocks.append(destination)
+        self.copies.append((source, destination))
+        return best
+
+    def _best_sibling(self, parent: bytes, tokens: Sequence[int], start: int) -> tuple[int, int | None]:
+        """(tokens shared, block): the recent cached block after `parent` whose head is the longest run of
+        tokens[start:] (the last token excepted); (0, None) when none shares a token."""
+        wanted = tuple(tokens[start:min(start + self.block_tokens, len(tokens) - 1)])
+        siblings = self._children.get(parent)
+        best, source = 0, None
+        if wanted and siblings:
+            for block in reversed(list(siblings)[-RECENT_SIBLINGS:]):
+                shared = _common_prefix(siblings.get(block, ()), wanted)  # .get: evicted meanwhile
+                if shared > best:
+                    best, source = shared, block
+        return best, source
+
+    def copied(self) -> list[tuple[int, int]]:
+        """The copies to run now (before any pass that reads their destinations); their sources are let
+        go: a copy is ordered before any later write to them (one device stream)."""
+        copies, self.copies = self.copies, []
+        for source, _ in copies:
+            self._let_go(source)
+        return copies
+
+    def cached_tokens(self, tokens: Sequence[int]) -> int:
+        """How many of a prompt's tokens attach_prefix would find cached now, copies included (reads
+        only: an estimate another thread may ask for)."""
+        parent, full = b"", 0
+        try:
+            for parent, _ in self._cached_chain(tokens):
+                full += self.block_tokens
+            return full + self._best_sibling(parent, tokens, full)[0]
+        except RuntimeError:  # the engine thread changed the cache under this read: what was found
+            return full
+
+    def _cached_chain(self, tokens: Sequence[int]) -> Iterator[tuple[bytes, int]]:
+        """(hash, block) of the cached full blocks `tokens` start with, before its last token."""
+        if not self.caching:
+            return
         parent = b""
         for start in range(0, len(tokens) - self.block_tokens, self.block_tokens):
             digest = block_hash(parent, tokens[start:start + self.block_tokens])
             block = self._cached.get(digest)
             if block is None:
-                break
-            self._take(block)
-            blocks.append(block)
-            hashes.append(digest)
+                return
+            yield digest, block
             parent = digest
-        self.hit_tokens += len(blocks) * self.block_tokens
-        return len(blocks) * self.block_tokens
 
     def grow(self, row: GenerationRow, tokens: int) -> bool:
         """Give a row blocks for its first `tokens` positions; False (and nothing taken) when the pool
@@ -92,21 +168,27 @@ class BlockManager:
             if digest not in self._cached:  # a twin computed at the same time stays private
                 self._cached[digest] = blocks[i]
                 self._hash_of[blocks[i]] = digest
+                parent = hashes[-2] if i else b""
+                self._parent_of[blocks[i]] = parent
+                self._children.setdefault(parent, OrderedDict())[blocks[i]] = tuple(row.ids(i * size, (i + 1) * size))
 
     def release(self, row: GenerationRow) -> None:
         """A row lets go of its blocks (newest first, so a prefix's tail is evicted before its head)."""
         for block in reversed(row.blocks):
-            self._refs[block] -= 1
-            if self._refs[block]:
-                continue
-            if block in self._hash_of:
-                self._unused[block] = None
-            else:
-                heapq.heappush(self._free, block)
+            self._let_go(block)
         row.blocks.clear()
         row.block_hashes.clear()
 
     # ---- blocks ----------------------------------------------------------------------------------
+    def _let_go(self, block: int) -> None:
+        self._refs[block] -= 1
+        if self._refs[block]:
+            return
+        if block in self._hash_of:
+            self._unused[block] = None
+        else:
+            heapq.heappush(self._free, block)
+
     def _take(self, block: int) -> None:
         if self._refs[block] == 0:
             self._unused.pop(block, None)
@@ -118,6 +200,11 @@ class BlockManager:
         else:  # evict the least recently used cached block
             block, _ = self._unused.popitem(last=False)
             del self._cached[self._hash_of.pop(block)]
+            parent = self._parent_of.pop(block)
+            siblings = self._children[parent]
+            del siblings[block]
+            if not siblings:
+                del self._children[parent]
             self.evictions += 1
         self._refs[block] = 1
         return block

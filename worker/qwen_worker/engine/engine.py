@@ -1,4 +1,5 @@
-"""The step loop's body: prefill what the scheduler picks, decode every live row once, then on the host
+"""The step loop's body: prefill what the scheduler picks (prompts of generations and of sentiment texts
+alike), score the sentiment rows whose prompt is in, decode every generating row once, then on the host
 (from one device-to-host copy of the new tokens) stream, stop, and free the slots and blocks of
 finished rows."""
 from __future__ import annotations
@@ -9,7 +10,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .logprobs import TokenLogprob, token_logprobs
+from .logprobs import TokenLogprob, label_probabilities, token_logprobs
 from .model_runner import ModelRunner
 from .penalties import PenaltyState
 from .sampler import sample
@@ -60,21 +61,25 @@ class Engine:
     def free_slots(self) -> int:
         return self.scheduler.free_slots()
 
+    def free_score_slots(self) -> int:
+        return self.scheduler.free_score_slots()
+
     def live(self) -> int:
+        """Generating rows (scoring rows hold slots of their own)."""
         return self.scheduler.live()
 
     def has_work(self) -> bool:
-        return self.scheduler.live() > 0
+        return bool(self.scheduler.rows)
 
     def add(self, row: GenerationRow, on_done: OnDone) -> None:
-        """Admit a row into a free slot; it prefills at the next step. Bad rows fail here, not on the device
-        (an out-of-range token id on a GPU would kill the whole CUDA context)."""
+        """Admit a row into a free slot of its kind; it prefills at the next step. Bad rows fail here, not
+        on the device (an out-of-range token id on a GPU would kill the whole CUDA context)."""
         self._check_token_ids(row.prompt_ids)
-        self._check_positions(row.total_tokens(), f"a row's {len(row.prompt_ids)} prompt + {row.max_new_tokens} "
-                                                  f"new tokens")
+        self._check_positions(row.total_tokens(), f"a sentiment prompt's {len(row.prompt_ids)} tokens" if row.score
+                              else f"a row's {len(row.prompt_ids)} prompt + {row.max_new_tokens} new tokens")
         row.on_done = on_done
         self.scheduler.admit(row)
-        if row.sampling.penalized:
+        if row.sampling.penalized and not row.score:
             if self.penalties is None:
                 self.penalties = PenaltyState(self.runner.slots, self.runner.max_tokens, self.runner.device)
             self.penalties.reset(row)
@@ -89,18 +94,22 @@ class Engine:
         if tokens > self.runner.max_tokens:
             raise RowFailed("prompt_too_long", f"{what} exceed the {self.runner.max_tokens} positions the engine holds")
 
-    def check_score_prompt(self, prompt: Sequence[int]) -> None:
-        """Raise RowFailed unless a whole sentiment prompt (cached prefix included) fits the position table."""
-        self._check_token_ids(prompt)
-        self._check_positions(len(prompt), f"a sentiment prompt's {len(prompt)} tokens")
-
     def run(self, rows: Sequence[GenerationRow]) -> None:
-        """Admit rows and step until every row is done; raises the first row's error. For benchmarks,
-        tests and warm-up: in the worker, only the engine thread steps."""
+        """Admit rows as slots of their kind free up and step until every row is done; raises the first
+        row's error. For benchmarks, tests, warm-up and scoring at load: in the worker, only the engine
+        thread steps."""
         errors: list[Exception] = []
-        for row in rows:
-            self.add(row, lambda row, error: errors.append(error) if error is not None else None)
-        while self.has_work():
+        pending = list(rows)
+
+        def done(row, error):
+            if error is not None:
+                errors.append(error)
+
+        while pending or self.has_work():
+            while pending and (self.free_score_slots() if pending[0].score else self.free_slots()):
+                self.add(pending.pop(0), done)
+            if not self.has_work():
+                raise ValueError("the engine has no slot of the kind a row needs")
             try:
                 self.step()
             except StepFailed:
@@ -153,12 +162,13 @@ class Engine:
         self.observe_step(self.clock() - started, len(decoding), path)
 
     def _prefill(self, chunks) -> None:
-        """Run the chunks; rows whose known tokens are all in their blocks now pick their first token
-        (a row recomputed after a preemption already has it: it goes on decoding)."""
+        """Run the chunks; rows whose known tokens are all in their blocks now pick their first token (a
+        row recomputed after a preemption already has it: it goes on decoding), or, scoring, end with
+        their label probabilities."""
         self._sync_tables()
         rows = [row for row, _ in chunks]
         try:
-            logits = self.runner.prefill([chunk for _, chunk in chunks])
+            hidden = self.runner.prefill([chunk for _, chunk in chunks])
         except Exception as exc:
             self._fail(rows, exc)
         for row, chunk in chunks:
@@ -166,18 +176,29 @@ class Engine:
             self.scheduler.blocks.register(row)
             if row.prefilled and row.tokens:
                 row.next_input = row.tokens[-1]
-        done = [i for i, row in enumerate(rows) if row.prefilled and not row.tokens]
-        if done:
-            done_rows = [rows[i] for i in done]
-            now = self.clock()
-            picked = logits[done]
-            tokens, logprobs = self._pick(done_rows, None, picked) if self.runner.picks_tokens \
-                else self._pick(done_rows, picked, None)
-            for row, token, logprob in zip(done_rows, tokens, logprobs):
-                self._accept(row, token, now, logprob)
+        scoring = [i for i, row in enumerate(rows) if row.prefilled and row.score]
+        sampling = [i for i, row in enumerate(rows) if row.prefilled and not row.tokens and not row.score]
+        try:
+            if scoring:
+                probabilities = label_probabilities(self.runner.label_logits(hidden, scoring))
+                for i, probs in zip(scoring, probabilities.tolist()):
+                    rows[i].label_probs, rows[i].finish_reason = tuple(probs), "scored"
+                    self._finish(rows[i], None)
+            if sampling:
+                picked_rows, picked = [rows[i] for i in sampling], self.runner.token_logits(hidden, sampling)
+                tokens, logprobs = self._pick(picked_rows, None, picked) if self.runner.picks_tokens \
+                    else self._pick(picked_rows, picked, None)
+                now = self.clock()
+                for row, token, logprob in zip(picked_rows, tokens, logprobs):
+                    self._accept(row, token, now, logprob)
+        except Exception as exc:
+            self._fail([rows[i] for i in scoring + sampling if rows[i].slot is not None], exc)
 
     def _sync_tables(self) -> None:
-        """Tell the runner the block lists that changed."""
+        """Run the block copies the prefix cache asked for, and tell the runner the block lists that changed."""
+        copies = self.scheduler.blocks.copied()
+        if copies:
+            self.runner.copy_blocks(copies)
         changed, rows = self.scheduler.changed, self.scheduler.rows
         for slot in changed:
             row = rows.get(slot)
@@ -286,13 +307,3 @@ class Engine:
             callback(row, error)
         except Exception:  # a failing callback must not stop the engine serving other rows
             log.exception("engine: completion callback failed")
-
-    # ---- sentiment -----------------------------------------------------------------------------
-    def score(self, prefix, texts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Label logits of texts after `prefix`; the engine loop refused rows that do not fit (check_score_prompt),
-        so a RowFailed here is a caller's bug and fails the pass before any device work."""
-        prefix_len = prefix[0][0].shape[2] if prefix else 0
-        for text in texts:
-            self._check_token_ids(text)
-            self._check_positions(prefix_len + len(text), f"a sentiment prompt's {prefix_len + len(text)} tokens")
-        return self.runner.score(prefix, texts)

@@ -50,7 +50,7 @@ def _gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, folded_mas
 
 
 class DecoderStack:
-    """Runs a causal LM's layers with keys and values in a PagedKVCache (or, for scoring, a fixed prefix)."""
+    """Runs a causal LM's layers with keys and values in a PagedKVCache."""
 
     def __init__(self, model, max_positions: int):
         base = getattr(model, "model", None)
@@ -169,8 +169,9 @@ class DecoderStack:
 
     def prefill(self, kv: PagedKVCache, slots: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                 write_at: torch.Tensor, last: torch.Tensor, attend: int) -> torch.Tensor:
-        """A chunk of prompt tokens [B, W] of the rows in slots [B]: writes their keys, returns logits
-        [B, vocab] at each row's index `last` (its last real token).
+        """A chunk of prompt tokens [B, W] of the rows in slots [B]: writes their keys, returns the final
+        norm's output [B, H] at each row's index `last` (its last real token): the heads are applied by
+        the caller, to the rows that need them.
 
         positions [B, W]: each token's position in its sequence (padding repeats the last real one);
         write_at [B, W]: the pool location its key goes to (padding: the scratch location). Each token
@@ -187,31 +188,4 @@ class DecoderStack:
             out = _gqa_attention(q, *kv.gather(i, table), mask, self.scale)
             x = self._layer_rest(i, x, out)
         rows = torch.arange(x.shape[0], device=x.device)
-        return self.lm_head(self.norm(x[rows, last]))
-
-    def score(self, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, tokens: torch.Tensor,
-              last: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        """Texts [B, W] (right-padded) after a shared cached prefix: `head` [labels, H] applied to the
-        final hidden state at each row's index `last`: [B, labels] in float32. Nothing is cached."""
-        batch, width = tokens.shape
-        prefix_len = prefix[0][0].shape[2] if prefix else 0
-        # Padding past a row's last token may run beyond the tables (widths are rounded up to buckets):
-        # its position is clamped, since nothing reads it; real positions were checked by the engine.
-        positions = (prefix_len + torch.arange(width, device=tokens.device)).clamp(max=self.max_position)
-        positions = positions[None].expand(batch, width)
-        cols = torch.arange(prefix_len + width, device=tokens.device)
-        mask = (cols[None, None] <= positions[:, :, None]).expand(batch, width, prefix_len + width)
-        mask = _fold_mask(mask, self.heads // self.kv_heads, self.cos.dtype)
-        rope = self._rope_at(positions)
-        x = self.embed(tokens)
-        for i in range(len(self.layers)):
-            q, k, v = self._layer_qkv(i, x, rope)
-            if prefix:
-                pk, pv = prefix[i]
-                k = torch.cat([pk.expand(batch, -1, -1, -1), k], dim=2)
-                v = torch.cat([pv.expand(batch, -1, -1, -1), v], dim=2)
-            x = self._layer_rest(i, x, _gqa_attention(q, k, v, mask, self.scale))
-        rows = torch.arange(batch, device=x.device)
-        # The label logits in float32: in bf16 the three logits' differences, which are the answer, keep
-        # about two significant digits.
-        return self.norm(x[rows, last]).float() @ head.float().T
+        return self.norm(x[rows, last])

@@ -73,4 +73,4 @@ class KernelPasses:
         out = self._layers(kv, s.embed(tokens).view(batch * width, -1), positions.flatten(), write_at.flatten(),
                            attend_fn)
         rows = torch.arange(batch, device=tokens.device)
-        return s.lm_head(out.view(batch, width, -1)[rows, last])
+        return out.view(batch, width, -1)[rows, last]  # normed hidden states: the caller applies a head

@@ -2,8 +2,10 @@
 
 Decode runs slots [0, n) with n padded to a batch bucket and attention over the first `attend`
 positions of each row's blocks, padded to a length bucket; on a GPU each (n, attend) pair is a CUDA graph
-captured at start-up that reads its inputs from fixed buffers. Prefill and sentiment scoring run
-eagerly, padded to width and batch buckets, so they too reuse a handful of shapes.
+captured at start-up that reads its inputs from fixed buffers. Prefill (of generations and of sentiment
+texts alike) runs eagerly, padded on a GPU to width and batch buckets, so it too reuses a handful of
+shapes; on a CPU chunks of similar lengths share a pass. Its passes return hidden states: the caller
+applies the output head to rows that sample and the label head to rows that score.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .buckets import bucket, doubling
+from .buckets import bucket, doubling, length_groups
 from .forward import DecoderStack
 from .kv_cache import SCRATCH_BLOCK, PagedKVCache
 
@@ -41,13 +43,14 @@ class PrefillChunk:
 
 
 class ModelRunner:
-    """One model's forward passes for `slots` rows of up to `max_tokens` tokens over a pool of KV blocks."""
+    """One model's forward passes for `slots` generating rows and `score_slots` scoring rows (which
+    prefill only) of up to `max_tokens` tokens over a pool of KV blocks."""
 
     picks_tokens = False  # its passes return logits; the engine chooses the tokens
 
     def __init__(self, model, *, slots: int, max_tokens: int, prefill_chunk: int, use_graphs: bool,
                  label_head: torch.Tensor, kv_blocks: int, block_tokens: int = 16, compile: bool = False,
-                 kernels: str = "torch", sdpa_backend: str = "auto"):
+                 kernels: str = "torch", sdpa_backend: str = "auto", score_slots: int = 0):
         weight = model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
         self.stack = DecoderStack(model, max_tokens)
@@ -55,7 +58,7 @@ class ModelRunner:
             self.stack.fuse()  # on a CPU the packed oneDNN linears are the fast path; no second weight copy
         s = self.stack
         self.kv = PagedKVCache(s.num_layers, kv_blocks, s.kv_heads, block_tokens, s.head_dim, self.dtype, self.device,
-                               slots, max_tokens)
+                               slots + score_slots, max_tokens)
         self.block_tokens = block_tokens
         self.block_bytes = self.kv.block_bytes
         self.vocab_size = s.vocab_size
@@ -66,12 +69,15 @@ class ModelRunner:
         self._tables_np = self._tables.numpy()
         self._stale_tables: set[int] = set()
         self.slots = slots
+        self.score_slots = score_slots
         self.max_tokens = max_tokens
         self.prefill_chunk = prefill_chunk
         self.batch_sizes = doubling(1, slots)
         self.attend_lengths = doubling(min(MIN_ATTEND, max_tokens), max_tokens)
         self.widths = doubling(min(MIN_WIDTH, prefill_chunk), prefill_chunk)
-        self.label_head = label_head.to(self.device, torch.float32)  # scoring's last product is float32
+        # The label logits in float32: in bf16 the three logits' differences, which are the answer, keep
+        # about two significant digits.
+        self.label_head = label_head.to(self.device, torch.float32)
         # Decode inputs live in fixed buffers that the captured graphs read: tokens, positions, write_at, lengths.
         # A slot that decodes nothing: token 0 at position 0, its key written to scratch, one key attended.
         self._idle_row = (PAD_TOKEN, 0, self.kv.scratch, 1)
@@ -90,7 +96,6 @@ class ModelRunner:
         self.compiled = compile
         self._decode_pass = self.stack.decode
         self._prefill_pass = self.stack.prefill
-        self._score_pass = self.stack.score
         self.kernels = kernels
         # Decode graphs by (batch, attend) on the torch path; the kernels read lengths on the device,
         # so their graphs are by batch alone.
@@ -107,8 +112,6 @@ class ModelRunner:
         if compile and kernels == "torch":
             self._decode_pass = torch.compile(self.stack.decode, dynamic=True)
             self._prefill_pass = torch.compile(self.stack.prefill, dynamic=True)
-        if compile:
-            self._score_pass = torch.compile(self.stack.score, dynamic=True)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.graph_replays = 0
         self.capture_seconds = 0.0
@@ -118,11 +121,10 @@ class ModelRunner:
         self.compiled = False
         if self.kernels == "torch":
             self._decode_pass, self._prefill_pass = self.stack.decode, self.stack.prefill
-        self._score_pass = self.stack.score
         self.graphs.clear()
 
     def _attention_backend(self):
-        """The context prefill and scoring passes run in: QAIO_SDPA_BACKEND's choice, or torch's."""
+        """The context prefill passes run in: QAIO_SDPA_BACKEND's choice, or torch's."""
         if self.sdpa_backend == "auto":
             return contextlib.nullcontext()
         backend = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -137,6 +139,13 @@ class ModelRunner:
         row[:len(blocks)] = blocks
         row[len(blocks):] = SCRATCH_BLOCK
         self._stale_tables.add(slot)
+
+    @torch.inference_mode()
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Every layer's keys and values of block `source` into block `destination`, for each pair."""
+        index = torch.tensor(pairs, dtype=torch.long).T.to(self.device, non_blocking=True)
+        for pool in (self.kv.keys, self.kv.values):
+            pool[:, index[1]] = pool[:, index[0]]
 
     def _upload_tables(self) -> None:
         if self._stale_tables:
@@ -219,21 +228,39 @@ class ModelRunner:
         # Eager: the argmax is left to the engine, which takes it after penalties when a row has any.
         return self._decode_logits(n, attend)[:width], None
 
+
     # ---- prefill -------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, chunks: Sequence[PrefillChunk]) -> torch.Tensor:
-        """Writes each chunk's keys into its slot; logits [len(chunks), vocab] at each chunk's last token.
+        """Writes each chunk's keys into its slot; returns the final norm's output [len(chunks), hidden] at
+        each chunk's last token (for token_logits and label_logits).
 
-        Chunks of similar width share a pass padded to a width and batch bucket.
+        On a GPU chunks of a width bucket share a pass padded to it; on a CPU chunks of similar
+        lengths share a pass padded to the longest of them (one long chunk must not pad short ones).
         """
-        logits = torch.empty((len(chunks), self.vocab_size), dtype=self.dtype, device=self.device)
-        groups: dict[int, list[int]] = {}
-        for i, chunk in enumerate(chunks):
-            width = _round_up(len(chunk.tokens), self.widths) if self.pad_shapes else 0
-            groups.setdefault(width, []).append(i)
-        for width, members in groups.items():
-            logits[members] = self._prefill_group([chunks[i] for i in members], width)
-        return logits
+        if self.pad_shapes:
+            groups: dict[int, list[int]] = {}
+            for i, chunk in enumerate(chunks):
+                groups.setdefault(_round_up(len(chunk.tokens), self.widths), []).append(i)
+            parts = list(groups.items())
+        else:
+            parts = [(0, members) for members in length_groups([len(chunk.tokens) for chunk in chunks])]
+        if len(parts) == 1 and parts[0][1] == list(range(len(chunks))):
+            return self._prefill_group(chunks, parts[0][0])
+        hidden = torch.empty((len(chunks), self.stack.embed.weight.shape[1]), dtype=self.dtype, device=self.device)
+        for width, members in parts:
+            hidden[members] = self._prefill_group([chunks[i] for i in members], width)
+        return hidden
+
+    @torch.inference_mode()
+    def token_logits(self, hidden: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """The output head's logits [len(rows), vocab] at prefill's rows `rows` (on the device)."""
+        return self.stack.lm_head(hidden[list(rows)])
+
+    @torch.inference_mode()
+    def label_logits(self, hidden: torch.Tensor, rows: Sequence[int]) -> np.ndarray:
+        """The label head's float32 logits [len(rows), labels] at prefill's rows `rows`, on the host."""
+        return (hidden[list(rows)].float() @ self.label_head.T).cpu().numpy()
 
     def _prefill_group(self, chunks: Sequence[PrefillChunk], width: int) -> torch.Tensor:
         width = width or max(len(chunk.tokens) for chunk in chunks)
@@ -254,41 +281,12 @@ class ModelRunner:
             last[b] = length - 1
             slots[b] = chunk.slot
             longest = max(longest, chunk.start + length)
-        attend = bucket(longest, self.attend_lengths)
+        # A GPU reuses a few attention shapes; a CPU pays for every key attended, so it attends to the
+        # blocks the longest row holds.
+        attend = bucket(longest, self.attend_lengths) if self.pad_shapes else -(-longest // self.block_tokens) * self.block_tokens
         self._upload_tables()
         to = dict(device=self.device, non_blocking=True)
         with self._attention_backend():
             out = self._prefill_pass(self.kv, slots.to(**to), tokens.to(**to), positions.to(**to),
                                      write_at.to(**to), last.to(**to), attend)
         return out[:len(chunks)]
-
-    # ---- sentiment scoring ---------------------------------------------------------------------
-    @torch.inference_mode()
-    def score(self, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None,
-              texts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Label logits [len(texts), labels] (float32, on the host) of texts that follow a cached prefix.
-
-        Texts of similar length share a pass padded to their width bucket (one long review must not
-        pad 255 short ones to its length); on a CPU, where shapes cost nothing, each pass is padded
-        only to its longest text.
-        """
-        if self.device.type == "cpu":
-            return self._score_group(prefix, texts, max(len(t) for t in texts))
-        logits = torch.empty((len(texts), self.label_head.shape[0]), dtype=torch.float32, device=self.device)
-        groups: dict[int, list[int]] = {}
-        for i, text in enumerate(texts):
-            groups.setdefault(_round_up(len(text), self.widths), []).append(i)
-        for width, members in groups.items():
-            logits[members] = self._score_group(prefix, [texts[i] for i in members], width)
-        return logits.cpu()  # the pass's one device-to-host copy
-
-    def _score_group(self, prefix, texts: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-        batch = _round_up(len(texts), self.batch_sizes, step=self.slots) if self.pad_shapes else len(texts)
-        tokens = torch.full((batch, width), PAD_TOKEN, dtype=torch.long)
-        last = torch.zeros(batch, dtype=torch.long)
-        for b, text in enumerate(texts):
-            tokens[b, :len(text)] = torch.as_tensor(text, dtype=torch.long)
-            last[b] = len(text) - 1
-        with self._attention_backend():
-            out = self._score_pass(prefix, tokens.to(self.device), last.to(self.device), self.label_head)
-        return out[:len(texts)]

@@ -26,16 +26,18 @@ class NullRunner:
     capture_seconds = 0.0
     graph_replays = 0
 
-    def __init__(self, cycle: Sequence[int], *, vocab_size: int, slots: int, max_tokens: int, block_tokens: int):
+    def __init__(self, cycle: Sequence[int], *, vocab_size: int, slots: int, max_tokens: int, block_tokens: int,
+                 score_slots: int = 0):
         if not cycle:
             raise ValueError("the null model needs a non-empty token cycle")
         self.cycle = np.asarray(cycle, dtype=np.int64)
         self.vocab_size = vocab_size
         self.slots = slots
+        self.score_slots = score_slots
         self.max_tokens = max_tokens
         self.block_tokens = block_tokens
         self.graphs: dict = {}
-        self.label_cycle = torch.tensor(LABEL_CYCLE, dtype=torch.float32)
+        self.label_cycle = np.array(LABEL_CYCLE, dtype=np.float32)
 
     def capture_graphs(self) -> None:
         pass
@@ -45,6 +47,9 @@ class NullRunner:
 
     def set_blocks(self, slot: int, blocks: Sequence[int]) -> None:
         pass  # no memory behind the blocks: the scheduler's bookkeeping of them is what runs
+
+    def copy_blocks(self, pairs) -> None:
+        pass
 
     def _at(self, positions) -> np.ndarray:
         return self.cycle[np.asarray(positions, dtype=np.int64) % len(self.cycle)]
@@ -57,11 +62,15 @@ class NullRunner:
         tokens[slots] = self._at(positions + 1)
         return None, torch.from_numpy(tokens)
 
-    def prefill(self, chunks: Sequence[PrefillChunk]) -> torch.Tensor:
-        """The token after each chunk's last position."""
-        return torch.from_numpy(self._at([chunk.start + len(chunk.tokens) for chunk in chunks]))
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> np.ndarray:
+        """Each chunk's end position and last token: what token_logits and label_logits answer from."""
+        return np.array([(chunk.start + len(chunk.tokens), chunk.tokens[-1]) for chunk in chunks], dtype=np.int64)
 
-    def score(self, prefix, texts: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Label logits [len(texts), 3] picked by each text's length and last token."""
-        index = torch.tensor([(len(text) + text[-1]) % len(LABEL_CYCLE) for text in texts])
-        return self.label_cycle[index]
+    def token_logits(self, ends: np.ndarray, rows: Sequence[int]) -> torch.Tensor:
+        """The token after each row's last position (token ids: this runner picks them)."""
+        return torch.from_numpy(self._at(ends[list(rows), 0]))
+
+    def label_logits(self, ends: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+        """Label logits [len(rows), 3] picked by each prompt's length and last token."""
+        picked = ends[list(rows)]
+        return self.label_cycle[(picked[:, 0] + picked[:, 1]) % len(LABEL_CYCLE)]

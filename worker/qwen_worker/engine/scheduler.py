@@ -1,5 +1,5 @@
-"""What runs next: which rows hold a batch slot, which prompt chunks prefill this step (as far as the
-KV blocks go), which rows decode, and which row gives its blocks up when the pool runs dry."""
+"""What runs next: which rows hold a batch slot, which prompt chunks prefill this step (short ones first,
+as far as the KV blocks go), which rows decode, and which row gives its blocks up when the pool runs dry."""
 from __future__ import annotations
 
 import heapq
@@ -10,11 +10,11 @@ from .sequence import GenerationRow
 
 
 class SlotAllocator:
-    """Hands out the lowest free slot, so live rows stay packed at the front and a decode step covers
-    slots [0, n) for the smallest n."""
+    """Hands out the lowest free slot of [first, first + slots), so live rows stay packed at the front
+    and a decode step covers slots [0, n) for the smallest n."""
 
-    def __init__(self, slots: int):
-        self._free = list(range(slots))
+    def __init__(self, slots: int, first: int = 0):
+        self._free = list(range(first, first + slots))
         heapq.heapify(self._free)
         self._used: set[int] = set()
 
@@ -35,30 +35,41 @@ class SlotAllocator:
 
 
 class Scheduler:
-    """Rows take a slot on admission and KV blocks as their tokens arrive. Prompts prefill oldest row
-    first, in chunks within a token budget per step; every row whose prompt is in its blocks decodes.
-    When the pool runs dry the most recently admitted row gives its blocks back and is recomputed
-    later (keeping its slot, its tokens and its sampling state): older rows always finish."""
+    """Rows take a slot on admission (generations one of `slots`, scoring rows one of `score_slots`
+    above them, which no decode step covers) and KV blocks as their tokens arrive. Prompts prefill in
+    chunks within a token budget per step, short ones first; every row whose prompt is in its blocks
+    decodes. When the pool runs dry the most recently admitted row gives its blocks back and is
+    recomputed later (keeping its slot, its tokens and its sampling state): older rows always finish."""
 
-    def __init__(self, slots: int, max_tokens: int, prefill_tokens_per_step: int, blocks: BlockManager):
+    def __init__(self, slots: int, max_tokens: int, prefill_tokens_per_step: int, blocks: BlockManager,
+                 score_slots: int = 0):
         self.allocator = SlotAllocator(slots)
+        self.score_allocator = SlotAllocator(score_slots, first=slots)
         self.max_tokens = max_tokens
         self.prefill_tokens_per_step = prefill_tokens_per_step
+        # A prompt with at most this many tokens left is short: one chunk finishes it, and it goes first.
+        self.short_tokens = max(prefill_tokens_per_step // 4, 1)
         self.blocks = blocks
         self.rows: dict[int, GenerationRow] = {}  # slot -> row, in admission order
+        self.scoring = 0  # scoring rows among them
         self.changed: set[int] = set()  # slots whose block list changed since the runner last saw it
         self.preemptions = 0
 
     def free_slots(self) -> int:
         return self.allocator.free_count()
 
+    def free_score_slots(self) -> int:
+        return self.score_allocator.free_count()
+
     def live(self) -> int:
-        return len(self.rows)
+        """Generations holding a slot."""
+        return len(self.rows) - self.scoring
 
     def admit(self, row: GenerationRow) -> None:
         if row.total_tokens() > self.max_tokens:  # Engine.add refuses such rows first, with a code
             raise ValueError(f"a row of {row.total_tokens()} tokens exceeds the {self.max_tokens} positions")
-        row.slot = self.allocator.allocate()
+        row.slot = (self.score_allocator if row.score else self.allocator).allocate()
+        self.scoring += row.score
         row.cached = 0
         row.next_input = None
         self.rows[row.slot] = row
@@ -66,40 +77,58 @@ class Scheduler:
     def release(self, row: GenerationRow) -> None:
         if row.slot is not None and self.rows.get(row.slot) is row:
             del self.rows[row.slot]
+            self.scoring -= row.score
             self.blocks.release(row)
             self.changed.add(row.slot)
-            self.allocator.release(row.slot)
+            (self.score_allocator if row.score else self.allocator).release(row.slot)
         row.slot = None
 
     def prefill_chunks(self) -> list[tuple[GenerationRow, PrefillChunk]]:
-        """Prompt chunks for this step, oldest row first, as far as the token budget and the blocks go
-        (blocks the decoding rows need for this step's token are kept back)."""
-        chunks = []
-        budget = self.prefill_tokens_per_step
-        reserve = sum(1 for row in self.decoding() if row.cached % self.blocks.block_tokens == 0)
-        for row in list(self.rows.values()):
-            if row.prefilled:
-                continue
+        """Prompt chunks for this step within the token budget, as far as the blocks go (blocks the
+        decoding rows need for this step's token are kept back). Short prompts (one chunk finishes them)
+        go first, oldest first, so that a bulk request's long texts never hold a one-line request for
+        more than a step; then the oldest long prompts: a quarter of the budget beside short ones, the
+        whole of it without them."""
+        waiting = [row for row in self.rows.values() if not row.prefilled]
+        for row in waiting:
             if not row.blocks and row.cached == 0:
                 row.cached = self.blocks.attach_prefix(row)
                 if not row.preemptions:
                     row.cached_prompt_tokens = row.cached
                 self.changed.add(row.slot)
-            known = row.known_tokens()
-            size = min(known - row.cached, self.prefill_tokens_per_step)
-            if chunks and size > budget:
-                break  # a chunk joins a pass whole: a CPU pays for every padded token
-            size = min(size, self._room(row, reserve) - row.cached)
-            if size <= 0 and not chunks:  # the oldest waiting row: newer rows make room for it
-                while size <= 0 and self._preempt_newer_than(row):
-                    size = min(known - row.cached, self.prefill_tokens_per_step, self._room(row, reserve) - row.cached)
-            if size <= 0:
-                break  # first come, first served: no younger row overtakes one waiting for blocks
-            self.blocks.grow(row, row.cached + size)
-            self.changed.add(row.slot)
-            chunks.append((row, PrefillChunk(row.slot, row.ids(row.cached, row.cached + size), row.cached)))
-            budget -= size
+        left = {id(row): row.known_tokens() - row.cached for row in waiting}
+        long = [row for row in waiting if left[id(row)] > self.short_tokens]
+        long_ids = {id(row) for row in long}
+        reserve = sum(1 for row in self.decoding() if row.cached % self.blocks.block_tokens == 0)
+        chunks: list[tuple[GenerationRow, PrefillChunk]] = []
+        budget = self.prefill_tokens_per_step - (self.short_tokens if long else 0)
+        for row in waiting:
+            if id(row) in long_ids or left[id(row)] > budget:
+                continue
+            if not self._take(row, left[id(row)], reserve, chunks):
+                return chunks  # first come, first served: no younger row overtakes one waiting for blocks
+            budget -= left[id(row)]
+        # Beside short prompts the long ones get their quarter only: a step that serves short prompts
+        # stays short. Alone, they take the whole budget.
+        budget = self.short_tokens if chunks else self.prefill_tokens_per_step
+        for row in long:
+            if budget < self.short_tokens or not self._take(row, min(budget, left[id(row)]), reserve, chunks):
+                break
+            budget -= len(chunks[-1][1].tokens)
         return chunks
+
+    def _take(self, row: GenerationRow, most: int, reserve: int, chunks: list) -> bool:
+        """Add the row's next chunk (at most `most` tokens, as far as the blocks go) to `chunks`; the
+        step's first row may preempt newer rows for its blocks. False: no room for it."""
+        size = min(most, self._room(row, reserve) - row.cached)
+        while size <= 0 and not chunks and self._preempt_newer_than(row):
+            size = min(most, self._room(row, reserve) - row.cached)
+        if size <= 0:
+            return False
+        self.blocks.grow(row, row.cached + size)
+        self.changed.add(row.slot)
+        chunks.append((row, PrefillChunk(row.slot, row.ids(row.cached, row.cached + size), row.cached)))
+        return True
 
     def _room(self, row: GenerationRow, reserve: int) -> int:
         """Positions the row could fill with the blocks it holds and those free beyond `reserve`."""

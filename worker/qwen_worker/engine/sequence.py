@@ -1,4 +1,4 @@
-"""One generation request's state, from admission to its last token."""
+"""One request's state in the engine, from admission to its last token (or, scoring, its label scores)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +10,9 @@ from ..sampling import GREEDY, SamplingParams
 
 @dataclasses.dataclass(eq=False)
 class GenerationRow:
-    """One request's generation: inputs, limits, and what came out."""
+    """One request's row: inputs, limits, and what came out. A scoring row (`score`) generates nothing:
+    its prompt is prefilled like any other (in chunks, through the KV blocks and the prefix cache) and
+    the label head is read at its last token."""
 
     prompt_ids: list[int]
     max_new_tokens: int
@@ -21,7 +23,9 @@ class GenerationRow:
     tokens: list[int] = dataclasses.field(default_factory=list)
     # Per token of `tokens` when logprobs >= 0: (log-probability, top ids, their log-probabilities).
     token_logprobs: list[tuple[float, tuple[int, ...], tuple[float, ...]]] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # stop | length | deadline | cancelled
+    finish_reason: str | None = None  # stop | length | deadline | cancelled | scored
+    score: bool = False
+    label_probs: tuple[float, ...] | None = None  # a scoring row's softmax over the label logits
     # Engine state: the batch slot it holds, its KV blocks (and the content hashes of the full ones), how
     # many of its tokens the blocks hold, the token the next decode step feeds (the last one sampled),
     # prompt tokens found in the prefix cache, times it lost its blocks to a fuller row, and who to tell
@@ -35,6 +39,10 @@ class GenerationRow:
     preemptions: int = 0
     on_done: Callable[["GenerationRow", Exception | None], None] | None = None
     generator: Any = None  # the seed's torch.Generator, made on the device at the row's first draw
+
+    @classmethod
+    def scoring(cls, prompt_ids: list[int], deadline: float = float("inf")) -> "GenerationRow":
+        return cls(prompt_ids, 0, deadline=deadline, score=True)
 
     def known_tokens(self) -> int:
         """How many tokens' keys the row needs before its next step: the prompt's and, after a preemption,

@@ -29,7 +29,8 @@ def teacher_forced_logits(engine, rows: Sequence[Sequence[int]], prompt_lengths:
 
 
 def _logits(runner, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> list[torch.Tensor]:
-    first = runner.prefill([PrefillChunk(slot, row[:n], 0) for slot, (row, n) in enumerate(zip(rows, prompt_lengths))])
+    hidden = runner.prefill([PrefillChunk(slot, row[:n], 0) for slot, (row, n) in enumerate(zip(rows, prompt_lengths))])
+    first = runner.token_logits(hidden, range(len(rows)))
     out = [[first[slot].float()] for slot in range(len(rows))]
     for step in range(max(len(r) - n for r, n in zip(rows, prompt_lengths)) - 1):
         feeding = {slot: (row[n + step], n + step) for slot, (row, n) in enumerate(zip(rows, prompt_lengths))

@@ -26,7 +26,7 @@ def build_engine(model, config, device: torch.device, dtype: torch.dtype, label_
     runner = ModelRunner(model, slots=config.max_batch_size, max_tokens=max_tokens, prefill_chunk=chunk,
                          use_graphs=config.cuda_graphs == "on", label_head=label_head, kv_blocks=blocks,
                          block_tokens=config.kv_block_tokens, compile=config.compile == "on", kernels=config.kernels,
-                         sdpa_backend=config.sdpa_backend)
+                         sdpa_backend=config.sdpa_backend, score_slots=config.max_batch_size)
     try:
         runner.capture_graphs()
     except Exception:
@@ -41,7 +41,8 @@ def build_engine(model, config, device: torch.device, dtype: torch.dtype, label_
 def engine_over(runner, config, blocks: int, eos_token_ids: set[int]) -> Engine:
     """The engine, its scheduler and its block manager over a runner of `blocks` KV blocks."""
     manager = BlockManager(blocks, config.kv_block_tokens, caching=config.prefix_cache)
-    scheduler = Scheduler(config.max_batch_size, runner.max_tokens, config.prefill_chunk_tokens, manager)
+    scheduler = Scheduler(runner.slots, runner.max_tokens, config.prefill_chunk_tokens, manager,
+                          score_slots=runner.score_slots)
     return Engine(runner, scheduler, eos_token_ids, sample_prefilter=config.sample_prefilter,
                   sample_candidates=config.sample_candidates)
 

@@ -18,7 +18,7 @@ from ..cpu_linear import onednn_available, pack_linears
 from ..engine.engine import Engine
 from ..prompts import ChatMLPrompter
 from .building import build_engine, warm_up
-from .sentiment import SentimentScorer, compute_prefix_kv
+from .sentiment import score_prompts
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,6 @@ class ModelService(ServedModel):
         self.parameter_count: int | None = None
         self.packed_linears = 0  # nn.Linear layers running on oneDNN
         self.engine: Engine | None = None
-        self.scorer: SentimentScorer | None = None
         self.calibration: Calibration = NONE
 
     @property
@@ -141,14 +140,9 @@ class ModelService(ServedModel):
         if getattr(head, "bias", None) is not None:
             raise ValueError("an output layer with a bias is not supported")
         label_head = head.weight.detach()[list(self.prompter.label_token_ids)].clone()
-        prefix_kv = {}
-        if self.config.prefix_cache:
-            for prefix in self.prompter.sentiment_prefix_ids.values():
-                prefix_kv[tuple(prefix)] = compute_prefix_kv(model, prefix, self.device)
         if self._use_onednn_linear():
             self.packed_linears = pack_linears(model)
         self.engine = self.build_engine(model, label_head)
-        self.scorer = SentimentScorer(self.engine, self.device, prefix_kv)
         self.calibration = self._calibration()
 
     def _calibration(self) -> Calibration:
@@ -158,7 +152,7 @@ class ModelService(ServedModel):
             if fitted is not None:
                 return fitted
         if setting == "content_free":
-            return content_free(lambda lang: self.scorer.score([self.prompter.sentiment_ids(CONTENT_FREE_TEXT, lang)])[0])
+            return content_free(lambda lang: self.score_sentiment([self.prompter.sentiment_ids(CONTENT_FREE_TEXT, lang)])[0])
         return NONE
 
     def build_engine(self, model, label_head: torch.Tensor) -> Engine:
@@ -188,8 +182,9 @@ class ModelService(ServedModel):
         warm_up(self)
 
     def score_sentiment(self, prompts: Sequence[Sequence[int]]) -> list[dict[str, float]]:
-        """Label probabilities (softmax over the label tokens' logits) after each prompt."""
-        return self.scorer.score(prompts)
+        """Label probabilities (softmax over the label tokens' logits) after each prompt, through the
+        engine (not while the engine loop serves: only its thread steps the engine)."""
+        return score_prompts(self.engine, prompts)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

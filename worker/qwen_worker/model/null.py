@@ -10,7 +10,6 @@ from ..engine.null_runner import NullRunner
 from ..prompts import ChatMLPrompter
 from .building import engine_over
 from .loading import ModelService
-from .sentiment import SentimentScorer
 
 NAME = "null"
 # The null model's replies cycle through this text's tokens: real words in both languages, so that
@@ -41,12 +40,11 @@ class NullModelService(ModelService):
         self.prompter = ChatMLPrompter(self.tokenizer)
         cycle = [t for t in self.tokenizer.encode(CYCLE_TEXT, add_special_tokens=False) if t not in self.eos_token_ids]
         size = config.kv_block_tokens
-        runner = NullRunner(cycle, vocab_size=len(self.tokenizer), slots=config.max_batch_size,
-                            max_tokens=config.row_tokens, block_tokens=size)
+        slots = config.max_batch_size
+        runner = NullRunner(cycle, vocab_size=len(self.tokenizer), slots=slots, max_tokens=config.row_tokens,
+                            block_tokens=size, score_slots=slots)
         # Blocks for every row at full length: they hold no memory, and the pool never runs dry.
-        self.engine = engine_over(runner, config, config.max_batch_size * -(-config.row_tokens // size) + 1,
-                                  self.eos_token_ids)
-        self.scorer = SentimentScorer(self.engine, runner.device, {})
+        self.engine = engine_over(runner, config, 2 * slots * -(-config.row_tokens // size) + 1, self.eos_token_ids)
         self.calibration = NONE
 
     def describe(self) -> dict:

@@ -1,5 +1,6 @@
-"""What one sentiment pass takes from the queue: bounded in prompt tokens, short requests never stuck
-behind long ones, urgent ones first, the rest left queued in order."""
+"""What the loop moves from the queue into scoring slots at once: bounded in prompt tokens, short requests
+never stuck behind long ones, long ones in at most their share of the slots, urgent ones first, the
+rest left queued in order."""
 from prometheus_client import CollectorRegistry
 
 from qwen_worker.core.queue import RequestQueue, Work
@@ -21,10 +22,10 @@ def queue_of(*items: Work) -> RequestQueue:
     return queue
 
 
-def take(queue: RequestQueue, limit: int = 16, budget: int = 1000) -> list[int]:
+def take(queue: RequestQueue, limit: int = 16, budget: int = 1000, **long) -> list[int]:
     batch: list[Work] = []
     with queue.cond:
-        queue.take_within(SENTIMENT, batch, limit, budget, NOW)
+        queue.take_within(SENTIMENT, batch, limit, budget, NOW, **long)
     return [w.id for w in batch]
 
 
@@ -47,3 +48,11 @@ def test_urgent_requests_first_then_the_limit_and_other_kinds_stay():
     assert take(queue, limit=2) == [1, 2]  # 1 spent over half its deadline waiting: it goes before shorter ones
     assert take(queue, limit=2) == [3, 5]
     assert len(queue) == 1 and take(queue) == []  # the generation is not the scorer's
+
+
+def test_long_requests_take_at_most_their_room_and_short_ones_pass_them():
+    queue = queue_of(work(1, 900, waited=9.0), work(2, 300), work(3, 200), work(4, 20), work(5, 30))
+    # Urgent or not, a request over long_tokens waits once long_room is spent; the short ones go on.
+    assert take(queue, budget=10_000, long_tokens=100, long_room=1) == [1, 4, 5]
+    assert take(queue, budget=10_000, long_tokens=100, long_room=0) == []
+    assert take(queue, budget=10_000, long_tokens=100, long_room=2) == [3, 2]

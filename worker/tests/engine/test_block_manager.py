@@ -9,6 +9,7 @@ def computed(manager: BlockManager, prompt: list[int], tokens: int | None = None
     """A row holding blocks for its prompt, as if the prompt had been prefilled (and registered)."""
     row = GenerationRow(list(prompt), 8)
     row.cached = manager.attach_prefix(row)
+    manager.copied()  # as the engine runs them before the pass
     assert manager.grow(row, len(prompt))
     row.cached = len(prompt) if tokens is None else tokens
     manager.register(row)
@@ -30,12 +31,51 @@ def test_blocks_are_given_as_tokens_arrive_and_all_come_back_when_the_row_ends()
 def test_a_prompt_attaches_the_cached_full_blocks_it_starts_with_but_never_its_last_token():
     manager = BlockManager(blocks=20, block_tokens=SIZE)
     first = computed(manager, list(range(10)))  # blocks [0-3] [4-7] full, [8, 9] partial
+    first_blocks = list(first.blocks)
     manager.release(first)
     again = GenerationRow(list(range(10)) + [99], 8)
     assert manager.attach_prefix(again) == 8 and len(again.blocks) == 2
-    exact = GenerationRow(list(range(8)), 8)  # its last token ends the second block: only the first is reused
-    assert manager.attach_prefix(exact) == 4
-    assert manager.hit_tokens == 12 and manager.query_tokens == 10 + 11 + 8
+    exact = GenerationRow(list(range(8)), 8)  # its last token ends the second block: only the first is attached
+    assert manager.attach_prefix(exact) == 7  # and the second's first three tokens copied into a block of its own
+    assert manager.copies == [(first_blocks[1], exact.blocks[1])] and exact.blocks[0] == first_blocks[0]
+    assert manager.hit_tokens == 15 and manager.query_tokens == 10 + 11 + 8
+
+
+def test_copy_on_attach_takes_the_longest_head_among_the_recent_blocks_after_the_same_prefix():
+    manager = BlockManager(blocks=20, block_tokens=SIZE)
+    for tail in ([5, 6, 9, 9], [5, 7, 7, 7], [5, 6, 7, 9]):
+        manager.release(computed(manager, [1, 2, 3, 4] + tail))
+    row = GenerationRow([1, 2, 3, 4, 5, 6, 7, 8, 0], 8)
+    assert manager.attach_prefix(row) == 4 + 3  # [5, 6, 7] from the third; the others share less
+    (source, destination), = manager.copies
+    assert destination == row.blocks[1] and source not in row.blocks
+    other = GenerationRow([1, 2, 3, 4, 8, 8], 8)
+    assert manager.attach_prefix(other) == 4  # nothing after the prefix begins like [8, 8]: no copy
+
+
+def test_a_copy_source_is_never_evicted_before_the_copy_and_is_cached_again_after_it():
+    manager = BlockManager(blocks=6, block_tokens=SIZE)  # five usable blocks
+    manager.release(computed(manager, [1, 2, 3, 4, 5, 6, 7, 8]))
+    row = GenerationRow([1, 2, 3, 4, 5, 6, 9], 8)
+    assert manager.attach_prefix(row) == 6
+    (source, _), = manager.copies
+    hungry = GenerationRow(list(range(100, 120)), 8)
+    assert not manager.grow(hungry, 12)  # 3 blocks wanted, 2 left: the source and the row's two are held
+    assert manager.grow(hungry, 8) and source not in hungry.blocks
+    assert manager.copied() == [(source, row.blocks[1])] and manager.copies == []
+    manager.release(hungry)
+    manager.release(row)
+    again = GenerationRow([1, 2, 3, 4, 5, 6, 7, 8, 0], 8)
+    assert manager.attach_prefix(again) == 8  # the source is a cached block again, found whole
+
+
+def test_an_evicted_block_is_never_a_copy_source():
+    manager = BlockManager(blocks=4, block_tokens=SIZE)  # three usable blocks
+    manager.release(computed(manager, [1, 2, 3, 4, 5, 6, 7, 8]))
+    filler = GenerationRow(list(range(100, 112)), 8)
+    assert manager.grow(filler, 12) and manager.evictions == 2  # both cached blocks taken back
+    manager.release(filler)
+    assert manager.attach_prefix(GenerationRow([1, 2, 3, 4, 5, 6, 9], 8)) == 0 and manager.copies == []
 
 
 def test_a_block_is_reused_only_after_the_same_tokens_before_it():
@@ -95,3 +135,14 @@ def test_without_caching_nothing_is_attached():
     manager.release(computed(manager, list(range(9))))
     row = GenerationRow(list(range(9)), 8)
     assert manager.attach_prefix(row) == 0 and manager.cached() == 0 and manager.available() == 8
+
+
+def test_no_copy_when_taking_the_source_would_leave_no_block_for_its_destination():
+    manager = BlockManager(blocks=4, block_tokens=SIZE)  # three usable blocks
+    manager.release(computed(manager, [1, 2, 3, 4, 5, 6, 7, 8]))  # two cached, one free
+    holder = GenerationRow([50, 51, 52], 8)
+    assert manager.grow(holder, 3) and manager.evictions == 0  # the free one
+    row = GenerationRow([1, 2, 3, 4, 5, 6, 9], 8)
+    # The first cached block attaches; the second would be the copy's source, and nothing would be left
+    # for the destination: no copy (the prompt computes those tokens), never a failed allocation.
+    assert manager.attach_prefix(row) == 4 and manager.copies == [] and manager.available() == 1

@@ -98,16 +98,66 @@ def test_long_prompts_prefill_in_chunks_with_the_same_result(tiny_model_dir, ser
     assert results[1][0] == alone(service, "短", 10)
 
 
+def full_forward_scores(service, prompt_ids) -> list[float]:
+    labels = list(service.prompter.label_token_ids)
+    with torch.inference_mode():
+        return service.model(input_ids=torch.tensor([prompt_ids])).logits[0, -1, labels].softmax(-1).tolist()
+
+
+def test_a_long_sentiment_text_scored_in_chunks_equals_a_full_forward_pass(tiny_model_dir):
+    chunked = load(tiny_model_dir, prefill_chunk_tokens=16)
+    prompts = [chunked.prompter.sentiment_ids("送餐太慢了，饭菜都凉了，" * 12, "zh"),
+               chunked.prompter.sentiment_ids("ok", "en")]
+    assert len(prompts[0]) > 8 * 16
+    for p, scores in zip(prompts, chunked.score_sentiment(prompts)):
+        assert list(scores.values()) == pytest.approx(full_forward_scores(chunked, p), abs=1e-5)
+
+
+def test_scoring_rows_hold_slots_of_their_own_beside_a_full_batch(service):
+    engine = service.engine
+    writers = [GenerationRow(prompt(service, "tell me a long story"), 30) for _ in range(4)]
+    scored = [GenerationRow.scoring(service.prompter.sentiment_ids(t, "zh")) for t in ("很好吃", "太慢了")]
+
+    def score_while_generating(step):
+        if step == 2:
+            assert engine.free_slots() == 0 and engine.live() == 4
+            for row in scored:
+                engine.add(row, lambda r, e: None)
+            assert engine.free_slots() == 0 and engine.live() == 4 and engine.free_score_slots() == 2
+
+    run(engine, writers, before_step=score_while_generating)
+    for row in scored:
+        assert row.finish_reason == "scored" and row.tokens == []
+        assert list(row.label_probs) == pytest.approx(full_forward_scores(service, row.prompt_ids), abs=1e-5)
+    assert all(len(w.tokens) == 30 for w in writers)
+    assert engine.free_score_slots() == 4 and engine.scheduler.blocks.used() == 0
+
+
+def test_a_deadline_stops_a_scoring_row_between_its_chunks(tiny_model_dir):
+    chunked = load(tiny_model_dir, prefill_chunk_tokens=16)
+    engine = chunked.engine
+    now = [0.0]
+    engine.clock = lambda: now[0]
+    row = GenerationRow.scoring(chunked.prompter.sentiment_ids("送餐太慢了，饭菜都凉了，" * 12, "zh"), deadline=2.5)
+    done = []
+    engine.add(row, lambda r, error: done.append(error))
+    steps = 0
+    while engine.has_work():
+        now[0] = steps  # one "second" per step
+        engine.step()
+        steps += 1
+    assert done == [None] and row.finish_reason == "deadline" and row.label_probs is None
+    assert steps == 4 and 0 < row.cached < len(row.prompt_ids)  # three chunks ran, then the deadline
+    assert engine.free_score_slots() == 4 and engine.scheduler.blocks.used() == 0
+
+
 def test_sentiment_scores_equal_a_full_forward_pass_and_do_not_depend_on_the_batch(service):
     texts = ["很好吃", "送餐太慢了，饭菜都凉了，再也不点了，真的很失望", "ok", "一般般吧，还行"]
     prompts = [service.prompter.sentiment_ids(t, "zh") for t in texts]
     batched = service.score_sentiment(prompts)
-    labels = list(service.prompter.label_token_ids)
     for p, scores in zip(prompts, batched):
         assert service.score_sentiment([p])[0] == pytest.approx(scores, abs=1e-5)
-        with torch.inference_mode():
-            full = service.model(input_ids=torch.tensor([p])).logits[0, -1, labels].softmax(-1).tolist()
-        assert list(scores.values()) == pytest.approx(full, abs=1e-5)
+        assert list(scores.values()) == pytest.approx(full_forward_scores(service, p), abs=1e-5)
 
 
 def test_a_deadline_stops_a_row_inside_the_loop_and_frees_its_slot(service):

@@ -124,3 +124,30 @@ def test_the_oldest_row_waiting_for_blocks_preempts_younger_ones():
     chunks = scheduler.prefill_chunks()
     assert [(r, len(c.tokens)) for r, c in chunks] == [(old, 14)]
     assert holder.preemptions == 1 and holder.blocks == [] and len(old.blocks) == 4
+
+
+def test_short_prompts_prefill_before_a_long_one_which_gets_a_quarter_of_the_budget_beside_them():
+    scheduler = make(slots=8, max_tokens=100, prefill_tokens_per_step=16)  # short: at most 4 tokens left
+    long = row(40)
+    shorts = [row(n, first=50 + 10 * i) for i, n in enumerate((3, 4, 4, 4, 3))]
+    for r in (long, *shorts):  # the long prompt came first
+        scheduler.admit(r)
+    first = prefill(scheduler)  # the short ones within three quarters, the long one its quarter
+    assert [(r, len(c.tokens)) for r, c in first] == [(shorts[0], 3), (shorts[1], 4), (shorts[2], 4), (long, 4)]
+    second = prefill(scheduler)
+    assert [(r, len(c.tokens)) for r, c in second] == [(shorts[3], 4), (shorts[4], 3), (long, 4)]
+    assert [len(c.tokens) for _, c in prefill(scheduler)] == [16]  # alone, the long prompt takes the whole budget
+
+
+def test_scoring_rows_take_slots_above_the_generations_and_no_decode_width():
+    scheduler = Scheduler(2, 100, 64, BlockManager(64, SIZE), score_slots=2)
+    writer, scored = row(3), GenerationRow.scoring(list(range(1, 9)))
+    scheduler.admit(writer)
+    scheduler.admit(scored)
+    assert (writer.slot, scored.slot) == (0, 2) and scheduler.decode_width() == 1
+    assert scheduler.live() == 1 and scheduler.free_slots() == 1 and scheduler.free_score_slots() == 1
+    chunks = prefill(scheduler)
+    assert [r for r, _ in chunks] == [writer, scored] and scored.prefilled
+    assert scheduler.decoding() == []  # a scoring row never decodes (nor does a row that has not sampled)
+    scheduler.release(scored)
+    assert scheduler.free_score_slots() == 2 and scheduler.live() == 1 and scored.slot is None
