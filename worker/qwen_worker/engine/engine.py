@@ -8,12 +8,10 @@ import logging
 import time
 from typing import Callable, Sequence
 
-import torch
 
-from .logprobs import TokenLogprob, label_probabilities, token_logprobs
+from .logprobs import TokenLogprob, label_probabilities
 from .model_runner import ModelRunner
-from .penalties import PenaltyState
-from .sampler import sample
+from .picking import TokenPicker
 from .scheduler import Scheduler
 from .sequence import GenerationRow
 
@@ -46,8 +44,7 @@ class Engine:
                  observe_step: Callable[[float, int, str], None] | None = None, clock=time.monotonic,
                  sample_prefilter: int = 0, sample_candidates: int = 0):
         self.runner = runner
-        self.sample_prefilter = sample_prefilter
-        self.sample_candidates = sample_candidates
+        self.picker = TokenPicker(runner, sample_prefilter, sample_candidates)
         # Host seconds per phase of the decode part of a step, summed, when a benchmark sets a dict:
         # launch (inputs built, graph launched), wait (the host sync: device time not hidden), book (the rows).
         self.phase_seconds: dict[str, float] | None = None
@@ -55,7 +52,6 @@ class Engine:
         self.eos = eos_token_ids
         self.observe_step = observe_step or (lambda seconds, live, path: None)
         self.clock = clock
-        self.penalties: PenaltyState | None = None  # made for the first penalized row
 
     # ---- rows ----------------------------------------------------------------------------------
     def free_slots(self) -> int:
@@ -79,10 +75,8 @@ class Engine:
                               else f"a row's {len(row.prompt_ids)} prompt + {row.max_new_tokens} new tokens")
         row.on_done = on_done
         self.scheduler.admit(row)
-        if row.sampling.penalized and not row.score:
-            if self.penalties is None:
-                self.penalties = PenaltyState(self.runner.slots, self.runner.max_tokens, self.runner.device)
-            self.penalties.reset(row)
+        if not row.score:
+            self.picker.admit(row)
 
     def _check_token_ids(self, ids: Sequence[int]) -> None:
         vocab = self.runner.vocab_size
@@ -146,7 +140,7 @@ class Engine:
                 by_slot[row.slot] = row
                 if row.cached % size == 0:
                     self.scheduler.blocks.register(row)
-            tokens, logprobs = self._pick(by_slot, logits, greedy)  # the step's one host sync
+            tokens, logprobs = self.picker.pick(by_slot, logits, greedy)  # the step's one host sync
             now = self.clock()
             for row in decoding:
                 self._accept(row, tokens[row.slot], now, logprobs[row.slot])
@@ -186,8 +180,8 @@ class Engine:
                     self._finish(rows[i], None)
             if sampling:
                 picked_rows, picked = [rows[i] for i in sampling], self.runner.token_logits(hidden, sampling)
-                tokens, logprobs = self._pick(picked_rows, None, picked) if self.runner.picks_tokens \
-                    else self._pick(picked_rows, picked, None)
+                tokens, logprobs = self.picker.pick(picked_rows, None, picked) if self.runner.picks_tokens \
+                    else self.picker.pick(picked_rows, picked, None)
                 now = self.clock()
                 for row, token, logprob in zip(picked_rows, tokens, logprobs):
                     self._accept(row, token, now, logprob)
@@ -217,55 +211,6 @@ class Engine:
         for row in rows:
             self._finish(row, exc)
         raise StepFailed(exc, rows) from exc
-
-    @torch.inference_mode()  # the penalties change the step's logits (inference tensors) in place
-    def _pick(self, rows: Sequence[GenerationRow | None], logits: torch.Tensor,
-              greedy: torch.Tensor | None) -> tuple[list[int], Sequence[TokenLogprob | None]]:
-        """Each row's next token (and its logprobs, for rows asking) from logits aligned with rows (None:
-        padding), chosen on the device and copied to the host once (twice with logprobs). Steps where
-        every row is plainly greedy take the logits' argmax: the decode graph's own where it computed one
-        (greedy), else one pass over the logits, never a second. A runner that picks its own tokens (the
-        null model) passes them as `greedy`, with no logits."""
-        if logits is None:
-            return self._picked(rows, greedy)
-        if all(row is None or row.sampling.plain_greedy for row in rows):
-            return (logits.argmax(dim=-1) if greedy is None else greedy).tolist(), [None] * len(rows)
-        penalized = self.penalties.select(rows) if self.penalties is not None else None
-        if penalized is not None:
-            logits = self.penalties.apply(logits, penalized)
-        if all(row is None or row.sampling.greedy for row in rows):  # penalized, or with logprobs: no draw
-            tokens = logits.argmax(dim=-1)
-            if penalized is not None:
-                self.penalties.count(penalized, tokens)
-            return tokens.tolist(), token_logprobs(logits, tokens, rows)
-        temperature = torch.tensor([0.0 if row is None or row.sampling.greedy else row.sampling.temperature
-                                    for row in rows], dtype=torch.float32)
-        top_p = torch.tensor([row.sampling.top_p if row else 1.0 for row in rows], dtype=torch.float32)
-        to = dict(device=logits.device, non_blocking=True)
-        generators = [self._generator(row, logits.device) if row is not None and row.sampling.seed is not None
-                      and not row.sampling.greedy else None for row in rows]
-        tokens = sample(logits, temperature.to(**to), top_p.to(**to), prefilter=self.sample_prefilter,
-                        candidates=self.sample_candidates, row_generators=generators)
-        if penalized is not None:
-            self.penalties.count(penalized, tokens)
-        return tokens.tolist(), token_logprobs(logits, tokens, rows)
-
-    def _picked(self, rows: Sequence[GenerationRow | None], tokens: torch.Tensor):
-        """Tokens the runner chose: the penalties' counts kept as for drawn ones; rows asking for
-        logprobs get the token itself at log-probability 0 (there is no distribution)."""
-        penalized = self.penalties.select(rows) if self.penalties is not None else None
-        if penalized is not None:
-            self.penalties.count(penalized, tokens)
-        ids = tokens.tolist()
-        return ids, [None if row is None or row.sampling.logprobs < 0 else
-                     (0.0, (token,)[:row.sampling.logprobs], (0.0,)[:row.sampling.logprobs])
-                     for row, token in zip(rows, ids)]
-
-    @staticmethod
-    def _generator(row: GenerationRow, device: torch.device) -> torch.Generator:
-        if row.generator is None:
-            row.generator = torch.Generator(device=device).manual_seed(row.sampling.seed)
-        return row.generator
 
     def _accept(self, row: GenerationRow, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         if token in self.eos:

@@ -87,8 +87,8 @@ class Scheduler:
         """Prompt chunks for this step within the token budget, as far as the blocks go (blocks the
         decoding rows need for this step's token are kept back). Short prompts (one chunk finishes them)
         go first, oldest first, so that a bulk request's long texts never hold a one-line request for
-        more than a step; then the oldest long prompts: a quarter of the budget beside short ones, the
-        whole of it without them."""
+        more than a step; then the oldest long prompts: an eighth of the budget beside short requests,
+        the rest of it without them."""
         waiting = [row for row in self.rows.values() if not row.prefilled]
         for row in waiting:
             if not row.blocks and row.cached == 0:
@@ -108,11 +108,15 @@ class Scheduler:
             if not self._take(row, left[id(row)], reserve, chunks):
                 return chunks  # first come, first served: no younger row overtakes one waiting for blocks
             budget -= left[id(row)]
-        # Beside short prompts the long ones get their quarter only: a step that serves short prompts
-        # stays short. Alone, they take the whole budget.
-        budget = self.short_tokens if chunks else self.prefill_tokens_per_step
+        # Beside short requests the long prompts get an eighth of the budget, so that a step serving short
+        # requests stays short (and long ones still advance); beside the last chunks of long prompts,
+        # the rest of the budget.
+        short_requests = any(row.known_tokens() - row.cached_prompt_tokens <= self.short_tokens for row, _ in chunks)
+        smallest = max(self.short_tokens // 2, 1) if short_requests else self.short_tokens  # no chunk of a few tokens
+        budget = smallest if short_requests else budget + (self.short_tokens if long else 0)
         for row in long:
-            if budget < self.short_tokens or not self._take(row, min(budget, left[id(row)]), reserve, chunks):
+            most = min(budget, left[id(row)])
+            if (chunks and most < min(smallest, left[id(row)])) or not self._take(row, most, reserve, chunks):
                 break
             budget -= len(chunks[-1][1].tokens)
         return chunks

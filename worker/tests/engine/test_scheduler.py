@@ -126,16 +126,16 @@ def test_the_oldest_row_waiting_for_blocks_preempts_younger_ones():
     assert holder.preemptions == 1 and holder.blocks == [] and len(old.blocks) == 4
 
 
-def test_short_prompts_prefill_before_a_long_one_which_gets_a_quarter_of_the_budget_beside_them():
+def test_short_prompts_prefill_before_a_long_one_which_gets_an_eighth_of_the_budget_beside_them():
     scheduler = make(slots=8, max_tokens=100, prefill_tokens_per_step=16)  # short: at most 4 tokens left
     long = row(40)
     shorts = [row(n, first=50 + 10 * i) for i, n in enumerate((3, 4, 4, 4, 3))]
     for r in (long, *shorts):  # the long prompt came first
         scheduler.admit(r)
-    first = prefill(scheduler)  # the short ones within three quarters, the long one its quarter
-    assert [(r, len(c.tokens)) for r, c in first] == [(shorts[0], 3), (shorts[1], 4), (shorts[2], 4), (long, 4)]
+    first = prefill(scheduler)  # the short ones within three quarters, the long one an eighth
+    assert [(r, len(c.tokens)) for r, c in first] == [(shorts[0], 3), (shorts[1], 4), (shorts[2], 4), (long, 2)]
     second = prefill(scheduler)
-    assert [(r, len(c.tokens)) for r, c in second] == [(shorts[3], 4), (shorts[4], 3), (long, 4)]
+    assert [(r, len(c.tokens)) for r, c in second] == [(shorts[3], 4), (shorts[4], 3), (long, 2)]
     assert [len(c.tokens) for _, c in prefill(scheduler)] == [16]  # alone, the long prompt takes the whole budget
 
 
@@ -151,3 +151,13 @@ def test_scoring_rows_take_slots_above_the_generations_and_no_decode_width():
     assert scheduler.decoding() == []  # a scoring row never decodes (nor does a row that has not sampled)
     scheduler.release(scored)
     assert scheduler.free_score_slots() == 2 and scheduler.live() == 1 and scored.slot is None
+
+
+def test_the_last_chunk_of_a_long_prompt_leaves_the_rest_of_the_budget_to_the_next_one():
+    scheduler = make(slots=4, max_tokens=100, prefill_tokens_per_step=16)
+    first, second = row(19), row(40, first=60)
+    for r in (first, second):
+        scheduler.admit(r)
+    assert [(r, len(c.tokens)) for r, c in prefill(scheduler)] == [(first, 16)]
+    # first has 3 tokens left: a short chunk, but no short request: second takes the rest of the budget
+    assert [(r, len(c.tokens)) for r, c in prefill(scheduler)] == [(first, 3), (second, 13)]
