@@ -74,6 +74,7 @@ class Engine:
         self._check_positions(row.total_tokens(), f"a sentiment prompt's {len(row.prompt_ids)} tokens" if row.score
                               else f"a row's {len(row.prompt_ids)} prompt + {row.max_new_tokens} new tokens")
         row.on_done = on_done
+        row.admitted_at = self.clock()
         self.scheduler.admit(row)
         if not row.score:
             self.picker.admit(row)
@@ -120,7 +121,7 @@ class Engine:
         """Prefill a budget of prompt chunks, then one decode step for all rows. A failing device pass
         raises StepFailed after failing only the rows it carried."""
         self._sweep()
-        chunks = self.scheduler.prefill_chunks()
+        chunks = self.scheduler.prefill_chunks(self.clock())
         if chunks:
             self._prefill(chunks)
         decoding = self.scheduler.make_room_to_decode()

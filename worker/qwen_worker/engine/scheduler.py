@@ -83,12 +83,13 @@ class Scheduler:
             (self.score_allocator if row.score else self.allocator).release(row.slot)
         row.slot = None
 
-    def prefill_chunks(self) -> list[tuple[GenerationRow, PrefillChunk]]:
+    def prefill_chunks(self, now: float = 0.0) -> list[tuple[GenerationRow, PrefillChunk]]:
         """Prompt chunks for this step within the token budget, as far as the blocks go (blocks the
-        decoding rows need for this step's token are kept back). Short prompts (one chunk finishes them)
-        go first, oldest first, so that a bulk request's long texts never hold a one-line request for
-        more than a step; then the oldest long prompts: an eighth of the budget beside short requests,
-        the rest of it without them."""
+        decoding rows need for this step's token are kept back). Short requests (their own tokens, past
+        the cached prefix, fit a quarter of the budget) go first, oldest first, so that a bulk request's
+        long texts never hold a one-line request for more than a step; such a step stays short: beside
+        them only an urgent long prompt (half its deadline spent) advances, by an eighth of the budget.
+        Without short requests the oldest long prompts take the whole budget."""
         waiting = [row for row in self.rows.values() if not row.prefilled]
         for row in waiting:
             if not row.blocks and row.cached == 0:
@@ -97,23 +98,22 @@ class Scheduler:
                     row.cached_prompt_tokens = row.cached
                 self.changed.add(row.slot)
         left = {id(row): row.known_tokens() - row.cached for row in waiting}
-        long = [row for row in waiting if left[id(row)] > self.short_tokens]
-        long_ids = {id(row) for row in long}
+        short = [row for row in waiting if row.known_tokens() - row.cached_prompt_tokens <= self.short_tokens]
+        short_ids = {id(row) for row in short}
         reserve = sum(1 for row in self.decoding() if row.cached % self.blocks.block_tokens == 0)
         chunks: list[tuple[GenerationRow, PrefillChunk]] = []
-        budget = self.prefill_tokens_per_step - (self.short_tokens if long else 0)
-        for row in waiting:
-            if id(row) in long_ids or left[id(row)] > budget:
+        budget = self.prefill_tokens_per_step
+        for row in short:
+            if left[id(row)] > budget:
                 continue
             if not self._take(row, left[id(row)], reserve, chunks):
                 return chunks  # first come, first served: no younger row overtakes one waiting for blocks
             budget -= left[id(row)]
-        # Beside short requests the long prompts get an eighth of the budget, so that a step serving short
-        # requests stays short (and long ones still advance); beside the last chunks of long prompts,
-        # the rest of the budget.
-        short_requests = any(row.known_tokens() - row.cached_prompt_tokens <= self.short_tokens for row, _ in chunks)
-        smallest = max(self.short_tokens // 2, 1) if short_requests else self.short_tokens  # no chunk of a few tokens
-        budget = smallest if short_requests else budget + (self.short_tokens if long else 0)
+        long = [row for row in waiting if id(row) not in short_ids]
+        smallest = self.short_tokens  # no chunk of a few tokens
+        if chunks:
+            budget = smallest = min(budget, max(self.short_tokens // 2, 1))
+            long = [row for row in long if now - row.admitted_at >= (row.deadline - row.admitted_at) / 2]
         for row in long:
             most = min(budget, left[id(row)])
             if (chunks and most < min(smallest, left[id(row)])) or not self._take(row, most, reserve, chunks):

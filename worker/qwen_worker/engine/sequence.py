@@ -37,6 +37,7 @@ class GenerationRow:
     next_input: int | None = None
     cached_prompt_tokens: int = 0
     preemptions: int = 0
+    admitted_at: float = 0.0  # the engine's clock when it was admitted
     on_done: Callable[["GenerationRow", Exception | None], None] | None = None
     generator: Any = None  # the seed's torch.Generator, made on the device at the row's first draw
 

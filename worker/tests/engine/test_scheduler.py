@@ -15,9 +15,9 @@ def make(slots: int, max_tokens: int, prefill_tokens_per_step: int, blocks: int 
     return Scheduler(slots, max_tokens, prefill_tokens_per_step, BlockManager(blocks, SIZE))
 
 
-def prefill(scheduler: Scheduler) -> list:
+def prefill(scheduler: Scheduler, now: float = 0.0) -> list:
     """Plan a step and mark its chunks computed, as the engine does (without sampling)."""
-    chunks = scheduler.prefill_chunks()
+    chunks = scheduler.prefill_chunks(now)
     for r, chunk in chunks:
         r.cached = chunk.start + len(chunk.tokens)
     return chunks
@@ -126,17 +126,18 @@ def test_the_oldest_row_waiting_for_blocks_preempts_younger_ones():
     assert holder.preemptions == 1 and holder.blocks == [] and len(old.blocks) == 4
 
 
-def test_short_prompts_prefill_before_a_long_one_which_gets_an_eighth_of_the_budget_beside_them():
-    scheduler = make(slots=8, max_tokens=100, prefill_tokens_per_step=16)  # short: at most 4 tokens left
+def test_short_requests_prefill_before_a_long_prompt_which_advances_beside_them_only_when_urgent():
+    scheduler = make(slots=8, max_tokens=100, prefill_tokens_per_step=16)  # short: at most 4 own tokens
     long = row(40)
+    long.deadline = 10.0
     shorts = [row(n, first=50 + 10 * i) for i, n in enumerate((3, 4, 4, 4, 3))]
-    for r in (long, *shorts):  # the long prompt came first
+    for r in (long, *shorts):  # the long prompt came first (admitted at 0)
         scheduler.admit(r)
-    first = prefill(scheduler)  # the short ones within three quarters, the long one an eighth
-    assert [(r, len(c.tokens)) for r, c in first] == [(shorts[0], 3), (shorts[1], 4), (shorts[2], 4), (long, 2)]
-    second = prefill(scheduler)
-    assert [(r, len(c.tokens)) for r, c in second] == [(shorts[3], 4), (shorts[4], 3), (long, 2)]
-    assert [len(c.tokens) for _, c in prefill(scheduler)] == [16]  # alone, the long prompt takes the whole budget
+    first = prefill(scheduler, now=1.0)  # short requests within the budget; the long one is not urgent
+    assert [(r, len(c.tokens)) for r, c in first] == [(shorts[0], 3), (shorts[1], 4), (shorts[2], 4), (shorts[3], 4)]
+    second = prefill(scheduler, now=6.0)  # half its deadline spent: an eighth of the budget beside them
+    assert [(r, len(c.tokens)) for r, c in second] == [(shorts[4], 3), (long, 2)]
+    assert [len(c.tokens) for _, c in prefill(scheduler, now=7.0)] == [16]  # alone: the whole budget
 
 
 def test_scoring_rows_take_slots_above_the_generations_and_no_decode_width():
