@@ -95,7 +95,7 @@ class WorkerConfig:
                                         "vocabulary, exact", minimum=0)
     prefill_chunk_tokens: int = _setting(0, "Prompt tokens prefilled per engine step, generations' and sentiment "
                                             "texts' alike; longer prompts go in chunks, so running replies wait at "
-                                            "most one chunk. Prompts with at most a quarter of it left go first (0: "
+                                            "most one chunk. Requests whose own tokens fit a quarter of it go first (0: "
                                             "2048 on a GPU, 512 on a CPU)",
                                          minimum=0)
     # Batching and admission
