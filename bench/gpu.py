@@ -182,11 +182,12 @@ def run(args) -> int:
     reference = {}  # the float32 model the logit errors compare with: a failed load skips only them
     if cuda:
         phase("reference", 30, lambda: reference.update(model=reference_model(args.model)))
-    batches, tokens = ((4,), 6) if args.smoke else ((64, 256), CHAT_TOKENS)
+    batches, tokens, sentiment = ((4,), 6, (4, 2)) if args.smoke else ((64, 256), CHAT_TOKENS, (256, 10))
     for spec in filter(None, args.engine_variants.split(",")):
         phase(f"engine {spec}", 40, lambda spec=spec: gpu_engine.measure_variant(
             args.model, spec, texts, reference.get("model"), batches, tokens,
-            result=results["engine"].setdefault(spec, {}), on_probe=lambda: save(results, args.out)))
+            result=results["engine"].setdefault(spec, {}), on_probe=lambda: save(results, args.out),
+            sentiment=sentiment))
     reference.clear()
     levels = dict(chat_levels=(1, 4), sampled_levels=(4,), sentiment_levels=(4,), scale=8) if args.smoke else \
         dict(chat_levels=(1, 64, 256), sampled_levels=(64, 256), sentiment_levels=(16, 256))

@@ -110,7 +110,7 @@ def on_a_new_thread(fn):
     return box["result"]
 
 
-def firsts(service, texts) -> dict:
+def firsts(service, texts, sentiment_batch: int = 256) -> dict:
     """A prefill shape and a sentiment batch the warm-up did not use, first and second call, on a new thread."""
     runner = service.engine.runner
     prompt = service.prompter.chat_ids([Message("user", texts[0] * 3)])[:300]
@@ -126,7 +126,7 @@ def firsts(service, texts) -> dict:
         chunks = [PrefillChunk(slot, prompt, 0) for slot in range(3)]
         return [timed(lambda: runner.prefill(chunks)) for _ in range(2)]
 
-    prompts = [service.prompter.sentiment_ids(t, "zh") for t in texts[:256]]
+    prompts = [service.prompter.sentiment_ids(t, "zh") for t in texts[:sentiment_batch]]
 
     def score_twice():
         return [timed(lambda: service.score_sentiment(prompts)) for _ in range(2)]
@@ -137,14 +137,14 @@ def firsts(service, texts) -> dict:
             "sentiment_b256_ms": {"first": sentiment[0], "second": sentiment[1]}}
 
 
-def sentiment_rate(service, texts, reps: int = 10) -> float:
-    prompts = [service.prompter.sentiment_ids(t, "zh") for t in texts[:256]]
+def sentiment_rate(service, texts, reps: int = 10, batch: int = 256) -> float:
+    prompts = [service.prompter.sentiment_ids(t, "zh") for t in texts[:batch]]
     service.score_sentiment(prompts)
     synchronize()
     started = time.perf_counter()
     for _ in range(reps):
         service.score_sentiment(prompts)
-    return 256 * reps / (time.perf_counter() - started)
+    return batch * reps / (time.perf_counter() - started)
 
 
 def errors_against_float32(service, texts, reference_model) -> dict:
@@ -170,8 +170,11 @@ def errors_against_float32(service, texts, reference_model) -> dict:
 
 
 def measure_variant(model_dir: str, spec: str, texts: list[str], reference_model=None, batches=(64, 256),
-                    tokens: int = CHAT_TOKENS, result: dict | None = None, on_probe=None) -> dict:
-    """Fills `result` probe by probe, calling on_probe() after each (a run cut short keeps them)."""
+                    tokens: int = CHAT_TOKENS, result: dict | None = None, on_probe=None,
+                    sentiment: tuple[int, int] = (256, 10)) -> dict:
+    """Fills `result` probe by probe, calling on_probe() after each (a run cut short keeps them).
+    `sentiment`: (batch, repetitions) of the sentiment probes (the keys keep saying b256: a smoke run's
+    toy batch passes through the Triton interpreter on a CPU, where 256 prompts would take the hour)."""
     result = {} if result is None else result
     on_probe = on_probe or (lambda: None)
     service, loaded = load(model_dir, spec, max(batches))
@@ -180,7 +183,7 @@ def measure_variant(model_dir: str, spec: str, texts: list[str], reference_model
     on_probe()
     try:
         result["replay_ms"] = replay_ms(service.engine.runner) if torch.cuda.is_available() else {}
-        result.update(firsts(service, texts))
+        result.update(firsts(service, texts, sentiment[0]))
         on_probe()
         for batch in (1, *batches):
             result[f"greedy_b{batch}"] = steps(service, texts, batch, tokens)
@@ -188,7 +191,7 @@ def measure_variant(model_dir: str, spec: str, texts: list[str], reference_model
         for batch in batches:
             result[f"sampled_b{batch}"] = steps(service, texts, batch, tokens, **SAMPLED)
             on_probe()
-        result["sentiment_b256_per_s"] = sentiment_rate(service, texts)
+        result["sentiment_b256_per_s"] = sentiment_rate(service, texts, reps=sentiment[1], batch=sentiment[0])
         on_probe()
         if reference_model is not None:
             result["logit_error"] = errors_against_float32(service, texts, reference_model)
