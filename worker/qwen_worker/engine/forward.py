@@ -81,7 +81,6 @@ class DecoderStack:
         with torch.inference_mode():
             cos, sin = base.rotary_emb(torch.empty(1, dtype=weight.dtype, device=weight.device), positions)
         self.cos, self.sin = cos[0].clone(), sin[0].clone()  # [positions, head_dim]
-        self.max_position = max_positions  # the last row of the RoPE tables
         self.fused: list[dict] | None = None
 
     def fuse(self) -> None:

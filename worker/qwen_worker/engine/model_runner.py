@@ -26,7 +26,7 @@ from .kv_cache import SCRATCH_BLOCK, PagedKVCache
 log = logging.getLogger(__name__)
 
 MIN_ATTEND = 128  # the shortest attention-length bucket
-MIN_WIDTH = 16  # the narrowest prefill / scoring width bucket
+MIN_WIDTH = 16  # the narrowest prefill width bucket
 PAD_TOKEN = 0
 
 

@@ -21,6 +21,9 @@ class SlotAllocator:
     def free_count(self) -> int:
         return len(self._free)
 
+    def used_count(self) -> int:
+        return len(self._used)
+
     def allocate(self) -> int:
         slot = heapq.heappop(self._free)
         self._used.add(slot)
@@ -47,11 +50,10 @@ class Scheduler:
         self.score_allocator = SlotAllocator(score_slots, first=slots)
         self.max_tokens = max_tokens
         self.prefill_tokens_per_step = prefill_tokens_per_step
-        # A prompt with at most this many tokens left is short: one chunk finishes it, and it goes first.
+        # A request whose own tokens (past its cached prefix) are at most this many is short: it goes first.
         self.short_tokens = max(prefill_tokens_per_step // 4, 1)
         self.blocks = blocks
         self.rows: dict[int, GenerationRow] = {}  # slot -> row, in admission order
-        self.scoring = 0  # scoring rows among them
         self.changed: set[int] = set()  # slots whose block list changed since the runner last saw it
         self.preemptions = 0
 
@@ -63,13 +65,12 @@ class Scheduler:
 
     def live(self) -> int:
         """Generations holding a slot."""
-        return len(self.rows) - self.scoring
+        return self.allocator.used_count()
 
     def admit(self, row: GenerationRow) -> None:
         if row.total_tokens() > self.max_tokens:  # Engine.add refuses such rows first, with a code
             raise ValueError(f"a row of {row.total_tokens()} tokens exceeds the {self.max_tokens} positions")
         row.slot = (self.score_allocator if row.score else self.allocator).allocate()
-        self.scoring += row.score
         row.cached = 0
         row.next_input = None
         self.rows[row.slot] = row
@@ -77,7 +78,6 @@ class Scheduler:
     def release(self, row: GenerationRow) -> None:
         if row.slot is not None and self.rows.get(row.slot) is row:
             del self.rows[row.slot]
-            self.scoring -= row.score
             self.blocks.release(row)
             self.changed.add(row.slot)
             (self.score_allocator if row.score else self.allocator).release(row.slot)
