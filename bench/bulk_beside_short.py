@@ -2,7 +2,8 @@
 (SmolLM2-135M, real weights), per source tree (this one, and with `--before` another checkout, run the
 same way in the same sitting): a client sends one bulk request of 64 long texts (as long as the body
 limit allows: 330 characters each), and once the worker holds them, another sends 8 one-line
-sentiment requests at once. Reports each short request's status and latency, and the bulk request's.
+sentiment requests at once. Reports each short request's status and latency, and the bulk request's
+with what became of its texts (scored, or the error each answered).
 
 Writes docs/bulk-beside-short.md and .json.
 
@@ -36,12 +37,18 @@ def long_texts(texts: list[str]) -> list[str]:
     return [joined[i * TEXT_CHARS:(i + 1) * TEXT_CHARS] for i in range(BULK_TEXTS)]
 
 
-def timed_post(url: str, body: dict) -> tuple[int, float]:
-    """UTF-8 as browsers send it (requests' json= escapes every Chinese character to 6 bytes)."""
+def timed_post(url: str, body: dict, outcomes: dict | None = None) -> tuple[int, float]:
+    """UTF-8 as browsers send it (requests' json= escapes every Chinese character to 6 bytes). With
+    `outcomes`, a bulk answer's texts are counted into it: `scored`, or their error code."""
     started = time.perf_counter()
-    status = requests.post(url + "/v1/sentiment", data=json.dumps(body, ensure_ascii=False).encode(),
-                           headers={"Content-Type": "application/json"}, timeout=600).status_code
-    return status, time.perf_counter() - started
+    response = requests.post(url + "/v1/sentiment", data=json.dumps(body, ensure_ascii=False).encode(),
+                             headers={"Content-Type": "application/json"}, timeout=600)
+    seconds = time.perf_counter() - started
+    if outcomes is not None and response.status_code == 200:
+        for result in response.json().get("results", []):
+            outcome = "scored" if "sentiment" in result else result.get("error", {}).get("code", "?")
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    return response.status_code, seconds
 
 
 def measure(tree: str, model: str, texts: list[str]) -> dict:
@@ -49,8 +56,9 @@ def measure(tree: str, model: str, texts: list[str]) -> dict:
     try:
         timed_post(server.url, {"text": "预热"})
         bulk: dict = {}
+        outcomes: dict[str, int] = {}
         worker = threading.Thread(target=lambda: bulk.update(zip(("status", "seconds"), timed_post(
-            server.url, {"texts": long_texts(texts)}))))
+            server.url, {"texts": long_texts(texts)}, outcomes))))
         worker.start()
         eventually(lambda: bulk or requests.get(server.url + "/readyz", timeout=30).json()["requests_held"] >= 8,
                    timeout=300, what="the bulk request held by the worker")
@@ -69,7 +77,7 @@ def measure(tree: str, model: str, texts: list[str]) -> dict:
         seconds = [s for _, s in shorts]
         return {"short_statuses": [s for s, _ in shorts],
                 "short_seconds": seconds, "short_p50_s": statistics.median(seconds), "short_max_s": max(seconds),
-                "bulk_status": bulk.get("status"), "bulk_seconds": bulk.get("seconds")}
+                "bulk_status": bulk.get("status"), "bulk_seconds": bulk.get("seconds"), "bulk_texts": outcomes}
     finally:
         server.stop()
 
@@ -89,12 +97,14 @@ def main(argv: list[str] | None = None) -> int:
              f"`make bulk-bench`, {report['date']}, model `{report['model']}`, one worker straight, default "
              f"settings: one bulk sentiment request of {BULK_TEXTS} texts of {TEXT_CHARS} characters, and once "
              f"the worker holds it, {SHORTS} one-line sentiment requests from another client at once.", "",
-             "| tree | short requests: statuses | p50 s | max s | bulk: status | s |", "|---|---|---|---|---|---|"]
+             "| tree | short requests: statuses | p50 s | max s | bulk: status | s | its texts |",
+             "|---|---|---|---|---|---|---|"]
     for run in runs:
         statuses = ", ".join(f"{n} x {s}" for s, n in sorted({s: run["short_statuses"].count(s)
                                                                for s in run["short_statuses"]}.items()))
         lines.append(f"| {run['name']} ({run['commit']}) | {statuses} | {run['short_p50_s']:.2f} | "
-                     f"{run['short_max_s']:.2f} | {run['bulk_status']} | {run['bulk_seconds']:.1f} |")
+                     f"{run['short_max_s']:.2f} | {run['bulk_status']} | {run['bulk_seconds']:.1f} | "
+                     + ", ".join(f"{n} {outcome}" for outcome, n in sorted(run["bulk_texts"].items())) + " |")
     (args.out / "bulk-beside-short.md").write_text("\n".join(lines) + "\n")
     return 0
 

@@ -263,11 +263,11 @@ def arm_device_error(model, trigger: str = "inject a device error") -> None:
         marked: set[int] = set()
         add, decode = engine.add, engine.runner.decode
 
-        def add_marking(row, on_done):
+        def add_marking(row, on_done, on_start=None):
             ids = row.prompt_ids
             if any(ids[i:i + len(trigger_ids)] == trigger_ids for i in range(len(ids) - len(trigger_ids) + 1)):
                 marked.add(id(row))
-            add(row, on_done)
+            add(row, on_done, on_start)
 
         def decode_failing(rows, width):
             if any(id(row) in marked for row in engine.scheduler.rows.values()):

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from ..engine.engine import RowFailed
+from ..engine.errors import RowFailed
 
 log = logging.getLogger(__name__)
 

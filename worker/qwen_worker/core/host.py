@@ -124,6 +124,6 @@ class EngineHost:
                          model.stand_in_info, model.fallback_reason,
                          calibration.as_dict() if (calibration := getattr(model, "calibration", None)) else None)
         return Status(health.reason(), accepting=accepting, ready=health.ready(), draining=health.draining,
-                      broken=health.broken, load_error=health.load_error, queue_depth=len(self.loop.queue),
+                      broken=health.broken, load_error=health.load_error, queue_depth=self.loop.waiting(),
                       busy=self.loop.busy(), model=info, pid=os.getpid(), heap=self.heap, reply_to=reply_to,
                       kv=model.engine.kv_stats() if getattr(model, "engine", None) is not None else None)

@@ -1,11 +1,11 @@
-"""The engine loop: one thread that feeds the engine from the queue and reports every pass to a sink.
+"""The engine loop: one thread that feeds the engine what arrived and reports every pass to a sink.
 
-Each pass: queued generations join the running batch while batch slots are free, queued sentiment
-requests become scoring rows while scoring slots are free (within a step's prompt tokens: urgent ones
-first, then the shortest; an idle loop first waits batch_wait_ms to gather them), then one engine step
-runs, which prefills both kinds' prompts within its token budget. What the pass produced (started,
-streamed tokens, scores, final outputs) goes to `sink` as one list. The loop knows requests, outputs and
-error codes; nothing of HTTP.
+Each pass: arrived requests become rows in the engine's scheduler (generations, and sentiment texts as
+scoring rows; an idle loop given only sentiment requests first waits batch_wait_ms to gather a pass of
+them), waiting generations that could no longer finish before their deadline are refused, then one engine
+step runs: waiting rows take the free slots of their kind, and both kinds' prompts prefill within its
+token budget. What the pass produced (started, streamed tokens, scores, final outputs) goes to `sink` as
+one list. The loop knows requests, outputs and error codes; nothing of HTTP.
 """
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ import time
 from typing import Callable
 
 from ..engine import GenerationRow
-from ..engine.engine import RowFailed, StepFailed
+from ..engine.errors import RowFailed, StepFailed
 from ..health import Health
 from ..metrics import WorkerMetrics
-from ..protocol import GENERATE, SENTIMENT, Output, Request, RequestFailed
+from ..protocol import GENERATE, SENTIMENT, Request, RequestFailed
 from ..model.sentiment import label_scores
-from .failures import count_failure, failure_code
-from .admission import SlotTurnover
-from .queue import RequestQueue, Work
+from .failures import count_failure
+from .admission import ScoringPace, SlotTurnover
+from .arrivals import Arrivals, Work
+from .outbox import Outbox, Sink
 
-Sink = Callable[[list[Output]], None]
 # The loop gives up the GIL at every device call; with hundreds of HTTP threads runnable, Python's
 # default 5 ms switch interval would let each of those hand-backs cost up to 5 ms.
 SWITCH_INTERVAL_S = 0.0005
@@ -39,16 +39,17 @@ class EngineLoop:
         self.config = config
         self.metrics = metrics
         self.health = health
-        self.sink = sink
+        self.outbox = Outbox(sink)
+        self._final = self.outbox.final
         self.turnover = SlotTurnover(config.max_batch_size)
-        self.queue = RequestQueue(config.queue_capacity, metrics,
-                                  free_slots=lambda: max(0, config.max_batch_size - len(self._running)),
-                                  turnover=self.turnover if config.admit_by_estimate else None)
-        self._running: dict[int, Work] = {}  # generations holding a slot, by request id
-        self._outbox: list[Output] = []  # what this pass produced (engine thread only)
-        self._scoring: dict[int, Work] = {}  # sentiment requests holding a scoring slot, by request id
+        self.pace = ScoringPace()
+        self.arrivals = Arrivals(config.queue_capacity, metrics, lambda: self.engine.scheduler,
+                                 turnover=self.turnover if config.admit_by_estimate else None,
+                                 pace=self.pace if config.admit_by_estimate else None)
+        self._held: dict[int, Work] = {}  # requests in the engine (waiting for a slot or in one), by id
+        self._generating: dict[int, Work] = {}  # generations holding a slot, by id (engine thread only)
+        self._started_scoring: list[Work] = []  # sentiment requests that took a slot this pass
         self._thread: threading.Thread | None = None
-        self._stopping = False
         self.device_error: Exception | None = None  # a sticky device error: the loop stopped on it
         self._failed: list[tuple[Work, Exception]] = []  # answered once the failure is counted
         self.on_device_error: Callable[[], None] = lambda: None  # after the loop ended on one
@@ -64,30 +65,35 @@ class EngineLoop:
         if refusal is not None:
             self.metrics.rejected("not_ready" if refusal == "device_error" else refusal)
             raise RequestFailed(refusal, REFUSALS[refusal])
-        work = Work(request)
-        if request.kind == SENTIMENT:  # what its prefill computes: the instruction prefix is cached
-            work.pass_tokens = len(request.prompt) - self.engine.scheduler.blocks.cached_tokens(request.prompt)
-        self.queue.put(work)
+        self.arrivals.put(Work(request, row=GenerationRow.scoring(request.prompt, deadline=request.deadline)
+                               if request.kind == SENTIMENT else
+                               GenerationRow(request.prompt, request.max_tokens, request.sampling, deadline=request.deadline)))
 
     def _refusal(self) -> str | None:
         if self.health.broken or self.device_error is not None:
             return "device_error"
         if self.health.draining:
             return "draining"
-        return None if self.health.accepting() and not self._stopping else "not_ready"
+        return None if self.health.accepting() and not self.arrivals.stopping else "not_ready"
 
     def cancel(self, request_id: int, reason: str = "client_gone") -> None:
-        """A queued request leaves the queue (counted as `reason`); a generating one stops at the next step."""
-        if self.queue.remove(request_id) is not None:
-            self.metrics.rejected(reason)
-            return
-        work = self._running.get(request_id) or self._scoring.get(request_id)
-        if work is not None and work.row is not None:
+        """A request not yet in a slot leaves (counted as `reason`) and one in a slot stops, at the next step."""
+        with self.arrivals.cond:  # a request the engine thread takes is in _held from then on
+            if self.arrivals.remove(request_id) is not None:
+                self.metrics.rejected(reason)
+                return
+            work = self._held.get(request_id)
+        if work is not None:
+            work.cancel_reason = reason
             work.row.cancelled.set()
 
+    def waiting(self) -> int:
+        """Requests without a slot (the queue depth)."""
+        return self.arrivals.waiting() if self.engine is not None else len(self.arrivals)
+
     def busy(self) -> int:
-        """Requests held: queued, scoring or generating (what a drain waits for)."""
-        return len(self.queue) + len(self._scoring) + len(self._running)
+        """Requests held: arrived, waiting, scoring or generating (what a drain waits for)."""
+        return len(self.arrivals) + len(self._held)
 
     def start(self) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL_S)
@@ -103,9 +109,7 @@ class EngineLoop:
         self._run()
 
     def stop(self) -> None:
-        with self.queue.cond:
-            self._stopping = True
-            self.queue.cond.notify_all()
+        self.arrivals.stop()
         if self._thread is not None:
             self._thread.join(timeout=10)
 
@@ -114,102 +118,101 @@ class EngineLoop:
         engine = self.engine
         try:
             while self.device_error is None:
-                work = self._next_work()
-                if work is None:
+                arrived = self.arrivals.next(self.config.batch_wait_ms / 1000, self._hold)
+                if arrived is None:
                     return
-                generation, sentiment = work
-                for item in generation:
-                    self._start_generation(item)
-                if sentiment:
-                    self._start_scoring(sentiment)
+                for work in arrived:
+                    self._add(work)
+                for row, refusal in self.arrivals.unreachable(time.monotonic()):
+                    engine.withdraw(row, refusal)
                 if engine.has_work() and self.device_error is None:
                     self._step()
+                self._scored_together()
                 live = engine.live()
                 self.metrics.live_slots.set(live)
                 self.metrics.slot_utilization.set(live / max(engine.runner.slots, 1))
                 self.metrics.observe_kv(engine.kv_stats())
-                self._flush()
+                self.arrivals.publish_depth()
+                self.outbox.flush(self._generating.values())
         finally:
             code = "device_error" if self.device_error is not None else "not_ready"
             why = REFUSALS["device_error"] if self.device_error is not None else "the worker is stopping"
             engine.fail_all(RequestFailed(code, why))
             self._answer_failed()
-            for item in self.queue.drain_all():  # nothing queued will ever run
-                self._final(item, error=RequestFailed(code, why))
-            self._flush()
+            with self.arrivals.cond:
+                arrived = self.arrivals.take()
+            for work in arrived:  # nothing more will run
+                self._final(work, error=RequestFailed(code, why))
+            self.outbox.flush(self._generating.values())
         if self.device_error is not None:
             self.on_device_error()
 
-    def _next_work(self) -> tuple[list[Work], list[Work]] | None:
-        """Generations for the free slots and sentiment requests for the free scoring slots; None when
-        stopping. Requests with long texts hold at most half the scoring slots: the rest stay free for
-        short ones, which the scheduler prefills first."""
-        engine, queue, cfg = self.engine, self.queue, self.config
-        with queue.cond:
-            while not self._stopping and not len(queue) and not engine.has_work():
-                queue.cond.wait()
-            if self._stopping:
-                return None
-            generation: list[Work] = []
-            queue.take(GENERATE, generation, engine.free_slots())
-            unreachable = queue.unreachable(time.monotonic(), engine.free_slots() - len(generation))
-            sentiment: list[Work] = []
-            if queue.has(SENTIMENT) and engine.free_score_slots():
-                # Idle: worth waiting a little to fill the pass. Busy: the decode steps must go on.
-                gather_until = time.monotonic() + cfg.batch_wait_ms / 1000
-                budget, slots, short = cfg.prefill_chunk_tokens, engine.free_score_slots(), engine.scheduler.short_tokens
-                long_room = max(engine.runner.score_slots // 2, 1) - sum(
-                    1 for work in self._scoring.values() if work.pass_tokens > short)
-                while True:
-                    tokens = queue.take_within(SENTIMENT, sentiment, slots, budget, time.monotonic(),
-                                               long_tokens=short, long_room=long_room)
-                    remaining = gather_until - time.monotonic()
-                    full = len(sentiment) >= slots or tokens >= budget
-                    if engine.has_work() or generation or full or remaining <= 0 or self._stopping:
-                        break
-                    queue.cond.wait(remaining)
-        for work, refusal in unreachable:
-            self._final(work, error=refusal)
-        return self._drop_expired(generation), self._drop_expired(sentiment)
+    def _hold(self, arrived: list[Work]) -> None:
+        """Taken by the engine thread: from now on a cancel finds them here (called under arrivals.cond)."""
+        self._held.update((work.id, work) for work in arrived)
 
-    def _drop_expired(self, batch: list[Work]) -> list[Work]:
-        now = time.monotonic()
-        live = []
-        for work in batch:
-            if now >= work.request.deadline:
-                self.metrics.rejected("deadline_in_queue")
-                self._final(work, error=RequestFailed("deadline_exceeded", "the request's deadline passed in the queue"))
-            else:
-                live.append(work)
-        return live
-
-    def _start_generation(self, work: Work) -> None:
-        r = work.request
-        work.started_at = time.monotonic()
-        work.row = GenerationRow(r.prompt, r.max_tokens, r.sampling, deadline=r.deadline)
+    def _add(self, work: Work) -> None:
+        """The request's row into the engine, where it waits for a slot; a row the engine's tables cannot
+        hold fails alone."""
+        on_start, on_done = (self._scoring_started, self._scoring_done) if work.row.score else \
+            (self._generation_started, self._generation_done)
         try:
-            self.engine.add(work.row, lambda row, error, work=work: self._generation_done(work, error))
-        except RowFailed as refused:  # a row the engine's tables cannot hold fails alone
+            self.engine.add(work.row, lambda row, error, work=work: on_done(work, error),
+                            lambda row, work=work: on_start(work))
+        except RowFailed as refused:
+            self._held.pop(work.id, None)
             self._refuse(work, refused)
-            return
         except Exception as exc:
+            self._held.pop(work.id, None)
             self._fail([work], exc)
-            return
-        self._running[work.id] = work
+
+    def _generation_started(self, work: Work) -> None:
+        self._generating[work.id] = work
+        work.started_at = time.monotonic()
         work.batch_size = self.engine.live()  # the rows generating together as this one joins
         self.metrics.batch_size.labels(kind=GENERATE).observe(work.batch_size)
-        self._outbox.append(Output(work.id, started_at=work.started_at, batch_size=work.batch_size))
+        self.outbox.started(work)
+
+    def _scoring_started(self, work: Work) -> None:
+        work.started_at = time.monotonic()
+        self._started_scoring.append(work)
+
+    def _scored_together(self) -> None:
+        """The sentiment requests that took a slot in this pass started as one batch."""
+        started, self._started_scoring = self._started_scoring, []
+        for work in started:
+            work.batch_size = len(started)
+        if started:
+            self.metrics.batch_size.labels(kind=SENTIMENT).observe(len(started))
+
+    def _left_waiting(self, work: Work, error: Exception | None) -> None:
+        """A request that left before it held a slot: refused, its deadline passed, or its client left."""
+        row = work.row
+        if isinstance(error, RequestFailed):  # refused by the estimate
+            self._final(work, error=error)
+        elif error is not None:
+            self._failed.append((work, error))  # answered by _answer_failed, after the failure is counted
+        elif row.finish_reason == "deadline":
+            self.metrics.rejected("deadline_in_queue")
+            self._final(work, error=RequestFailed("deadline_exceeded", "the request's deadline passed in the queue"))
+        else:  # cancelled: nobody waits for an answer
+            self.metrics.rejected(work.cancel_reason)
 
     def _step(self) -> None:
+        scored, started = self.engine.scoring_tokens, time.monotonic()
         try:
             self.engine.step()
         except StepFailed as failure:  # its rows came back through _generation_done
             self._after_failure(failure.cause, len(failure.rows))
         finally:
             self._answer_failed()
+        self.pace.observe(self.engine.scoring_tokens - scored, time.monotonic() - started)
 
     def _generation_done(self, work: Work, error: Exception | None) -> None:
-        self._running.pop(work.id, None)
+        self._held.pop(work.id, None)
+        self._generating.pop(work.id, None)
+        if work.started_at is None:
+            return self._left_waiting(work, error)
         self.turnover.observe(time.monotonic() - work.started_at, len(work.row.tokens))
         if error is not None:
             self._failed.append((work, error))  # answered by _answer_failed, after the failure is counted
@@ -230,27 +233,11 @@ class EngineLoop:
         self.metrics.rejected(refused.code)
         self._final(work, error=refused)
 
-    def _start_scoring(self, batch: list[Work]) -> None:
-        """Each request a scoring row in a scoring slot; a text the engine's tables cannot hold fails alone."""
-        started = time.monotonic()
-        admitted = []
-        for work in batch:
-            work.started_at = started
-            work.row = GenerationRow.scoring(work.request.prompt, deadline=work.request.deadline)
-            try:
-                self.engine.add(work.row, lambda row, error, work=work: self._scoring_done(work, error))
-            except RowFailed as refused:
-                self._refuse(work, refused)
-                continue
-            self._scoring[work.id] = work
-            admitted.append(work)
-        for work in admitted:
-            work.batch_size = len(admitted)
-        if admitted:
-            self.metrics.batch_size.labels(kind=SENTIMENT).observe(len(admitted))
-
     def _scoring_done(self, work: Work, error: Exception | None) -> None:
-        self._scoring.pop(work.id, None)
+        self._held.pop(work.id, None)
+        self._scored_together()  # every row that took a slot this step did so before any ended
+        if work.started_at is None:
+            return self._left_waiting(work, error)
         row = work.row
         if error is not None:
             self._failed.append((work, error))  # answered by _answer_failed, after the failure is counted
@@ -273,33 +260,3 @@ class EngineLoop:
     def _after_failure(self, exc: Exception, size: int) -> None:
         if count_failure(exc, size, self.metrics, self.health, self.model.device):
             self.device_error = exc  # the loop ends: what it holds is answered as it does
-
-    def _final(self, work: Work, error: Exception | None = None, **fields) -> None:
-        """The request's last output, with every generated token not sent yet."""
-        output = Output(work.id, started_at=work.started_at, batch_size=work.batch_size, **fields)
-        if work.row is not None:
-            output.tokens = work.row.tokens[work.sent:]
-            output.cached_tokens = work.row.cached_prompt_tokens
-            output.first_token_at = work.first_token_at or (output.finished_at if work.row.tokens else None)
-            if work.row.sampling.logprobs >= 0:
-                output.logprobs = work.row.token_logprobs[work.sent:]
-        if error is not None:
-            output.error, output.message = (error.code, error.message) if isinstance(error, RequestFailed) \
-                else failure_code(error)
-            output.finished_at = output.finished_at or time.monotonic()
-        self._outbox.append(output)
-
-    def _flush(self) -> None:
-        """Send what this pass produced: streamed tokens of running generations, then the rest."""
-        now = time.monotonic()
-        for work in self._running.values():
-            if work.first_token_at is None and work.row.tokens:
-                work.first_token_at = now
-            if work.request.stream and len(work.row.tokens) > work.sent:
-                self._outbox.append(Output(work.id, tokens=work.row.tokens[work.sent:],
-                                           logprobs=work.row.token_logprobs[work.sent:] if work.row.sampling.logprobs >= 0
-                                           else None, first_token_at=work.first_token_at))
-                work.sent = len(work.row.tokens)
-        if self._outbox:
-            outputs, self._outbox = self._outbox, []
-            self.sink(outputs)

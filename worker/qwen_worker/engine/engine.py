@@ -1,4 +1,4 @@
-"""The step loop's body: prefill what the scheduler picks (prompts of generations and of sentiment texts
+"""The step loop's body: waiting rows take the free slots, prefill what the scheduler picks (prompts of generations and of sentiment texts
 alike), score the sentiment rows whose prompt is in, decode every generating row once, then on the host
 (from one device-to-host copy of the new tokens) stream, stop, and free the slots and blocks of
 finished rows."""
@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Callable, Sequence
 
-
+from .errors import RowFailed, StepFailed
 from .logprobs import TokenLogprob, label_probabilities
 from .model_runner import ModelRunner
 from .picking import TokenPicker
@@ -18,25 +18,6 @@ from .sequence import GenerationRow
 log = logging.getLogger(__name__)
 
 OnDone = Callable[[GenerationRow, Exception | None], None]
-
-
-class RowFailed(ValueError):
-    """A row the engine's tables cannot hold (a position past them, a token id outside the vocabulary),
-    refused before it reaches the device: it fails alone, and says nothing about the device's health.
-    `code`: prompt_too_long | invalid_token_id."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class StepFailed(RuntimeError):
-    """A device pass failed; `rows` are the rows it took down (already released and told)."""
-
-    def __init__(self, cause: Exception, rows: Sequence[GenerationRow]):
-        super().__init__(str(cause))
-        self.cause = cause
-        self.rows = list(rows)
 
 
 class Engine:
@@ -52,6 +33,7 @@ class Engine:
         self.eos = eos_token_ids
         self.observe_step = observe_step or (lambda seconds, live, path: None)
         self.clock = clock
+        self.scoring_tokens = 0  # prompt tokens prefilled for scoring rows, a running total
 
     # ---- rows ----------------------------------------------------------------------------------
     def free_slots(self) -> int:
@@ -65,19 +47,25 @@ class Engine:
         return self.scheduler.live()
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.rows)
+        """Rows running or waiting for a slot."""
+        return self.scheduler.has_rows()
 
-    def add(self, row: GenerationRow, on_done: OnDone) -> None:
-        """Admit a row into a free slot of its kind; it prefills at the next step. Bad rows fail here, not
-        on the device (an out-of-range token id on a GPU would kill the whole CUDA context)."""
+    def add(self, row: GenerationRow, on_done: OnDone, on_start: Callable[[GenerationRow], None] | None = None) -> None:
+        """The row waits for a free slot of its kind (the scheduler admits it at a step). Bad rows fail here,
+        not on the device (an out-of-range token id on a GPU would kill the whole CUDA context)."""
         self._check_token_ids(row.prompt_ids)
         self._check_positions(row.total_tokens(), f"a sentiment prompt's {len(row.prompt_ids)} tokens" if row.score
                               else f"a row's {len(row.prompt_ids)} prompt + {row.max_new_tokens} new tokens")
-        row.on_done = on_done
+        row.on_done, row.on_start = on_done, on_start
         row.admitted_at = self.clock()
-        self.scheduler.admit(row)
-        if not row.score:
-            self.picker.admit(row)
+        self.scheduler.add(row)
+
+    def withdraw(self, row: GenerationRow, error: Exception) -> bool:
+        """A waiting row leaves with `error` (its on_done is told); False if it already holds a slot."""
+        if not self.scheduler.withdraw(row):
+            return False
+        self._finish(row, error)
+        return True
 
     def _check_token_ids(self, ids: Sequence[int]) -> None:
         vocab = self.runner.vocab_size
@@ -90,21 +78,18 @@ class Engine:
             raise RowFailed("prompt_too_long", f"{what} exceed the {self.runner.max_tokens} positions the engine holds")
 
     def run(self, rows: Sequence[GenerationRow]) -> None:
-        """Admit rows as slots of their kind free up and step until every row is done; raises the first
-        row's error. For benchmarks, tests, warm-up and scoring at load: in the worker, only the engine
-        thread steps."""
+        """Add the rows and step until every one is done (the scheduler admits them as slots of their kind
+        free up); raises the first row's error. For benchmarks, tests, warm-up and scoring at load: in the
+        worker, only the engine thread steps."""
         errors: list[Exception] = []
-        pending = list(rows)
 
         def done(row, error):
             if error is not None:
                 errors.append(error)
 
-        while pending or self.has_work():
-            while pending and (self.free_score_slots() if pending[0].score else self.free_slots()):
-                self.add(pending.pop(0), done)
-            if not self.has_work():
-                raise ValueError("the engine has no slot of the kind a row needs")
+        for row in rows:
+            self.add(row, done)
+        while self.has_work():
             try:
                 self.step()
             except StepFailed:
@@ -113,7 +98,8 @@ class Engine:
             raise errors[0]
 
     def fail_all(self, error: Exception) -> None:
-        for row in list(self.scheduler.rows.values()):
+        for row in self.scheduler.all_rows():
+            self.scheduler.withdraw(row)
             self._finish(row, error)
 
     # ---- one step ------------------------------------------------------------------------------
@@ -121,6 +107,7 @@ class Engine:
         """Prefill a budget of prompt chunks, then one decode step for all rows. A failing device pass
         raises StepFailed after failing only the rows it carried."""
         self._sweep()
+        self._admit()
         chunks = self.scheduler.prefill_chunks(self.clock())
         if chunks:
             self._prefill(chunks)
@@ -156,12 +143,24 @@ class Engine:
         path = "graph" if self.runner.graph_replays > replays else "eager"
         self.observe_step(self.clock() - started, len(decoding), path)
 
+    def _admit(self) -> None:
+        """Waiting rows take the free slots; each is told (on_start) once it holds one."""
+        for row in self.scheduler.admit_waiting(self.clock()):
+            if not row.score:
+                self.picker.admit(row)
+            if row.on_start is not None:
+                try:
+                    row.on_start(row)
+                except Exception:  # as for on_done: the engine goes on serving the other rows
+                    log.exception("engine: start callback failed")
+
     def _prefill(self, chunks) -> None:
         """Run the chunks; rows whose known tokens are all in their blocks now pick their first token (a
         row recomputed after a preemption already has it: it goes on decoding), or, scoring, end with
         their label probabilities."""
         self._sync_tables()
         rows = [row for row, _ in chunks]
+        self.scoring_tokens += sum(len(chunk.tokens) for row, chunk in chunks if row.score)
         try:
             hidden = self.runner.prefill([chunk for _, chunk in chunks])
         except Exception as exc:
@@ -233,15 +232,16 @@ class Engine:
             self._finish(row, None)
 
     def _sweep(self) -> None:
-        """Stop rows whose client left or whose deadline passed, also those still prefilling."""
+        """Stop rows whose client left or whose deadline passed, also those prefilling or waiting for a slot."""
         now = self.clock()
-        for row in list(self.scheduler.rows.values()):
+        for row in self.scheduler.all_rows():
             if row.cancelled.is_set():
                 row.finish_reason = "cancelled"
             elif now >= row.deadline:
                 row.finish_reason = "deadline"
             else:
                 continue
+            self.scheduler.withdraw(row)
             self._finish(row, None)
 
     def _finish(self, row: GenerationRow, error: Exception | None) -> None:

@@ -1,45 +1,20 @@
-"""What runs next: which rows hold a batch slot, which prompt chunks prefill this step (short ones first,
+"""What runs next: which waiting rows take a batch slot, which prompt chunks prefill this step (short ones first,
 as far as the KV blocks go), which rows decode, and which row gives its blocks up when the pool runs dry."""
 from __future__ import annotations
 
-import heapq
+import collections
 
 from .block_manager import BlockManager
 from .model_runner import PrefillChunk
 from .sequence import GenerationRow
-
-
-class SlotAllocator:
-    """Hands out the lowest free slot of [first, first + slots), so live rows stay packed at the front
-    and a decode step covers slots [0, n) for the smallest n."""
-
-    def __init__(self, slots: int, first: int = 0):
-        self._free = list(range(first, first + slots))
-        heapq.heapify(self._free)
-        self._used: set[int] = set()
-
-    def free_count(self) -> int:
-        return len(self._free)
-
-    def used_count(self) -> int:
-        return len(self._used)
-
-    def allocate(self) -> int:
-        slot = heapq.heappop(self._free)
-        self._used.add(slot)
-        return slot
-
-    def release(self, slot: int) -> None:
-        self._used.remove(slot)  # a KeyError here is a double free: a bug worth failing loudly on
-        heapq.heappush(self._free, slot)
-
-    def highest_used(self) -> int:
-        return max(self._used, default=-1)
+from .slots import SlotAllocator
 
 
 class Scheduler:
-    """Rows take a slot on admission (generations one of `slots`, scoring rows one of `score_slots`
-    above them, which no decode step covers) and KV blocks as their tokens arrive. Prompts prefill in
+    """The one owner of the engine's requests, waiting and running. Rows wait until a slot of their kind
+    is free (generations one of `slots`, in arrival order; scoring rows one of `score_slots` above them,
+    which no decode step covers: urgent ones first, then the shortest), then take KV blocks as their
+    tokens arrive. Prompts prefill in
     chunks within a token budget per step, short ones first; every row whose prompt is in its blocks
     decodes. When the pool runs dry the most recently admitted row gives its blocks back and is
     recomputed later (keeping its slot, its tokens and its sampling state): older rows always finish."""
@@ -54,6 +29,9 @@ class Scheduler:
         self.short_tokens = max(prefill_tokens_per_step // 4, 1)
         self.blocks = blocks
         self.rows: dict[int, GenerationRow] = {}  # slot -> row, in admission order
+        # Rows without a slot yet, by kind. Other threads read only their lengths (admission estimates).
+        self.waiting: collections.deque[GenerationRow] = collections.deque()
+        self.waiting_to_score: collections.deque[GenerationRow] = collections.deque()
         self.changed: set[int] = set()  # slots whose block list changed since the runner last saw it
         self.preemptions = 0
 
@@ -67,12 +45,85 @@ class Scheduler:
         """Generations holding a slot."""
         return self.allocator.used_count()
 
+    def has_rows(self) -> bool:
+        return bool(self.rows or self.waiting or self.waiting_to_score)
+
+    def all_rows(self) -> list[GenerationRow]:
+        """Running rows in admission order, then waiting ones."""
+        return [*self.rows.values(), *self.waiting, *self.waiting_to_score]
+
+    def add(self, row: GenerationRow) -> None:
+        """The row waits for a slot of its kind. A scoring row's own tokens (past the prefix the cache
+        holds now) order it among the waiting ones."""
+        if not (self.score_allocator if row.score else self.allocator).total:
+            raise ValueError(f"the engine has no {'scoring' if row.score else 'generation'} slots")
+        if row.score:
+            row.own_tokens = row.known_tokens() - self.blocks.cached_tokens(row.prompt_ids)
+            self.waiting_to_score.append(row)
+        else:
+            self.waiting.append(row)
+
+    def withdraw(self, row: GenerationRow) -> bool:
+        """Take a row out of the waiting rows; False if it holds a slot (or is gone)."""
+        for waiting in (self.waiting, self.waiting_to_score):
+            if row in waiting:
+                waiting.remove(row)
+                return True
+        return False
+
+    def admit_waiting(self, now: float) -> list[GenerationRow]:
+        """Waiting rows into the free slots of their kind; returns those admitted. Generations in arrival
+        order. Scoring rows urgent first (half their deadline spent), then the shortest, while their own
+        tokens fit a step's budget (the first always goes); long ones (more than short_tokens) hold at most
+        half the scoring slots, so that a bulk request's long texts leave room for one-line ones."""
+        admitted = []
+        while self.waiting and self.allocator.free_count():
+            admitted.append(self.waiting.popleft())
+            self.admit(admitted[-1])
+        free = self.score_allocator.free_count()
+        if not free or not self.waiting_to_score:
+            return admitted
+        short = self.short_tokens
+        long_room = max(self.score_allocator.total // 2, 1) - sum(
+            1 for row in self.rows.values() if row.score and row.own_tokens > short)
+        spent, scoring = 0, []
+        for row in self.scoring_order(now):
+            if len(scoring) >= free or (scoring and spent >= self.prefill_tokens_per_step):
+                break
+            if scoring and spent + row.own_tokens > self.prefill_tokens_per_step:
+                continue
+            if row.own_tokens > short:
+                if long_room <= 0:
+                    continue
+                long_room -= 1
+            scoring.append(row)
+            spent += row.own_tokens
+        chosen = {id(row) for row in scoring}
+        self.waiting_to_score = collections.deque(row for row in self.waiting_to_score if id(row) not in chosen)
+        for row in scoring:
+            self.admit(row)
+        return admitted + scoring
+
+    def scoring_order(self, now: float) -> list[GenerationRow]:
+        """Waiting scoring rows in the order they take slots: urgent ones (half their deadline spent
+        waiting) first, in arrival order, then the shortest."""
+        urgent = [row for row in self.waiting_to_score if now - row.admitted_at >= (row.deadline - row.admitted_at) / 2]
+        urgent_ids = {id(row) for row in urgent}
+        return urgent + sorted((row for row in self.waiting_to_score if id(row) not in urgent_ids),
+                               key=lambda row: row.own_tokens)
+
+    def scoring_tokens_left(self) -> int:
+        """Prompt tokens the scoring rows in slots have yet to prefill."""
+        return sum(row.known_tokens() - row.cached for row in self.rows.values() if row.score)
+
     def admit(self, row: GenerationRow) -> None:
+        """The row takes a free slot of its kind now."""
         if row.total_tokens() > self.max_tokens:  # Engine.add refuses such rows first, with a code
             raise ValueError(f"a row of {row.total_tokens()} tokens exceeds the {self.max_tokens} positions")
         row.slot = (self.score_allocator if row.score else self.allocator).allocate()
         row.cached = 0
         row.next_input = None
+        row.started = True
         self.rows[row.slot] = row
 
     def release(self, row: GenerationRow) -> None:

@@ -73,7 +73,7 @@ def test_generations_take_free_slots_and_the_rest_wait_then_every_token_arrives_
     sink = loop.sink_for_tests
     for i in (1, 2, 3):
         loop.submit(generation(model, i, max_tokens=6, stream=i == 1))
-        eventually(lambda: len(loop.queue) < 2, what="room in the queue")
+        eventually(lambda: loop.arrivals.waiting() < 2, what="room in the queue")
     finals = [sink.final(i) for i in (1, 2, 3)]
     assert [f.finish_reason for f in finals] == ["length"] * 3
     streamed = [t for o in sink.outputs[1] for t in o.tokens]
@@ -90,6 +90,7 @@ def test_sentiment_is_scored_between_the_steps_of_a_running_generation(loop, mod
     loop.submit(sentiment(model, 11))
     scores = sink.final(11).scores
     assert abs(sum(scores.values()) - 1) < 1e-4
+    assert loop.pace.seen >= 1 and loop.arrivals.pace is loop.pace  # admission's scoring pace follows the passes
     assert not [o for o in sink.outputs[10] if o.final], "sentiment must not wait for the generation"
     loop.cancel(10)
     assert sink.final(10).finish_reason == "cancelled"
@@ -99,11 +100,11 @@ def test_a_queued_request_cancelled_leaves_the_queue_and_is_never_computed(loop,
     sink = loop.sink_for_tests
     loop.submit(generation(model, 20, max_tokens=400))
     loop.submit(generation(model, 21, max_tokens=400))
-    eventually(lambda: loop.busy() == 2 and len(loop.queue) == 0, what="both slots taken")
+    eventually(lambda: loop.busy() == 2 and loop.arrivals.waiting() == 0, what="both slots taken")
     loop.submit(generation(model, 22))
     loop.cancel(22, "client_gone")
-    assert len(loop.queue) == 0 and 22 not in sink.outputs
-    assert loop.metrics.rejections.labels(reason="client_gone")._value.get() == 1
+    eventually(lambda: loop.metrics.rejections.labels(reason="client_gone")._value.get() == 1, what="22 counted")
+    assert loop.arrivals.waiting() == 0 and loop.busy() == 2 and 22 not in sink.outputs
     loop.cancel(20)
     loop.cancel(21)
     assert sink.final(20).finish_reason == sink.final(21).finish_reason == "cancelled"
@@ -113,7 +114,7 @@ def test_deadline_in_the_queue_and_a_full_queue(loop, model):
     sink = loop.sink_for_tests
     for i in (30, 31):
         loop.submit(generation(model, i, max_tokens=400))
-    eventually(lambda: loop.busy() == 2 and len(loop.queue) == 0, what="both slots taken")
+    eventually(lambda: loop.busy() == 2 and loop.arrivals.waiting() == 0, what="both slots taken")
     expired = generation(model, 32, deadline_s=0.2)
     loop.submit(expired)
     loop.submit(generation(model, 33))

@@ -6,7 +6,7 @@ import torch
 
 from qwen_worker.config import WorkerConfig
 from qwen_worker.engine import GenerationRow
-from qwen_worker.engine.engine import StepFailed
+from qwen_worker.engine.errors import StepFailed
 from qwen_worker.core.failures import is_oom
 from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
@@ -69,15 +69,14 @@ def test_rows_join_a_running_batch_and_a_freed_slot_serves_a_new_row_cleanly(ser
     long = GenerationRow(prompt(service, "tell me a long story"), 40)
     short = GenerationRow(prompt(service, "插队"), 3)
     late = GenerationRow(prompt(service, "后来的"), 6)
-    slots_seen = {}
+    slots_seen, added = {}, set()
 
-    def join(step):
-        if step == 5:  # the long row is generating: the short one joins the next step
-            engine.add(short, lambda r, e: None)
-            slots_seen["short"] = short.slot
-        if short.finish_reason is not None and "late" not in slots_seen:
-            engine.add(late, lambda r, e: None)  # takes the slot the short row left, its stale keys included
-            slots_seen["late"] = late.slot
+    def join(step):  # a row added waits for the next step, which gives it a slot
+        if step == 5:  # the long row is generating: the short one joins
+            engine.add(short, lambda r, e: None, lambda r: slots_seen.__setitem__("short", r.slot))
+        if short.finish_reason is not None and "late" not in added:
+            added.add("late")  # takes the slot the short row left, its stale keys included
+            engine.add(late, lambda r, e: None, lambda r: slots_seen.__setitem__("late", r.slot))
 
     run(engine, [long], before_step=join)
     assert slots_seen["short"] == slots_seen["late"] == 1
@@ -118,14 +117,16 @@ def test_scoring_rows_hold_slots_of_their_own_beside_a_full_batch(service):
     writers = [GenerationRow(prompt(service, "tell me a long story"), 30) for _ in range(4)]
     scored = [GenerationRow.scoring(service.prompter.sentiment_ids(t, "zh")) for t in ("很好吃", "太慢了")]
 
+    seen = []
+
     def score_while_generating(step):
         if step == 2:
             assert engine.free_slots() == 0 and engine.live() == 4
-            for row in scored:
-                engine.add(row, lambda r, e: None)
-            assert engine.free_slots() == 0 and engine.live() == 4 and engine.free_score_slots() == 2
+            for row in scored:  # each takes a scoring slot at the next step
+                engine.add(row, lambda r, e: None, lambda r: seen.append((r.slot, engine.live(), engine.free_slots())))
 
     run(engine, writers, before_step=score_while_generating)
+    assert sorted(seen) == [(4, 4, 0), (5, 4, 0)]  # the slots above the 4 generation slots, beside a full batch
     for row in scored:
         assert row.finish_reason == "scored" and row.tokens == []
         assert list(row.label_probs) == pytest.approx(full_forward_scores(service, row.prompt_ids), abs=1e-5)

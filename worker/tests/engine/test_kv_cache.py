@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from qwen_worker.engine.kv_cache import SCRATCH_BLOCK, PagedKVCache
-from qwen_worker.engine.scheduler import SlotAllocator
+from qwen_worker.engine.slots import SlotAllocator
 
 
 def test_lowest_free_slot_first_so_live_rows_stay_packed():
