@@ -149,11 +149,13 @@ class Arrivals:
                 refused.append((row, refusal))
         if self.pace is None or not scheduler.waiting_to_score:
             return refused
-        ahead, free = scheduler.scoring_tokens_left(), scheduler.free_score_slots()
-        for place, row in enumerate(scheduler.scoring_order(now)):
+        # Scoring is bounded by the step's tokens, not by its slots: a text with a free slot still shares
+        # the passes with those in slots (a bulk request's last texts arrive with little time left).
+        ahead = scheduler.scoring_tokens_left()
+        for row in scheduler.scoring_order(now):
             ahead += row.own_tokens
             wait_s = self.pace.seconds(ahead)
-            if place >= free and wait_s is not None and now + wait_s > row.deadline:  # one that starts now never is
+            if wait_s is not None and now + wait_s > row.deadline:
                 self.metrics.rejected(UNREACHABLE)
                 refused.append((row, unreachable_score(wait_s)))
                 ahead -= row.own_tokens

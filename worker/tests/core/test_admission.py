@@ -153,8 +153,9 @@ def test_waiting_texts_that_would_not_be_scored_before_their_deadline_are_refuse
     assert all(failure.code == "deadline_unreachable" and "texts ahead" in failure.message for _, failure in refused)
     assert queue.metrics.registry.get_sample_value("qaio_rejections_total", {"reason": "deadline_unreachable"}) == 2
     assert Arrivals(64, WorkerMetrics(CollectorRegistry()), lambda: held).unreachable(time.monotonic()) == []
-    held.release(running)  # a text that takes a free slot now is never refused: it starts at once
+    held.release(running)  # a free slot is no shortcut: the texts share the passes' tokens, not slots
     held.waiting_to_score.clear()
-    alone = scoring_row(500, 2, first=20_000)  # 5 s of tokens, 2 s to go
-    held.add(alone)
-    assert queue.unreachable(time.monotonic()) == []
+    doomed, fits = scoring_row(500, 2, first=20_000), scoring_row(150, 2, first=30_000)  # 5 s, 1.5 s; 2 s to go
+    held.add(doomed)
+    held.add(fits)
+    assert [row for row, _ in queue.unreachable(time.monotonic())] == [doomed]
