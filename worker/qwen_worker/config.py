@@ -116,8 +116,10 @@ class WorkerConfig:
                                       "503 (0: twice QAIO_MAX_BATCH_SIZE, at least 64)", minimum=0)
     admit_by_estimate: bool = _setting(True, "Refuse at once (503 deadline_unreachable) a generation that would not "
                                              "get a KV slot and generate before its deadline, by the slots' recent "
-                                             "turnover; off: every generation the queue has room for waits, and one "
-                                             "whose deadline passes answers 504")
+                                             "turnover, and a sentiment text that would not be scored before its "
+                                             "deadline, by the tokens ahead of it at the recent scoring pace; off: "
+                                             "every request the queue has room for waits, and one whose deadline "
+                                             "passes answers 504")
     retry_after_s: int = _setting(1, "Retry-After seconds sent with 503 answers", minimum=0)
     # Deadlines (a client may lower them with `deadline_ms` in the body or the X-Deadline-Ms header)
     sentiment_deadline_ms: int = _setting(15000, "Default deadline of a sentiment request", minimum=1)
