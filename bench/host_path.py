@@ -93,9 +93,10 @@ def engine_steps(model: str, batches: list[int], steps: int) -> list[dict]:
         for name, sampling in (("greedy", SamplingParams()),
                                ("default chat", SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.1))):
             prompt = service.prompter.chat_ids([])
-            for i in range(batch):
-                engine.add(GenerationRow(prompt + [100 + i], steps + 10, sampling=sampling), lambda row, error: None)
-            while any(not row.prefilled or not row.tokens for row in engine.scheduler.rows.values()):
+            rows = [GenerationRow(prompt + [100 + i], steps + 10, sampling=sampling) for i in range(batch)]
+            for row in rows:
+                engine.add(row, lambda row, error: None)
+            while any(not row.prefilled or not row.tokens for row in rows):
                 engine.step()
             started = time.perf_counter()
             for _ in range(steps):
