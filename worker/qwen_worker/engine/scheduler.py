@@ -139,8 +139,9 @@ class Scheduler:
         decoding rows need for this step's token are kept back). Short requests (their own tokens, past
         the cached prefix, fit a quarter of the budget) go first, oldest first, so that a bulk request's
         long texts never hold a one-line request for more than a step; such a step stays short: beside
-        them only an urgent long prompt (half its deadline spent) advances, by an eighth of the budget.
-        Without short requests the oldest long prompts take the whole budget."""
+        them only urgent long prompts (half their deadline spent) advance, oldest first, by a quarter of
+        the budget kept back for them. Without short requests the oldest long prompts take the whole
+        budget."""
         waiting = [row for row in self.rows.values() if not row.prefilled]
         for row in waiting:
             if not row.blocks and row.cached == 0:
@@ -152,19 +153,25 @@ class Scheduler:
         short = [row for row in waiting if row.known_tokens() - row.cached_prompt_tokens <= self.short_tokens]
         short_ids = {id(row) for row in short}
         reserve = sum(1 for row in self.decoding() if row.cached % self.blocks.block_tokens == 0)
+        long = [row for row in waiting if id(row) not in short_ids]
+        urgent = [row for row in long if now - row.admitted_at >= (row.deadline - row.admitted_at) / 2]
+        eighth = max(self.short_tokens // 2, 1)
+        # Urgent long prompts keep a quarter of the budget back from the short requests: a steady stream
+        # of them filling every step would otherwise starve the long ones until their deadline.
+        kept = self.short_tokens if urgent else 0
         chunks: list[tuple[GenerationRow, PrefillChunk]] = []
-        budget = self.prefill_tokens_per_step
+        budget = self.prefill_tokens_per_step - kept
         for row in short:
             if left[id(row)] > budget:
                 continue
             if not self._take(row, left[id(row)], reserve, chunks):
                 return chunks  # first come, first served: no younger row overtakes one waiting for blocks
             budget -= left[id(row)]
-        long = [row for row in waiting if id(row) not in short_ids]
         smallest = self.short_tokens  # no chunk of a few tokens
-        if chunks:
-            budget = smallest = min(budget, max(self.short_tokens // 2, 1))
-            long = [row for row in long if now - row.admitted_at >= (row.deadline - row.admitted_at) / 2]
+        if chunks:  # the step stays short: an eighth beside the short requests, what was kept if urgent
+            budget, smallest, long = max(min(budget, eighth), kept), eighth, urgent
+        else:
+            budget += kept
         for row in long:
             most = min(budget, left[id(row)])
             if (chunks and most < min(smallest, left[id(row)])) or not self._take(row, most, reserve, chunks):

@@ -135,9 +135,20 @@ def test_short_requests_prefill_before_a_long_prompt_which_advances_beside_them_
         scheduler.admit(r)
     first = prefill(scheduler, now=1.0)  # short requests within the budget; the long one is not urgent
     assert [(r, len(c.tokens)) for r, c in first] == [(shorts[0], 3), (shorts[1], 4), (shorts[2], 4), (shorts[3], 4)]
-    second = prefill(scheduler, now=6.0)  # half its deadline spent: an eighth of the budget beside them
-    assert [(r, len(c.tokens)) for r, c in second] == [(shorts[4], 3), (long, 2)]
+    second = prefill(scheduler, now=6.0)  # half its deadline spent: a quarter of the budget beside them
+    assert [(r, len(c.tokens)) for r, c in second] == [(shorts[4], 3), (long, 4)]
     assert [len(c.tokens) for _, c in prefill(scheduler, now=7.0)] == [16]  # alone: the whole budget
+
+
+def test_an_urgent_long_prompt_keeps_its_quarter_when_short_requests_would_fill_every_step():
+    scheduler = make(slots=8, max_tokens=100, prefill_tokens_per_step=16)  # short: at most 4 own tokens
+    long = row(40)
+    long.deadline = 10.0
+    shorts = [row(4, first=50 + 10 * i) for i in range(6)]  # 24 tokens: more than a step's 16
+    for r in (long, *shorts):
+        scheduler.admit(r)
+    step = prefill(scheduler, now=6.0)  # half its deadline spent: 4 of the 16 tokens stay its own
+    assert [(r, len(c.tokens)) for r, c in step] == [(shorts[0], 4), (shorts[1], 4), (shorts[2], 4), (long, 4)]
 
 
 def test_scoring_rows_take_slots_above_the_generations_and_no_decode_width():
