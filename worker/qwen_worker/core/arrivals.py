@@ -27,7 +27,6 @@ class Work:
     first_token_at: float | None = None  # the end of the step that produced its first token
     batch_size: int = 0
     cancel_reason: str = "client_gone"  # counted if it leaves before it holds a slot
-    own_tokens: int = -1  # a sentiment prompt's tokens past the cached prefix, once the engine thread counted
 
     @property
     def id(self) -> int:
@@ -43,8 +42,8 @@ class Arrivals:
 
     A request is refused on arrival when `capacity` requests already wait beyond the free slots of their
     kind (requests the engine thread has not yet moved into free slots are not waiting for one, else a
-    burst arriving faster than the engine thread wakes would be refused with slots free), and, with `turnover`, a
-    generation that would not get a slot and finish before its deadline (admission.py). Other threads read
+    burst arriving faster than the engine thread wakes would be refused with slots free), and, with
+    `turnover`, a generation that would not get a slot and finish before its deadline (admission.py). Other threads read
     only the scheduler's counts."""
 
     def __init__(self, capacity: int, metrics: WorkerMetrics, scheduler: Callable[[], Scheduler],
@@ -124,10 +123,7 @@ class Arrivals:
         fewer tokens past the cached prefix than a step's budget (caller holds cond)."""
         if any(work.kind != SENTIMENT for work in self._items) or len(self._items) >= scheduler.score_allocator.total:
             return False
-        for work in self._items:
-            if work.own_tokens < 0:
-                work.own_tokens = len(work.request.prompt) - scheduler.blocks.cached_tokens(work.request.prompt)
-        return sum(work.own_tokens for work in self._items) < scheduler.prefill_tokens_per_step
+        return sum(scheduler.own_tokens(work.row) for work in self._items) < scheduler.prefill_tokens_per_step
 
     def take(self) -> list[Work]:
         """Every arrived request, oldest first (caller holds cond)."""

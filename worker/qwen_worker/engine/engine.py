@@ -1,7 +1,7 @@
-"""The step loop's body: waiting rows take the free slots, prefill what the scheduler picks (prompts of generations and of sentiment texts
-alike), score the sentiment rows whose prompt is in, decode every generating row once, then on the host
-(from one device-to-host copy of the new tokens) stream, stop, and free the slots and blocks of
-finished rows."""
+"""The step loop's body: waiting rows take the free slots, prefill what the scheduler picks (prompts of
+generations and of sentiment texts alike), score the sentiment rows whose prompt is in, decode every
+generating row once, then on the host (from one device-to-host copy of the new tokens) stream, stop, and
+free the slots and blocks of finished rows."""
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,6 @@
-"""What runs next: which waiting rows take a batch slot, which prompt chunks prefill this step (short ones first,
-as far as the KV blocks go), which rows decode, and which row gives its blocks up when the pool runs dry."""
+"""What runs next: which waiting rows take a batch slot, which prompt chunks prefill this step (short ones
+first, as far as the KV blocks go), which rows decode, and which row gives its blocks up when the pool
+runs dry."""
 from __future__ import annotations
 
 import collections
@@ -14,9 +15,8 @@ class Scheduler:
     """The one owner of the engine's requests, waiting and running. Rows wait until a slot of their kind
     is free (generations one of `slots`, in arrival order; scoring rows one of `score_slots` above them,
     which no decode step covers: urgent ones first, then the shortest), then take KV blocks as their
-    tokens arrive. Prompts prefill in
-    chunks within a token budget per step, short ones first; every row whose prompt is in its blocks
-    decodes. When the pool runs dry the most recently admitted row gives its blocks back and is
+    tokens arrive. Prompts prefill in chunks within a token budget per step, short ones first; every row
+    whose prompt is in its blocks decodes. When the pool runs dry the most recently admitted row gives its blocks back and is
     recomputed later (keeping its slot, its tokens and its sampling state): older rows always finish."""
 
     def __init__(self, slots: int, max_tokens: int, prefill_tokens_per_step: int, blocks: BlockManager,
@@ -58,10 +58,16 @@ class Scheduler:
         if not (self.score_allocator if row.score else self.allocator).total:
             raise ValueError(f"the engine has no {'scoring' if row.score else 'generation'} slots")
         if row.score:
-            row.own_tokens = row.known_tokens() - self.blocks.cached_tokens(row.prompt_ids)
+            self.own_tokens(row)
             self.waiting_to_score.append(row)
         else:
             self.waiting.append(row)
+
+    def own_tokens(self, row: GenerationRow) -> int:
+        """A scoring row's prompt tokens past the prefix the cache holds, counted once (engine thread)."""
+        if row.own_tokens < 0:
+            row.own_tokens = row.known_tokens() - self.blocks.cached_tokens(row.prompt_ids)
+        return row.own_tokens
 
     def withdraw(self, row: GenerationRow) -> bool:
         """Take a row out of the waiting rows; False if it holds a slot (or is gone)."""
@@ -123,7 +129,6 @@ class Scheduler:
         row.slot = (self.score_allocator if row.score else self.allocator).allocate()
         row.cached = 0
         row.next_input = None
-        row.started = True
         self.rows[row.slot] = row
 
     def release(self, row: GenerationRow) -> None:

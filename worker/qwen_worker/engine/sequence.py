@@ -38,8 +38,7 @@ class GenerationRow:
     cached_prompt_tokens: int = 0
     preemptions: int = 0
     admitted_at: float = 0.0  # the engine's clock when it entered the engine (waiting for a slot)
-    started: bool = False  # it has held a slot
-    own_tokens: int = 0  # a scoring row's prompt tokens past the cached prefix when it arrived
+    own_tokens: int = -1  # a scoring row's prompt tokens past the cached prefix when counted (-1: not yet)
     on_done: Callable[["GenerationRow", Exception | None], None] | None = None
     on_start: Callable[["GenerationRow"], None] | None = None  # when it takes a slot (engine thread)
     generator: Any = None  # the seed's torch.Generator, made on the device at the row's first draw
