@@ -3,7 +3,7 @@
 #   scripts/install-system-deps.sh        everything `make test` needs: what `run` needs, Chromium, its driver
 #                                          and CJK fonts (the page tests), kubectl (kustomize)
 #   scripts/install-system-deps.sh run    what `make run` needs: nginx and its njs module, envsubst, curl,
-#                                          Prometheus and mtail (the dashboard's data)
+#                                          Prometheus and mtail 3.0.5 or later (the dashboard's data)
 # Installs as root, or through sudo when it works without a password prompt; otherwise prints one
 # message naming the packages to install and fails.
 set -eu
@@ -14,7 +14,13 @@ command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
 command -v envsubst >/dev/null 2>&1 || missing="$missing gettext-base"
 command -v curl >/dev/null 2>&1 || missing="$missing curl"
 command -v prometheus >/dev/null 2>&1 || missing="$missing prometheus"
-command -v mtail >/dev/null 2>&1 || missing="$missing mtail"
+# mtail before 3.0.5 (Debian 12 has 3.0.0~rc50) reads one datagram of its UDP log stream per 250 ms
+# poll: past 4 requests/s the front door's counters fall behind, then lose what the socket cannot hold.
+MTAIL_MIN=3.0.5
+mtail_version() { mtail --version 2>/dev/null | awk '{print $3; exit}'; }
+mtail_ok() { command -v mtail >/dev/null 2>&1 && { ! command -v dpkg >/dev/null 2>&1 ||
+  dpkg --compare-versions "$(mtail_version)" ge "$MTAIL_MIN"; }; }
+mtail_ok || missing="$missing mtail"
 if [ "${1:-test}" != run ]; then
   command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
   command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
@@ -29,7 +35,7 @@ elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
   sudo=sudo
 else
   echo "missing Debian packages:$missing" >&2
-  echo "install them as root (apt-get install$missing) and run again" >&2
+  echo "install them as root (apt-get install$missing; mtail $MTAIL_MIN or later) and run again" >&2
   exit 1
 fi
 command -v apt-get >/dev/null 2>&1 || { echo "missing packages:$missing (no apt-get here: install them)" >&2; exit 1; }
@@ -37,3 +43,18 @@ echo "installing Debian packages:$missing"
 $sudo apt-get update -qq
 # shellcheck disable=SC2086 # one word per package
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
+mtail_ok && exit 0
+# This release's mtail is too old: Debian 13's (a Go binary needing only libc), fetched with a source
+# list of its own, so nothing of this system's apt configuration changes.
+apt_dir=$(mktemp -d)
+trap 'rm -rf "$apt_dir"' EXIT
+chmod 755 "$apt_dir"  # apt downloads as _apt
+mkdir -p "$apt_dir/lists/partial" "$apt_dir/parts" "$apt_dir/archives/partial"
+echo "deb http://deb.debian.org/debian trixie main" >"$apt_dir/sources.list"
+set -- -o Dir::Etc::SourceList="$apt_dir/sources.list" -o Dir::Etc::SourceParts="$apt_dir/parts" \
+  -o Dir::State::Lists="$apt_dir/lists" -o Dir::Cache="$apt_dir" -o Dir::Cache::archives="$apt_dir/archives"
+echo "installing mtail from Debian 13 (this release's is older than $MTAIL_MIN)"
+$sudo apt-get "$@" update -qq
+(cd "$apt_dir" && $sudo apt-get "$@" download mtail >/dev/null 2>&1)
+DEBIAN_FRONTEND=noninteractive $sudo dpkg -i "$apt_dir"/mtail_*.deb >/dev/null
+mtail_ok || { echo "mtail $(mtail_version) is still older than $MTAIL_MIN" >&2; exit 1; }

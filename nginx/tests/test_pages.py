@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 from selenium import webdriver
-from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -294,44 +294,69 @@ def tile(browser, key: str) -> str:
         return ""
 
 
+def instances_seen(browser) -> str:
+    """What the dashboard shows of the stack and its instances, for a failed wait's message."""
+    try:
+        return " | ".join(browser.find_element(By.CSS_SELECTOR, section).text.replace("\n", " ")
+                          for section in ("#stack", "#instances", "#admin-message"))
+    except (NoSuchElementException, StaleElementReferenceException):
+        return "(redrawn meanwhile)"
+
+
+def until(browser, seconds: float, condition, what: str):
+    """Wait for `condition` on the page; past `seconds` fail saying what was awaited and what was shown."""
+    try:
+        return WebDriverWait(browser, seconds).until(condition)
+    except TimeoutException:
+        raise AssertionError(f"{what}: not within {seconds} s; the page shows: {instances_seen(browser)}") from None
+
+
+def undrain(stack, address: str) -> None:
+    """Put a worker back in service through the front door's admin endpoint (whatever a test left)."""
+    requests.post(f"{stack.url}/admin/{address}/undrain", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                  timeout=30).raise_for_status()
+
+
 def test_dashboard_shows_instances_and_drain_moves_traffic_away_without_failures(local_stack, browser):
     drained, other = local_stack.worker_addresses
     load = Load(local_stack.url)
     try:
         browser.get(local_stack.url + "/dashboard")
-        wait = WebDriverWait(browser, 60)
-        wait.until(lambda d: all(cell(d, a, ".state") == "ready" for a in (drained, other)))
-        wait.until(lambda d: all(cell(d, a, ".share") not in ("", "–", "0.0%") for a in (drained, other)))
+        until(browser, 60, lambda d: all(cell(d, a, ".state") == "ready" for a in (drained, other)), "both ready")
+        until(browser, 60, lambda d: all(cell(d, a, ".share") not in ("", "–", "0.0%") for a in (drained, other)),
+              "both with a share")
         # The stack tiles come from mtail's nginx counters, scraped apart from the workers: a rate over
         # 30 s needs two of their scrapes, which on a loaded machine come after the workers' shares.
-        wait.until(lambda d: re.fullmatch(r"[\d.]+%", tile(d, "errors")) and re.fullmatch(r"[\d.]+", tile(d, "rps")))
+        until(browser, 60, lambda d: re.fullmatch(r"[\d.]+%", tile(d, "errors")) and re.fullmatch(r"[\d.]+", tile(d, "rps")),
+              "the stack tiles")
         assert "worker-0" in dashboard_row(browser, drained).text or "worker-1" in dashboard_row(browser, drained).text
         assert "sentiment" in cell(browser, drained, ".latency")
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-rps svg polyline"))
+        until(browser, 60, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-rps svg polyline"), "the rps chart")
         # API keys are off in this stack: every request is the key table's "(none)" row.
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#keys tr[data-key=""]'))
+        until(browser, 60, lambda d: d.find_elements(By.CSS_SELECTOR, '#keys tr[data-key=""]'), "the keys table")
         assert browser.find_element(By.CSS_SELECTOR, '#keys tr[data-key=""] .name').text == "(none)"
 
         browser.find_element(By.ID, "token").send_keys(ADMIN_TOKEN)
         dashboard_row(browser, drained).find_element(By.CSS_SELECTOR, "button.drain").click()
-        wait.until(lambda d: "drained" in d.find_element(By.ID, "admin-message").text)
+        until(browser, 60, lambda d: "drained" in d.find_element(By.ID, "admin-message").text, "the drain's answer")
         drained_at = time.monotonic()
-        wait.until(lambda d: cell(d, drained, ".state") in ("draining", "drained"))
+        until(browser, 60, lambda d: cell(d, drained, ".state") in ("draining", "drained"), "the state draining")
         # Its share of new requests falls to zero as the 30 s window passes; the other takes it all.
-        WebDriverWait(browser, 90).until(lambda d: cell(d, drained, ".share") == "0.0%")
+        until(browser, 90, lambda d: cell(d, drained, ".share") == "0.0%", "the drained worker's share at zero")
         assert cell(browser, other, ".share") == "100%"
         assert cell(browser, drained, ".state") == "drained"
         screenshot(browser, "dashboard")
 
         undrained_at = time.monotonic()
         dashboard_row(browser, drained).find_element(By.CSS_SELECTOR, "button.undrain").click()
-        wait.until(lambda d: cell(d, drained, ".state") == "ready")
+        until(browser, 60, lambda d: cell(d, drained, ".state") == "ready", "the undrained worker ready")
         deadline = time.monotonic() + 30
         while not any(t > undrained_at and who == drained for t, _, who in load.results):
             assert time.monotonic() < deadline, "no request reached the undrained worker"
             time.sleep(0.2)
     finally:
         load.stop()
+        undrain(local_stack, drained)  # a failure above must not leave the shared stack one worker short
     assert load.results and all(status == 200 for _, status, _ in load.results), \
         [r for r in load.results if r[1] != 200][:5]
     while_drained = [who for t, _, who in load.results if drained_at < t < undrained_at]
@@ -341,8 +366,8 @@ def test_dashboard_shows_instances_and_drain_moves_traffic_away_without_failures
 def test_dashboard_admin_needs_the_right_token(local_stack, browser):
     browser.get(local_stack.url + "/dashboard")
     address = local_stack.worker_addresses[0]
-    WebDriverWait(browser, 60).until(lambda d: cell(d, address, ".state") == "ready")
+    until(browser, 60, lambda d: cell(d, address, ".state") == "ready", "the worker ready")
     browser.find_element(By.ID, "token").send_keys("wrong-token-0123456789")
     dashboard_row(browser, address).find_element(By.CSS_SELECTOR, "button.drain").click()
-    WebDriverWait(browser, 10).until(lambda d: "disabled" in d.find_element(By.ID, "admin-message").text)
+    until(browser, 10, lambda d: "disabled" in d.find_element(By.ID, "admin-message").text, "the refusal's message")
     assert requests.get(f"http://{address}/readyz", timeout=5).json()["status"] == "ready"
