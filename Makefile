@@ -57,16 +57,23 @@ install: $(STAMP)
 system-deps:
 	scripts/install-system-deps.sh
 
-# The full run reports its 25 slowest tests; every test has pytest.ini's timeout.
+# Tiers by what a test starts (pytest.ini's markers). The fast tier starts nothing but in-process code
+# and needs no Debian packages. It runs in two pytest processes (FAST_PROCESSES): its tests wait on
+# batching windows and threads, so a second process fills the cores; each loads its own models, so more
+# cost memory, not time. The tiers that start servers run in one process, one server set at a time.
+SERVER_TIERS := gunicorn or nginx or stack or browser or tool
+FAST_TIER := not ($(SERVER_TIERS))
+FAST_PROCESSES ?= 2
+
+# Every test: the fast tier as test-fast runs it, then the server tiers, both whatever the other gives
+# (the run fails if either did); the slowest tests of each are reported, every test has pytest.ini's timeout.
 test: $(STAMP)
 	@scripts/install-system-deps.sh
-	$(PY) -m pytest -q --durations=25
+	@status=0; \
+	$(PY) -m pytest -q -m "$(FAST_TIER)" -n $(FAST_PROCESSES) --dist loadscope --durations=10 || status=1; \
+	$(PY) -m pytest -q -m "$(SERVER_TIERS)" --durations=25 || status=1; \
+	exit $$status
 
-# Tests that start nothing but in-process code (pytest.ini's tiers); no Debian packages needed. Two
-# pytest processes (FAST_PROCESSES): the in-process tests wait on batching windows and threads, so a
-# second process fills the cores; each loads its own models, so more cost memory, not time.
-FAST_TIER := not (gunicorn or nginx or stack or browser or tool)
-FAST_PROCESSES ?= 2
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "$(FAST_TIER)" -n $(FAST_PROCESSES) --dist loadscope --durations=10
 
