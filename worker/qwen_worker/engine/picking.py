@@ -23,7 +23,8 @@ class TokenPicker:
         """A row joins: its penalties' state starts from its prompt."""
         if row.sampling.penalized:
             if self.penalties is None:
-                self.penalties = PenaltyState(self.runner.slots, self.runner.max_tokens, self.runner.device)
+                self.penalties = PenaltyState(self.runner.slots, self.runner.max_tokens, self.runner.vocab_size,
+                                              self.runner.device)
             self.penalties.reset(row)
 
     @torch.inference_mode()  # the penalties change the step's logits (inference tensors) in place

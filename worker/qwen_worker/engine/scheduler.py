@@ -147,7 +147,10 @@ class Scheduler:
         them only urgent long prompts (half their deadline spent) advance, oldest first, by a quarter of
         the budget kept back for them. Without short requests the oldest long prompts take the whole
         budget."""
-        waiting = [row for row in self.rows.values() if not row.prefilled]
+        # A decoding row (a token to feed) is prefilled: only the others are asked, a cheap test first.
+        waiting = [row for row in self.rows.values() if row.next_input is None and not row.prefilled]
+        if not waiting:
+            return []
         for row in waiting:
             if not row.blocks and row.cached == 0:
                 row.cached = self.blocks.attach_prefix(row)
@@ -208,9 +211,11 @@ class Scheduler:
     def make_room_to_decode(self) -> list[GenerationRow]:
         """Blocks for every decoding row's next token, oldest first, preempting the newest rows when the
         pool is dry (a row may be the one preempted); returns the rows that decode this step."""
-        decoding, preempted = self.decoding(), self.preemptions
+        decoding, preempted, size = self.decoding(), self.preemptions, self.blocks.block_tokens
         for row in decoding:
             held = len(row.blocks)
+            if row.cached < held * size:  # its blocks have room for the next token: most steps
+                continue
             while row.next_input is not None and not self.blocks.grow(row, row.cached + 1):
                 self._preempt(self._newest_holding())
             if len(row.blocks) != held:  # only a changed block list goes to the runner's tables

@@ -55,7 +55,7 @@ class DensePenalties:
 
 
 def test_penalties_follow_their_definitions_on_the_rows_that_ask_and_leave_the_others():
-    state = PenaltyState(slots=3, max_tokens=8, device=torch.device("cpu"))
+    state = PenaltyState(slots=3, max_tokens=8, vocab=6, device=torch.device("cpu"))
     plain = GenerationRow([0], 4)
     plain.slot = 0
     rep = GenerationRow([1], 4, SamplingParams(repetition_penalty=2.0))
@@ -80,7 +80,7 @@ def test_sparse_penalties_equal_the_dense_definition_bit_for_bit_over_many_steps
     and new rows take their slots; every step's logits equal the dense definition's exactly."""
     rng = random.Random(seed)
     slots, vocab, max_tokens = 6, 300, 120
-    sparse, dense = PenaltyState(slots, max_tokens, torch.device("cpu")), DensePenalties(slots, vocab)
+    sparse, dense = PenaltyState(slots, max_tokens, vocab, torch.device("cpu")), DensePenalties(slots, vocab)
     rows: list[GenerationRow | None] = [None] * slots
 
     def enter(slot):
@@ -116,7 +116,7 @@ def test_sparse_penalties_equal_the_dense_definition_bit_for_bit_over_many_steps
 
 
 def test_penalties_change_the_logits_they_are_given_in_place_and_copy_other_precisions():
-    state = PenaltyState(slots=1, max_tokens=4, device=torch.device("cpu"))
+    state = PenaltyState(slots=1, max_tokens=4, vocab=3, device=torch.device("cpu"))
     row = GenerationRow([1], 2, SamplingParams(repetition_penalty=2.0))
     row.slot = 0
     state.reset(row)
@@ -149,7 +149,8 @@ def test_the_engine_draws_the_same_tokens_with_sparse_penalties_as_with_the_dens
         return [r.tokens for r in rows]
 
     dense = lambda: DensePenalties(engine.runner.slots, engine.runner.stack.vocab_size)  # noqa: E731
-    sparse = lambda: PenaltyState(engine.runner.slots, engine.runner.max_tokens, engine.runner.device)  # noqa: E731
+    sparse = lambda: PenaltyState(engine.runner.slots, engine.runner.max_tokens, engine.runner.vocab_size,
+                                   engine.runner.device)  # noqa: E731
     for sampling in ({"repetition_penalty": 0.2}, {"presence_penalty": -2.0, "frequency_penalty": -1.0},
                      {"repetition_penalty": 0.1, "temperature": 1.0, "top_p": 0.9},
                      {"repetition_penalty": 0.5, "frequency_penalty": -1.0, "temperature": 0.7}):
