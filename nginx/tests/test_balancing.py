@@ -1,11 +1,12 @@
 """Upstream strategies with real workers: weights, stickiness, least connections."""
 import http.client
 import json
+import uuid
 from collections import Counter
 
 import requests
 
-from qaio_testing import served_by
+from qaio_testing import SHARED_CPU_WORKER_ENV, served_by
 
 
 def sentiment(url, text, **kw):
@@ -48,3 +49,42 @@ def test_least_conn_sends_new_requests_away_from_a_worker_busy_with_a_long_one(w
     finally:
         long_one.close()
     assert busy not in others and sum(others.values()) == 10, (busy, others)
+
+
+def conversation_home(url: str, key: str, turns: int = 3, **headers) -> set[str]:
+    """The workers that answered a named conversation's turns (new texts: no cache hits)."""
+    return {served_by(sentiment(url, f"{key} 第{turn}轮 {uuid.uuid4()}", headers={"X-Conversation-Id": key, **headers}).headers)
+            for turn in range(turns)}
+
+
+UNLIMITED = {"QAIO_NGINX_SENTIMENT_RATE": "1000r/s", "QAIO_NGINX_SENTIMENT_BURST": "1000"}  # many turns at once
+
+
+def test_a_named_conversation_stays_on_its_worker_and_conversations_spread_over_both(workers, nginx):
+    proxy = nginx(workers, **UNLIMITED)
+    homes = {}
+    for n in range(24):  # all 24 on one worker of two by chance: 1 in 8 million
+        seen = conversation_home(proxy.url, f"conv-{n}")
+        assert len(seen) == 1, f"conv-{n} moved between workers: {seen}"
+        homes[f"conv-{n}"] = seen.pop()
+    assert set(homes.values()) == {w.address for w in workers}, homes
+    # Every endpoint routes by it: an OpenAI client's turn (extra_headers) goes home too.
+    for key in ("conv-0", "conv-1"):
+        response = requests.post(proxy.url + "/v1/chat/completions", timeout=30, headers={"X-Conversation-Id": key}, json={
+            "messages": [{"role": "user", "content": f"{key} 你好 {uuid.uuid4()}"}], "max_tokens": 1})
+        assert response.status_code == 200 and served_by(response.headers) == homes[key], (key, response.text)
+
+
+def test_a_conversation_whose_worker_is_drained_goes_to_the_other_and_comes_back(gunicorn_server, nginx):
+    token = "affinity-admin-token-0123456789"
+    pair = [gunicorn_server(QAIO_ADMIN_TOKEN=token, **SHARED_CPU_WORKER_ENV) for _ in range(2)]
+    proxy = nginx(pair, **UNLIMITED)
+    (home,) = conversation_home(proxy.url, "conv-drain")
+    auth = {"Authorization": f"Bearer {token}"}
+    assert requests.post(f"http://{home}/admin/drain", headers=auth, timeout=30).status_code == 200
+    try:
+        away = conversation_home(proxy.url, "conv-drain")
+        assert away and home not in away, away  # every turn answered (200) by the other worker
+    finally:
+        assert requests.post(f"http://{home}/admin/undrain", headers=auth, timeout=30).status_code == 200
+    assert conversation_home(proxy.url, "conv-drain") == {home}

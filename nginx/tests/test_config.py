@@ -1,6 +1,7 @@
 """The rendered configuration: valid for nginx, clean for gixy, the settings really applied."""
 import os
 import shutil
+import json
 import subprocess
 import sys
 import tempfile
@@ -37,10 +38,19 @@ def assert_nginx_t_and_gixy_pass(tmp_path: Path, conf: Path) -> None:
     checked = subprocess.run(["nginx", "-t", "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "err.log")],
                              capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
-    gixy = subprocess.run([str(Path(sys.executable).parent / "gixy"), str(conf)], capture_output=True, text=True)
-    assert gixy.returncode == 0, gixy.stdout + gixy.stderr
-    assert "Total issues:" in gixy.stdout and "High: 0" in gixy.stdout and "Medium: 0" in gixy.stdout
-    assert "Low: 0" in gixy.stdout
+    gixy = subprocess.run([str(Path(sys.executable).parent / "gixy"), "-f", "json", str(conf)], capture_output=True,
+                          text=True)
+    assert gixy.returncode in (0, 1), gixy.stderr
+    issues = [issue for issue in json.loads(gixy.stdout) if not is_the_upstream_choice(issue)]
+    assert issues == [], issues
+
+
+def is_the_upstream_choice(issue: dict) -> bool:
+    """gixy's one false finding: `proxy_pass http://$qaio_upstream` "needs a resolver", but the variable
+    only ever names one of the two upstream groups (a map of constants), which nginx finds without DNS."""
+    return (issue["plugin"] == "missing_resolver" and issue["file"].endswith("qaio-proxy.inc")
+            and "proxy_pass http://$qaio_upstream;" in issue["config"]
+            and "qaio_upstream" in (Path(issue["file"]).read_text().splitlines()[issue["line"] - 1]))
 
 
 def test_settings_reach_the_config(tmp_path):

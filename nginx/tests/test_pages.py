@@ -53,17 +53,26 @@ def screenshot(browser, name: str) -> None:
         browser.save_screenshot(str(REPO / "docs" / "img" / f"{name}.png"))
 
 
-def sent_bodies(browser, path: str) -> list[dict]:
-    """JSON bodies of the POSTs to `path` the page sent, from Chromium's network log (reading the log
-    empties it: what was read is kept on the driver)."""
+def sent_posts(browser, path: str) -> list[tuple[dict, dict]]:
+    """(JSON body, headers) of the POSTs to `path` the page sent, from Chromium's network log (reading
+    the log empties it: what was read is kept on the driver)."""
     seen = browser.__dict__.setdefault("qaio_posts", [])
     for entry in browser.get_log("performance"):
         message = json.loads(entry["message"])["message"]
         if message["method"] == "Network.requestWillBeSent":
             request = message["params"]["request"]
             if request["method"] == "POST":
-                seen.append((request["url"], json.loads(request.get("postData") or "null")))
-    return [body for url, body in seen if url.endswith(path)]
+                seen.append((request["url"], json.loads(request.get("postData") or "null"), request.get("headers", {})))
+    return [(body, headers) for url, body, headers in seen if url.endswith(path)]
+
+
+def sent_bodies(browser, path: str) -> list[dict]:
+    return [body for body, _ in sent_posts(browser, path)]
+
+
+def conversation_ids(browser, path: str) -> list[str | None]:
+    """The X-Conversation-Id each POST to `path` carried (nginx routes a conversation's turns by it)."""
+    return [{k.lower(): v for k, v in headers.items()}.get("x-conversation-id") for _, headers in sent_posts(browser, path)]
 
 
 def set_max_tokens(browser, n: int) -> None:
@@ -144,6 +153,9 @@ def test_a_two_turn_conversation_with_badges_streamed_replies_and_both_languages
     box.send_keys("hello again", Keys.ENTER)
     wait_turn(browser, 0)
     assert sent_bodies(browser, "/v1/chat")[-1]["messages"] == [{"role": "user", "content": "hello again"}]
+    # One name per conversation on every request, so nginx sends its turns to one worker; a new one after "new".
+    (named,), (again,) = set(conversation_ids(browser, "/v1/analyze")), set(conversation_ids(browser, "/v1/chat"))
+    assert named and again and named != again and set(conversation_ids(browser, "/v1/sentiment")) == {named}
     assert turns(browser)[0].find_elements(By.CSS_SELECTOR, ".badge") == []  # chat mode: no badge
 
 
