@@ -53,7 +53,8 @@ def test_least_conn_sends_new_requests_away_from_a_worker_busy_with_a_long_one(w
 
 def conversation_home(url: str, key: str, turns: int = 3, **headers) -> set[str]:
     """The workers that answered a named conversation's turns (new texts: no cache hits)."""
-    return {served_by(sentiment(url, f"{key} 第{turn}轮 {uuid.uuid4()}", headers={"X-Conversation-Id": key, **headers}).headers)
+    named = {"X-Conversation-Id": key, **headers}
+    return {served_by(sentiment(url, f"{key} 第{turn}轮 {uuid.uuid4()}", headers=named).headers)
             for turn in range(turns)}
 
 
@@ -70,8 +71,9 @@ def test_a_named_conversation_stays_on_its_worker_and_conversations_spread_over_
     assert set(homes.values()) == {w.address for w in workers}, homes
     # Every endpoint routes by it: an OpenAI client's turn (extra_headers) goes home too.
     for key in ("conv-0", "conv-1"):
-        response = requests.post(proxy.url + "/v1/chat/completions", timeout=30, headers={"X-Conversation-Id": key}, json={
-            "messages": [{"role": "user", "content": f"{key} 你好 {uuid.uuid4()}"}], "max_tokens": 1})
+        turn = {"messages": [{"role": "user", "content": f"{key} 你好 {uuid.uuid4()}"}], "max_tokens": 1}
+        response = requests.post(proxy.url + "/v1/chat/completions", json=turn, headers={"X-Conversation-Id": key},
+                                 timeout=30)
         assert response.status_code == 200 and served_by(response.headers) == homes[key], (key, response.text)
 
 

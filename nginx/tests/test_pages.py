@@ -72,7 +72,8 @@ def sent_bodies(browser, path: str) -> list[dict]:
 
 def conversation_ids(browser, path: str) -> list[str | None]:
     """The X-Conversation-Id each POST to `path` carried (nginx routes a conversation's turns by it)."""
-    return [{k.lower(): v for k, v in headers.items()}.get("x-conversation-id") for _, headers in sent_posts(browser, path)]
+    return [{k.lower(): v for k, v in headers.items()}.get("x-conversation-id")
+            for _, headers in sent_posts(browser, path)]
 
 
 def set_max_tokens(browser, n: int) -> None:
@@ -339,8 +340,8 @@ def test_dashboard_shows_instances_and_drain_moves_traffic_away_without_failures
               "both with a share")
         # The stack tiles come from mtail's nginx counters, scraped apart from the workers: a rate over
         # 30 s needs two of their scrapes, which on a loaded machine come after the workers' shares.
-        until(browser, 60, lambda d: re.fullmatch(r"[\d.]+%", tile(d, "errors")) and re.fullmatch(r"[\d.]+", tile(d, "rps")),
-              "the stack tiles")
+        until(browser, 60, lambda d: re.fullmatch(r"[\d.]+%", tile(d, "errors"))
+              and re.fullmatch(r"[\d.]+", tile(d, "rps")), "the stack tiles")
         assert "worker-0" in dashboard_row(browser, drained).text or "worker-1" in dashboard_row(browser, drained).text
         assert "sentiment" in cell(browser, drained, ".latency")
         until(browser, 60, lambda d: d.find_elements(By.CSS_SELECTOR, "#chart-rps svg polyline"), "the rps chart")
