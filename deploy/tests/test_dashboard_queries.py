@@ -3,6 +3,7 @@ run`'s stack (scripts/stack.sh) starts, scraping real workers and mtail reading 
 front door runs those queries, by name, and nothing else on that Prometheus."""
 from __future__ import annotations
 
+import http.client
 import json
 import itertools
 import subprocess
@@ -13,6 +14,7 @@ import urllib.parse
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ADMIN_TOKEN
 from qaio_testing import REPO, eventually
@@ -129,6 +131,12 @@ def test_every_grafana_query_returns_data_from_prometheus(traffic, expr):
     eventually(lambda: direct(traffic, expr), timeout=patience(expr), what=f"data for {expr}", interval=1)
 
 
+def sentiment_counted(stack) -> dict:
+    """The front door's sentiment requests by cache result and status (a failed assertion's message)."""
+    return {(r["metric"].get("cache"), r["metric"].get("status")): r["value"][1]
+            for r in direct(stack, 'qaio_nginx_requests_total{route="/v1/sentiment"}')}
+
+
 def test_the_page_reads_what_it_needs(traffic):
     instance_rows = {r["metric"]["instance"] for r in query(traffic, "instance.up")}
     assert instance_rows == set(traffic.worker_addresses)
@@ -136,9 +144,7 @@ def test_the_page_reads_what_it_needs(traffic):
     used = query(traffic, "keys.completion_tokens")
     assert [r["metric"]["key"] for r in used] == ["dashboard-key"] and float(used[0]["value"][1]) > 0
     cache = query(traffic, "stack.cache")
-    counted = {(r["metric"].get("cache"), r["metric"].get("status")): r["value"][1]
-               for r in direct(traffic, 'qaio_nginx_requests_total{route="/v1/sentiment"}')}
-    assert 0 < float(cache[0]["value"][1]) < 100, counted  # repeated texts hit, new ones missed
+    assert 0 < float(cache[0]["value"][1]) < 100, sentiment_counted(traffic)  # repeated texts hit, new ones missed
     # No 5xx reached a client (the drained worker's 503 was asked directly): the whole budget is left.
     budget = eventually(lambda: query(traffic, "stack.budget"), timeout=patience("qaio:slo_"),
                         what="the error budget recorded", interval=1)
@@ -220,8 +226,6 @@ def test_a_token_differing_only_in_case_is_refused(local_stack):
 def test_wrong_admin_tokens_are_rate_limited(local_stack):
     """Guessing costs time: past the burst every try is a 429, wrong tokens included (from an address of
     its own, so the other tests' admin calls keep their budget)."""
-    import http.client
-
     worker = local_stack.worker_addresses[1]
     port = int(local_stack.url.rsplit(":", 1)[1])
     statuses = []
@@ -240,16 +244,12 @@ def test_the_front_doors_counters_count_every_request_of_a_burst(local_stack):
     """mtail counts each of nginx's log lines as they arrive, however fast (one before 3.0.5 read one
     datagram per 250 ms poll: past 4 requests/s its counts fell behind, then lost what the socket could
     not hold)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     mtail = f"http://127.0.0.1:{local_stack.env['QAIO_STACK_MTAIL_PORT']}/metrics"
 
     def counted() -> float:
         families = text_string_to_metric_families(requests.get(mtail, timeout=10).text)
         return sum(sample.value for family in families if family.name == "qaio_nginx_requests"
                    for sample in family.samples if sample.labels.get("route") == "/v1/models")
-
-    import http.client
 
     before, burst = counted(), 600
     # From an address of its own, so that the rate limit it runs into is nobody else's; answered or

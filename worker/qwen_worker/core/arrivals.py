@@ -43,8 +43,8 @@ class Arrivals:
     A request is refused on arrival when `capacity` requests already wait beyond the free slots of their
     kind (requests the engine thread has not yet moved into free slots are not waiting for one, else a
     burst arriving faster than the engine thread wakes would be refused with slots free), and, with
-    `turnover`, a generation that would not get a slot and finish before its deadline (admission.py). Other threads read
-    only the scheduler's counts."""
+    `turnover`, a generation that would not get a slot and finish before its deadline (admission.py).
+    Other threads read only the scheduler's counts."""
 
     def __init__(self, capacity: int, metrics: WorkerMetrics, scheduler: Callable[[], Scheduler],
                  turnover: SlotTurnover | None = None, pace: ScoringPace | None = None):

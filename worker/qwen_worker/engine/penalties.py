@@ -49,14 +49,13 @@ class PenaltyState:
 
     def reset(self, row: GenerationRow) -> None:
         """A row entered its slot: its prompt's distinct ids seen, nothing generated yet."""
-        distinct = torch.from_numpy(np.unique(np.asarray(row.prompt_ids, dtype=np.int64)))
-        n = len(distinct)
-        slot = row.slot
-        self.ids[slot].fill_(int(distinct[0]))
-        self.ids[slot, :n].copy_(distinct, non_blocking=True)
+        seen = np.unique(np.asarray(row.prompt_ids, dtype=np.int64))
+        n, slot = len(seen), row.slot
+        distinct = torch.from_numpy(seen).to(self.device, non_blocking=True)  # copied to the device once
+        self.ids[slot].fill_(int(seen[0]))
+        self.ids[slot, :n] = distinct
         self.entry[slot].fill_(-1)
-        self.entry[slot, distinct.to(self.device, non_blocking=True)] = torch.arange(n, dtype=self.entry.dtype,
-                                                                                     device=self.device)
+        self.entry[slot, distinct] = torch.arange(n, dtype=self.entry.dtype, device=self.device)
         self.counts[slot].zero_()
         self.valid[slot] = n
         sampling = row.sampling

@@ -16,8 +16,9 @@ class Scheduler:
     is free (generations one of `slots`, in arrival order; scoring rows one of `score_slots` above them,
     which no decode step covers: urgent ones first, then the shortest), then take KV blocks as their
     tokens arrive. Prompts prefill in chunks within a token budget per step, short ones first; every row
-    whose prompt is in its blocks decodes. When the pool runs dry the most recently admitted row gives its blocks back and is
-    recomputed later (keeping its slot, its tokens and its sampling state): older rows always finish."""
+    whose prompt is in its blocks decodes. When the pool runs dry the most recently admitted row gives its
+    blocks back and is recomputed later (keeping its slot, its tokens and its sampling state): older rows
+    always finish."""
 
     def __init__(self, slots: int, max_tokens: int, prefill_tokens_per_step: int, blocks: BlockManager,
                  score_slots: int = 0):
