@@ -42,13 +42,17 @@ def rss_mb(roles: dict[int, str]) -> float:
     return total / 1024
 
 
-def stream_turn(url: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:
-    """One streamed greedy chat turn: (seconds to the first content, the reply's text)."""
+def stream_turn(url: str, messages: list[dict], max_tokens: int, headers: dict | None = None,
+                served: list | None = None) -> tuple[float, str]:
+    """One streamed greedy chat turn: (seconds to the first content, the reply's text); the answer's
+    headers go to `served` when given."""
     started = time.perf_counter()
     first, parts = None, []
     body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as response:
+    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600, headers=headers) as response:
         response.raise_for_status()
+        if served is not None:
+            served.append(response.headers)
         for line in response.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
@@ -59,16 +63,20 @@ def stream_turn(url: str, messages: list[dict], max_tokens: int) -> tuple[float,
     return first if first is not None else time.perf_counter() - started, "".join(parts)
 
 
-def conversations(url: str, texts: list[str], max_tokens: int) -> list[list[float]]:
-    """TTFT seconds [turn][conversation] of CONVERSATIONS conversations of TURNS turns, run at once."""
+def conversations(url: str, texts: list[str], max_tokens: int, name: str | None = None,
+                  served: list | None = None) -> list[list[float]]:
+    """TTFT seconds [turn][conversation] of CONVERSATIONS conversations of TURNS turns, run at once; with
+    `name`, each sends X-Conversation-Id `<name>-<n>`; `served[n]`: conversation n's answers' headers."""
     ttft = [[0.0] * CONVERSATIONS for _ in range(TURNS)]
 
     def converse(c: int) -> None:
         messages = [{"role": "system", "content": "You are a helpful assistant for a food delivery service."}]
+        headers = {"X-Conversation-Id": f"{name}-{c}"} if name else None
         for turn in range(TURNS):
             question = " ".join(texts[(c * TURNS + turn) * 3:(c * TURNS + turn) * 3 + 3])
             messages.append({"role": "user", "content": f"What do you make of these reviews? {question}"})
-            ttft[turn][c], reply = stream_turn(url, messages, max_tokens)
+            ttft[turn][c], reply = stream_turn(url, messages, max_tokens, headers,
+                                               served[c] if served is not None else None)
             messages.append({"role": "assistant", "content": reply})
 
     threads = [threading.Thread(target=converse, args=(c,)) for c in range(CONVERSATIONS)]

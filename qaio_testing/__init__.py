@@ -214,8 +214,9 @@ SHARED_CPU_WORKER_ENV = {"QAIO_TORCH_THREADS": "1", "QAIO_BATCH_WAIT_MS": "5",
 
 
 def served_by(headers) -> str:
-    """The worker that finally answered through nginx (X-Served-By lists every one tried)."""
-    return headers["X-Served-By"].split(",")[-1].strip()
+    """The worker that finally answered through nginx (X-Served-By lists every one tried, and after a
+    redirect to another upstream the first one's before " : ")."""
+    return headers["X-Served-By"].split(" : ")[-1].split(",")[-1].strip()
 
 
 class LocalStack:

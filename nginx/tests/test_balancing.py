@@ -90,3 +90,72 @@ def test_a_conversation_whose_worker_is_drained_goes_to_the_other_and_comes_back
     finally:
         assert requests.post(f"http://{home}/admin/undrain", headers=auth, timeout=30).status_code == 200
     assert conversation_home(proxy.url, "conv-drain") == {home}
+
+
+def long_stream(url: str, key: str) -> requests.Response:
+    """A conversation turn that holds its worker until closed (its workers sleep after every step)."""
+    response = requests.post(url + "/v1/chat", json={"text": "a long story", "max_tokens": 1000, "stream": True,
+                                                     "deadline_ms": 120000},
+                             headers={"X-Conversation-Id": key}, stream=True, timeout=60)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_conversation_turns_past_a_workers_share_walk_the_ring_then_go_by_load(gunicorn_server, nginx):
+    slow = {"QAIO_STEP_DELAY_MS": "50", **SHARED_CPU_WORKER_ENV}  # a 1000-token stream holds its slot ~50 s
+    pair = [gunicorn_server(**slow) for _ in range(2)]
+    proxy = nginx(pair, QAIO_NGINX_AFFINITY_CONNS="1", **UNLIMITED)
+    (home,) = conversation_home(proxy.url, "conv-full", turns=2)
+    held = [long_stream(proxy.url, "conv-full")]
+    try:
+        assert served_by(held[0].headers) == home
+        held.append(long_stream(proxy.url, "conv-full"))  # home holds its one turn: the ring walks on
+        (other,) = {w.address for w in pair} - {home}
+        assert served_by(held[1].headers) == other
+        # Both hold their share of the ring: the next turn goes by load, answered, not refused.
+        response = sentiment(proxy.url, f"第三轮 {uuid.uuid4()}", headers={"X-Conversation-Id": "conv-full"})
+        assert response.status_code == 200 and served_by(response.headers) in (home, other), response.text
+        assert response.headers["X-Served-By"].startswith("qaio_conversations : "), response.headers  # the ring had none
+    finally:
+        for stream in held:
+            stream.close()
+
+
+def test_a_conversation_whose_worker_is_down_goes_to_the_other(gunicorn_server, nginx):
+    pair = [gunicorn_server(**SHARED_CPU_WORKER_ENV) for _ in range(2)]
+    proxy = nginx(pair, **UNLIMITED)
+    (home,) = conversation_home(proxy.url, "conv-down")
+    next(w for w in pair if w.address == home).kill()
+    (other,) = {w.address for w in pair} - {home}
+    assert conversation_home(proxy.url, "conv-down") == {other}  # every turn answered (200) there
+
+
+def closed_loop(url: str, total: int, clients: int) -> list[tuple[str, float]]:
+    """`total` short chats sent by `clients` clients, each sending its next when its last is answered:
+    (worker, seconds) of each."""
+    import concurrent.futures
+    import time
+
+    def one(i: int) -> tuple[str, float]:
+        started = time.monotonic()
+        response = requests.post(url + "/v1/chat", json={"text": f"你好 {i} {uuid.uuid4()}", "max_tokens": 4},
+                                 timeout=120)
+        assert response.status_code == 200, response.text
+        return served_by(response.headers), time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        return list(pool.map(one, range(total)))
+
+
+def test_a_slow_worker_gets_a_smaller_share_by_least_conn_than_by_round_robin(gunicorn_server, nginx):
+    """A worker that sleeps 200 ms after every step stands for a throttled one: least_conn keeps as many
+    requests open on each, so it answers fewer of them; round robin gives it every other one."""
+    fast = gunicorn_server(**SHARED_CPU_WORKER_ENV)
+    slow = gunicorn_server(QAIO_STEP_DELAY_MS="200", **SHARED_CPU_WORKER_ENV)
+    chats = {"QAIO_NGINX_CHAT_RATE": "1000r/s", "QAIO_NGINX_CHAT_BURST": "1000"}
+    share = {}
+    for strategy in ("least_conn", "round_robin"):
+        proxy = nginx([fast, slow], QAIO_NGINX_STRATEGY=strategy, **chats)
+        served = Counter(worker for worker, _ in closed_loop(proxy.url, total=60, clients=4))
+        share[strategy] = served[slow.address] / 60
+    assert 0.4 <= share["round_robin"] <= 0.6 and share["least_conn"] <= 0.3, share

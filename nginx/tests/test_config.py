@@ -62,7 +62,7 @@ def test_settings_reach_the_config(tmp_path):
     assert "server 10.0.0.2:8001 weight=5 max_conns=80 max_fails=4 fail_timeout=7s;" in text
     assert "least_conn;" not in text and "ip_hash;" not in text
     assert "rate=9r/s" in text and "client_max_body_size 32k;" in text and "client_body_buffer_size 32k;" in text
-    proxy = (conf.parent / "conf.d" / "qaio-proxy.inc").read_text()
+    proxy = "".join((conf.parent / "conf.d" / name).read_text() for name in ("qaio-proxy.inc", "qaio-upstream.inc"))
     assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in proxy
     assert "${" not in text + proxy, "every template variable must be substituted"
     cache = (conf.parent / "conf.d" / "qaio-cache.inc").read_text()
@@ -94,8 +94,8 @@ def test_max_conns_per_worker_is_the_workers_own_capacity(tmp_path, settings):
 
 def test_nginx_waits_past_the_longest_deadline(tmp_path):
     conf = render(tmp_path, QAIO_CHAT_DEADLINE_MS="45000")
-    assert "proxy_read_timeout 55s;" in (conf.parent / "conf.d" / "qaio-proxy.inc").read_text()
-    assert "proxy_read_timeout 130s;" in (render(tmp_path / "default").parent / "conf.d" / "qaio-proxy.inc").read_text()
+    assert "proxy_read_timeout 55s;" in (conf.parent / "conf.d" / "qaio-upstream.inc").read_text()
+    assert "proxy_read_timeout 130s;" in (render(tmp_path / "default").parent / "conf.d" / "qaio-upstream.inc").read_text()
 
 
 @pytest.mark.parametrize("settings, message", [

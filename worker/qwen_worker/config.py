@@ -41,6 +41,9 @@ class WorkerConfig:
                                        "HTTP as always, over a forward pass that does no arithmetic (a fixed cycle "
                                        "of tokens and label scores), named `null` in every answer; for measuring "
                                        "the host path (make bench-host)")
+    step_delay_ms: float = _setting(0.0, "Sleep this long after every engine step: a stand-in for a slower device "
+                                         "(a throttled CPU, a sick GPU), for the routing tests and make routing-bench; "
+                                         "0 in service", minimum=0)
     instance_id: str = _setting("", "Name of this instance in responses, logs and metrics (default: host name)")
     warmup: bool = _setting(True, "Run a warm-up forward pass before reporting ready")
     # HTTP server (read by gunicorn.conf.py)

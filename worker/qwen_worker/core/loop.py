@@ -206,6 +206,8 @@ class EngineLoop:
             self._after_failure(failure.cause, len(failure.rows))
         finally:
             self._answer_failed()
+        if self.config.step_delay_ms:
+            time.sleep(self.config.step_delay_ms / 1000)
         self.pace.observe(self.engine.scoring_tokens - scored, time.monotonic() - started)
 
     def _generation_done(self, work: Work, error: Exception | None) -> None:
