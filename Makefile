@@ -70,6 +70,7 @@ FAST_PROCESSES ?= 2
 # (the run fails if either did); the slowest tests of each are reported, every test has pytest.ini's timeout.
 test: $(STAMP)
 	@scripts/install-system-deps.sh
+	@scripts/fetch-nginx.sh >/dev/null
 	@status=0; \
 	$(PY) -m pytest -q -m "$(FAST_TIER)" -n $(FAST_PROCESSES) --dist loadscope --durations=10 || status=1; \
 	$(PY) -m pytest -q -m "$(SERVER_TIERS)" --durations=25 || status=1; \

@@ -63,13 +63,15 @@ def stream_turn(url: str, messages: list[dict], max_tokens: int, headers: dict |
     return first if first is not None else time.perf_counter() - started, "".join(parts)
 
 
-def conversations(url: str, texts: list[str], max_tokens: int, name: str | None = None,
-                  served: list | None = None) -> list[list[float]]:
-    """TTFT seconds [turn][conversation] of CONVERSATIONS conversations of TURNS turns, run at once; with
-    `name`, each sends X-Conversation-Id `<name>-<n>`; `served[n]`: conversation n's answers' headers."""
-    ttft = [[0.0] * CONVERSATIONS for _ in range(TURNS)]
+def conversations(url: str, texts: list[str], max_tokens: int, name: str | None = None, served: list | None = None,
+                  count: int = CONVERSATIONS, stagger_s: float = 0.0) -> list[list[float]]:
+    """TTFT seconds [turn][conversation] of `count` conversations of TURNS turns, run at once, the n-th
+    starting n * stagger_s later; with `name`, each sends X-Conversation-Id `<name>-<n>`; `served[n]`:
+    conversation n's answers' headers."""
+    ttft = [[0.0] * count for _ in range(TURNS)]
 
     def converse(c: int) -> None:
+        time.sleep(c * stagger_s)
         messages = [{"role": "system", "content": "You are a helpful assistant for a food delivery service."}]
         headers = {"X-Conversation-Id": f"{name}-{c}"} if name else None
         for turn in range(TURNS):
@@ -79,7 +81,7 @@ def conversations(url: str, texts: list[str], max_tokens: int, name: str | None 
                                                served[c] if served is not None else None)
             messages.append({"role": "assistant", "content": reply})
 
-    threads = [threading.Thread(target=converse, args=(c,)) for c in range(CONVERSATIONS)]
+    threads = [threading.Thread(target=converse, args=(c,)) for c in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -1,9 +1,9 @@
 """`make routing-bench`: what the front door's routing buys, through nginx in front of two workers on the
 0.5B-shape model, in one run (docs/routing.md and .json):
 
-- conversation affinity: CONVERSATIONS 5-turn conversations at once (every turn sends the whole history,
-  streamed, greedy), once with X-Conversation-Id and once without (least_conn alone), distinct texts so
-  neither phase finds the other's prefixes; time to first token p50 per turn, the turns that reached the
+- conversation affinity: CONVERSATIONS 5-turn conversations at once, starting STAGGER_S apart (every
+  turn sends the whole history, streamed, greedy), once with X-Conversation-Id and once without
+  (least_conn alone), distinct texts so neither phase finds the other's prefixes; time to first token p50 per turn, the turns that reached the
   worker of the conversation's first turn, and each worker's prefix-cache hit rate in each phase;
 - a slow worker: one of the two sleeps QAIO_STEP_DELAY_MS after every engine step (a throttled CPU, a
   sick GPU), steady closed-loop chat load by least_conn and by round robin against the same workers;
@@ -25,10 +25,12 @@ import requests
 
 from qaio_testing import REPO, GunicornServer, NginxServer, served_by
 
-from .conversations import CONVERSATIONS, TURNS, conversations
+from .conversations import TURNS, conversations
 from .run import machine
 from .texts import review_texts
 
+CONVERSATIONS = 8
+STAGGER_S = 1.0  # so that turns interleave as users' do, rather than in lock step
 UNLIMITED = {"QAIO_NGINX_CHAT_RATE": "1000r/s", "QAIO_NGINX_CHAT_BURST": "1000"}
 WORKER_ENV = {"QAIO_MAX_BATCH_SIZE": "16", "QAIO_TORCH_THREADS": "1"}  # two workers share this machine's cores
 
@@ -44,7 +46,8 @@ def affinity_phase(proxy: NginxServer, pair: list[GunicornServer], texts: list[s
                    name: str | None) -> dict:
     before = {w.address: prefix_tokens(w) for w in pair}
     served: list[list] = [[] for _ in range(CONVERSATIONS)]
-    ttft = conversations(proxy.url, texts, max_tokens, name=name, served=served)
+    ttft = conversations(proxy.url, texts, max_tokens, name=name, served=served, count=CONVERSATIONS,
+                         stagger_s=STAGGER_S)
     workers = [[served_by(headers) for headers in turns] for turns in served]
     hit_rate = {}
     for w in pair:
@@ -78,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=str(REPO / "models" / "qwen2.5-0.5b-shape"))
     parser.add_argument("--max-tokens", type=int, default=48, help="tokens per conversation reply")
-    parser.add_argument("--delay-ms", type=float, default=100, help="the slow worker's sleep after every step")
+    parser.add_argument("--delay-ms", type=float, default=250, help="the slow worker's sleep after every step "
+                                                                   "(about one 16-row decode step of this model here)")
     parser.add_argument("--requests", type=int, default=64, help="chats per strategy under steady load")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--out", type=Path, default=REPO / "docs")
@@ -130,7 +134,8 @@ def write(out: Path, report: dict) -> None:
              f"`make routing-bench`, {report['date']}, {report['machine']['cpu']} ({report['machine']['cores']} cores), "
              f"model `{report['model']}` (random weights, the real tokenizer), nginx in front of two workers "
              f"({', '.join(f'{k}={v}' for k, v in report['worker_env'].items())}).", "",
-             f"## Conversations: {CONVERSATIONS} at once, {TURNS} turns, greedy, {report['max_tokens']} tokens per reply",
+             f"## Conversations: {CONVERSATIONS} at once (starting {STAGGER_S:.0f} s apart), {TURNS} turns, greedy, "
+             f"{report['max_tokens']} tokens per reply",
              "", "| routing | TTFT p50 by turn, ms | turn 5 / turn 1 | prefix hit rate by worker | later turns on turn 1's worker |",
              "|---|---|---|---|---|"]
     for key, title in (("with_affinity", "X-Conversation-Id (affinity)"), ("without_affinity", "no key (least_conn)")):

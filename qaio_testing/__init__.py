@@ -136,12 +136,12 @@ class GunicornServer:
     """One worker instance: gunicorn with worker/gunicorn.conf.py, in its own process group."""
 
     def __init__(self, model: str, port: int | None = None, log_path: str | None = None,
-                 app: str = "qwen_worker:create_app()", **env: str):
+                 app: str = "qwen_worker:create_app()", host: str = "127.0.0.1", **env: str):
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.address = f"127.0.0.1:{self.port}"
+        self.url = f"http://{host}:{self.port}"
+        self.address = f"{host}:{self.port}"
         self.model = model  # what nginx in front of it must name as QAIO_MODEL for its cache key
-        environment = {**os.environ, "QAIO_MODEL": model, "QAIO_PORT": str(self.port),
+        environment = {**os.environ, "QAIO_MODEL": model, "QAIO_HOST": host, "QAIO_PORT": str(self.port),
                        "QAIO_INSTANCE_ID": f"worker-{self.port}", **env}
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         # A file, never an unread pipe: once a pipe's buffer fills, every logging call blocks the worker.
@@ -165,9 +165,11 @@ class GunicornServer:
 
 
 class NginxServer:
-    """A real nginx with the configuration rendered by nginx/render-config.sh from QAIO_NGINX_* settings."""
+    """A real nginx with the configuration rendered by nginx/render-config.sh from QAIO_NGINX_* settings;
+    `binary`: another nginx than the system's (scripts/fetch-nginx.sh's, for what Debian's 1.22 lacks)."""
 
-    def __init__(self, upstreams: list[str], port: int | None = None, prefix: str | None = None, **settings: str):
+    def __init__(self, upstreams: list[str], port: int | None = None, prefix: str | None = None,
+                 binary: str = "nginx", **settings: str):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.prefix = prefix or tempfile.mkdtemp(prefix="qaio-nginx-")
@@ -177,7 +179,7 @@ class NginxServer:
         self.conf = rendered.stdout.strip().splitlines()[-1]
         error_log = Path(self.prefix) / "logs" / "error.log"
         self.proc = subprocess.Popen(
-            ["nginx", "-p", self.prefix, "-c", self.conf, "-e", str(error_log), "-g", "daemon off;"],
+            [binary, "-p", self.prefix, "-c", self.conf, "-e", str(error_log), "-g", "daemon off;"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for(self.url + "/nginx-health", self.proc, 30, "nginx", error_log)
 

@@ -68,12 +68,13 @@ def test_kustomizations_build_and_validate_against_the_kubernetes_schemas(path, 
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
-def test_the_hpa_scales_on_a_pods_metric_never_on_a_gpu_resource_metric():
-    for path, metric in (("k8s", "qaio_gpu_utilization_percent"), ("k8s/overlays/queue-depth", "qaio_queue_depth")):
+def test_the_hpa_scales_on_gpu_use_and_queue_depth_as_pods_metrics_never_on_a_gpu_resource_metric():
+    for path, metrics in (("k8s", ["qaio_gpu_utilization_percent", "qaio_queue_depth"]),
+                          ("k8s/overlays/queue-depth", ["qaio_queue_depth"])):
         (hpa,) = [d for d in kustomize(path) if d["kind"] == "HorizontalPodAutoscaler"]
         assert hpa["apiVersion"] == "autoscaling/v2"
-        assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods"]
-        assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == metric
+        assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods"] * len(metrics)
+        assert [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]] == metrics
         assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
 
