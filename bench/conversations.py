@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import threading
 import time
@@ -64,14 +65,14 @@ def stream_turn(url: str, messages: list[dict], max_tokens: int, headers: dict |
 
 
 def conversations(url: str, texts: list[str], max_tokens: int, name: str | None = None, served: list | None = None,
-                  count: int = CONVERSATIONS, stagger_s: float = 0.0) -> list[list[float]]:
-    """TTFT seconds [turn][conversation] of `count` conversations of TURNS turns, run at once, the n-th
-    starting n * stagger_s later; with `name`, each sends X-Conversation-Id `<name>-<n>`; `served[n]`:
-    conversation n's answers' headers."""
+                  count: int = CONVERSATIONS, think_s: float = 0.0) -> list[list[float]]:
+    """TTFT seconds [turn][conversation] of `count` conversations of TURNS turns, run at once, each pausing
+    think_s on average (0.5-1.5x, the same every run) before its next turn; with `name`, each sends
+    X-Conversation-Id `<name>-<n>`; `served[n]`: conversation n's answers' headers."""
     ttft = [[0.0] * count for _ in range(TURNS)]
 
     def converse(c: int) -> None:
-        time.sleep(c * stagger_s)
+        pauses = random.Random(c)
         messages = [{"role": "system", "content": "You are a helpful assistant for a food delivery service."}]
         headers = {"X-Conversation-Id": f"{name}-{c}"} if name else None
         for turn in range(TURNS):
@@ -80,6 +81,7 @@ def conversations(url: str, texts: list[str], max_tokens: int, name: str | None 
             ttft[turn][c], reply = stream_turn(url, messages, max_tokens, headers,
                                                served[c] if served is not None else None)
             messages.append({"role": "assistant", "content": reply})
+            time.sleep(think_s * pauses.uniform(0.5, 1.5))
 
     threads = [threading.Thread(target=converse, args=(c,)) for c in range(count)]
     for thread in threads:

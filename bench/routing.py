@@ -1,9 +1,10 @@
 """`make routing-bench`: what the front door's routing buys, through nginx in front of two workers on the
 0.5B-shape model, in one run (docs/routing.md and .json):
 
-- conversation affinity: CONVERSATIONS 5-turn conversations at once, starting STAGGER_S apart (every
-  turn sends the whole history, streamed, greedy), once with X-Conversation-Id and once without
-  (least_conn alone), distinct texts so neither phase finds the other's prefixes; time to first token p50 per turn, the turns that reached the
+- conversation affinity: CONVERSATIONS 5-turn conversations at once, each user pausing THINK_S on
+  average before the next turn (every turn sends the whole history, streamed, greedy), once with
+  X-Conversation-Id and once without (least_conn alone), distinct texts so neither phase finds the
+  other's prefixes; time to first token p50 per turn, the turns that reached the
   worker of the conversation's first turn, and each worker's prefix-cache hit rate in each phase;
 - a slow worker: one of the two sleeps QAIO_STEP_DELAY_MS after every engine step (a throttled CPU, a
   sick GPU), steady closed-loop chat load by least_conn and by round robin against the same workers;
@@ -30,7 +31,9 @@ from .run import machine
 from .texts import review_texts
 
 CONVERSATIONS = 8
-STAGGER_S = 1.0  # so that turns interleave as users' do, rather than in lock step
+# Users read a reply before they answer. Without pauses least_conn itself keeps a conversation home: its
+# next turn leaves just as its last one freed a connection on that worker.
+THINK_S = 2.0
 UNLIMITED = {"QAIO_NGINX_CHAT_RATE": "1000r/s", "QAIO_NGINX_CHAT_BURST": "1000"}
 WORKER_ENV = {"QAIO_MAX_BATCH_SIZE": "16", "QAIO_TORCH_THREADS": "1"}  # two workers share this machine's cores
 
@@ -47,7 +50,7 @@ def affinity_phase(proxy: NginxServer, pair: list[GunicornServer], texts: list[s
     before = {w.address: prefix_tokens(w) for w in pair}
     served: list[list] = [[] for _ in range(CONVERSATIONS)]
     ttft = conversations(proxy.url, texts, max_tokens, name=name, served=served, count=CONVERSATIONS,
-                         stagger_s=STAGGER_S)
+                         think_s=THINK_S)
     workers = [[served_by(headers) for headers in turns] for turns in served]
     hit_rate = {}
     for w in pair:
@@ -134,8 +137,8 @@ def write(out: Path, report: dict) -> None:
              f"`make routing-bench`, {report['date']}, {report['machine']['cpu']} ({report['machine']['cores']} cores), "
              f"model `{report['model']}` (random weights, the real tokenizer), nginx in front of two workers "
              f"({', '.join(f'{k}={v}' for k, v in report['worker_env'].items())}).", "",
-             f"## Conversations: {CONVERSATIONS} at once (starting {STAGGER_S:.0f} s apart), {TURNS} turns, greedy, "
-             f"{report['max_tokens']} tokens per reply",
+             f"## Conversations: {CONVERSATIONS} at once, {TURNS} turns, {THINK_S:.0f} s between turns on "
+             f"average, greedy, {report['max_tokens']} tokens per reply",
              "", "| routing | TTFT p50 by turn, ms | turn 5 / turn 1 | prefix hit rate by worker | later turns on turn 1's worker |",
              "|---|---|---|---|---|"]
     for key, title in (("with_affinity", "X-Conversation-Id (affinity)"), ("without_affinity", "no key (least_conn)")):
