@@ -10,7 +10,7 @@ SMOL_MODEL := $(MODELS)/smollm2-135m-instruct
 # Set-up is done once per version of the worker's dependencies: the stamp's name changes with them.
 STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | cut -c1-12)
 
-.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost conversation-bench routing-bench bulk-bench storm-bench key-cost bench-host alerts loadtest soak run run-detached stop api-key run-worker demo-models model-tiny \
+.PHONY: help install system-deps test test-fast bench eval calibrate repetition penalty-cost conversation-bench routing-bench cpu-precision bulk-bench storm-bench key-cost bench-host alerts loadtest soak run run-detached stop api-key run-worker demo-models model-tiny \
 	model-0.5b model-smol compose-test clean
 
 help:
@@ -23,6 +23,7 @@ help:
 	@echo "make repetition   chat replies with and without a repetition penalty: docs/repetition.md"
 	@echo "make conversation-bench  idle RSS, 5-turn conversations' TTFT, c=16 throughput (BEFORE=<checkout> beside): docs/conversations.md"
 	@echo "make routing-bench  through nginx and two workers: 5-turn conversations with and without affinity, a slow worker by least_conn and round robin: docs/routing.md"
+	@echo "make cpu-precision  one worker per weight precision (float32, int8, bfloat16): RSS, chat c=1/4/16, sentiment, logit error: docs/cpu-precision.md"
 	@echo "make bulk-bench   short sentiment requests beside a bulk one (BEFORE=<checkout> beside): docs/bulk-beside-short.md"
 	@echo "make storm-bench  400 chats at once through nginx and two workers (BEFORE=<checkout> beside): docs/chat-storm.md"
 	@echo "make bench-host   the host path without the model (QAIO_NULL_MODEL): server CPU per token and per sentiment request, c=64/256, both layouts (BEFORE=<checkout> beside): docs/benchmarks-host.md"
@@ -104,6 +105,9 @@ penalty-cost: $(STAMP) model-tiny
 # docs/conversations.md. BEFORE=<another checkout> measures it too, in the same sitting.
 conversation-bench: $(STAMP) model-0.5b
 	$(PY) -m bench.conversations $(if $(BEFORE),--before $(BEFORE))
+
+cpu-precision: $(STAMP) model-0.5b model-smol
+	$(PY) -m bench.cpu_precision
 
 routing-bench: $(STAMP) model-0.5b
 	@scripts/install-system-deps.sh run

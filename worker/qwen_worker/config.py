@@ -34,8 +34,10 @@ class WorkerConfig:
                                        "the logs then name the model actually served")
     model_name: str = _setting("", "Name reported in responses and /v1/models (default: the model's directory or hub name)")
     device: str = _setting("auto", "`auto` (cuda:0 when present, else cpu), `cpu`, `cuda` or `cuda:N`")
-    dtype: str = _setting("auto", "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16` or `float16`",
-                          choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _setting("auto", "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16`, `float16`, or "
+                                  "`int8` (CPU: the linear layers' and the LM head's weights in 8 bits with a scale "
+                                  "per output channel, the rest float32; docs/cpu-precision.md)",
+                          choices=("auto", "float32", "bfloat16", "float16", "int8"))
     torch_threads: int = _setting(0, "CPU threads for torch (0: torch's default, one per core)", minimum=0)
     null_model: bool = _setting(False, "Serve no model: the tokenizer of QAIO_MODEL, prompts, engine, scheduler and "
                                        "HTTP as always, over a forward pass that does no arithmetic (a fixed cycle "
@@ -218,6 +220,8 @@ class WorkerConfig:
         if self.kernels == "triton" and self.cpu_linear == "onednn":
             problems.append("QAIO_CPU_LINEAR=onednn and QAIO_KERNELS=triton do not combine (the kernels read "
                             "the layers' plain weights)")
+        if self.dtype == "int8" and cuda_expected(self.device):
+            problems.append("QAIO_DTYPE=int8 is for CPUs (a GPU serves bfloat16)")
         if self.admin_token and not ADMIN_TOKEN.fullmatch(self.admin_token):
             problems.append("QAIO_ADMIN_TOKEN must be at least 16 of A-Z a-z 0-9 . _ ~ + / = -")
         if problems:

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..calibration import CONTENT_FREE_TEXT, NONE, Calibration, content_free, load_fitted
 from ..config import WorkerConfig
 from ..cpu_linear import onednn_available, pack_linears
+from ..int8_linear import int8_matmul_available, quantize_linears
 from ..engine.engine import Engine
 from ..prompts import ChatMLPrompter
 from .building import build_engine, warm_up
@@ -49,10 +50,11 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The dtype of activations and of the weights left unquantised (int8: float32)."""
     if setting == "auto":
         # bf16 has no fast path on most CPUs (prefill 4-5x slower here); GPUs want it.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[setting]
+    return torch.float32 if setting == "int8" else _DTYPES[setting]
 
 
 class ServedModel:
@@ -88,6 +90,7 @@ class ModelService(ServedModel):
         self.load_seconds: float | None = None
         self.parameter_count: int | None = None
         self.packed_linears = 0  # nn.Linear layers running on oneDNN
+        self.int8_linears = 0  # nn.Linear layers with 8-bit weights (QAIO_DTYPE=int8)
         self.engine: Engine | None = None
         self.calibration: Calibration = NONE
 
@@ -140,7 +143,11 @@ class ModelService(ServedModel):
         if getattr(head, "bias", None) is not None:
             raise ValueError("an output layer with a bias is not supported")
         label_head = head.weight.detach()[list(self.prompter.label_token_ids)].clone()
-        if self._use_onednn_linear():
+        if self.config.dtype == "int8":
+            if not int8_matmul_available():
+                raise RuntimeError("QAIO_DTYPE=int8 needs torch's int8 weight matmul (torch >= 2.3)")
+            self.int8_linears = quantize_linears(model)
+        elif self._use_onednn_linear():
             self.packed_linears = pack_linears(model)
         self.engine = self.build_engine(model, label_head)
         self.calibration = self._calibration()
@@ -192,9 +199,10 @@ class ModelService(ServedModel):
     def describe(self) -> dict:
         runner = self.engine.runner if self.engine is not None else None
         return {"model": self.name, "source": self.served_source, "configured_model": self.config.model,
-                "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "device": str(self.device),
+                "dtype": "int8" if self.int8_linears else str(self.dtype).replace("torch.", ""),
                 "demo_model": self.is_demo, "stand_in_model": self.is_stand_in,
-                "cpu_linear": "onednn" if self.packed_linears else "default",
+                "cpu_linear": "int8" if self.int8_linears else "onednn" if self.packed_linears else "default",
                 "prefix_cache": self.config.prefix_cache,
                 "kv_block_tokens": runner.block_tokens if runner else None,
                 "slots": runner.slots if runner else None,
