@@ -153,6 +153,7 @@ soak: $(STAMP) model-0.5b
 
 # One run on the Qwen2.5-0.5B-shape model: docs/benchmarks.md, .json and .png (about 10 minutes here).
 bench: $(STAMP) model-tiny model-0.5b
+	@scripts/build-llama-cpp.sh
 	$(PY) -m bench.run
 
 run: $(STAMP)

@@ -15,15 +15,11 @@ from qaio_testing import REPO, GunicornServer
 
 from .conversations import rss_mb
 from .gpu_http import level, worker_processes
+from .llama_cpp import cpu_flags
 from .run import machine
 from .texts import review_texts
 
 CHAT_LEVELS = (1, 4, 16)
-
-
-def cpu_flags() -> list[str]:
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    return sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
 
 
 def serve(model: str, dtype: str, texts: list[str], max_tokens: int, requests_per_level: int) -> dict:

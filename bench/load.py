@@ -67,6 +67,25 @@ def chat_call(session: requests.Session, url: str, text: str, max_tokens: int, *
     return Outcome(time.perf_counter() - started, ttft, tokens, ok)
 
 
+def openai_chat_call(session: requests.Session, url: str, text: str, max_tokens: int, **sampling) -> Outcome:
+    """The same streamed greedy chat through /v1/chat/completions, which any OpenAI-compatible server
+    answers (ours, llama.cpp's): time to the first content, tokens from the usage of the last chunk."""
+    started = time.perf_counter()
+    ttft, tokens, ok = None, 0, False
+    body = {"model": "any", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **sampling}
+    with session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as response:
+        for line in response.iter_lines(decode_unicode=True):
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[len("data: "):])
+            if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                ttft = time.perf_counter() - started
+            if chunk.get("usage"):
+                tokens, ok = chunk["usage"]["completion_tokens"], response.status_code == 200
+    return Outcome(time.perf_counter() - started, ttft, tokens, ok)
+
+
 def run_level(call, texts: list[str], concurrency: int) -> LevelResult:
     """Send every text once with `concurrency` clients; texts are taken in order."""
     pending = list(reversed(texts))
@@ -102,8 +121,9 @@ def _client_main() -> None:
     imports neither torch nor the worker: what it costs is a client's, not a model's start-up."""
     job = json.loads(sys.stdin.readline())
     url, max_tokens, sampling = job["url"], job["max_tokens"], job["sampling"]
+    chat = openai_chat_call if job["kind"] == "openai_chat" else chat_call
     call = (lambda s, t: sentiment_call(s, url, t)) if job["kind"] == "sentiment" else \
-        (lambda s, t: chat_call(s, url, t, max_tokens, **sampling))
+        (lambda s, t: chat(s, url, t, max_tokens, **sampling))
     print("ready", flush=True)
     sys.stdin.readline()
     started, cpu = time.time(), time.process_time()

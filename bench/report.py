@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file backend)
 
-from . import serving  # noqa: E402
+from . import llama_cpp, serving  # noqa: E402
 
 
 def _row(level: dict, kind: str) -> list[str]:
@@ -125,6 +125,8 @@ def write(results: dict, out: Path) -> None:
         "Raw numbers: `benchmarks.json`.",
         "",
     ]
+    if results.get("llama_cpp"):
+        lines += llama_cpp.section(results["llama_cpp"]) + [""]
     (out / "benchmarks.md").write_text("\n".join(lines), encoding="utf-8")
     _chart(results, out / "benchmarks.png")
 

@@ -23,7 +23,7 @@ from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
 from qaio_testing import REPO, GunicornServer
 
-from . import front_door, report, serving
+from . import front_door, llama_cpp, report, serving
 from .load import chat_call, run_level, sentiment_call
 from .texts import review_texts
 
@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     results["serving"] = serving.measure(args.tiny_model, review_texts(2000), 400 if args.quick else 2000)
     print("nginx overhead...", flush=True)
     results["front_door"] = front_door.measure(args.tiny_model, 50 if args.quick else 200)
+    if not args.quick:
+        print("llama.cpp side by side...", flush=True)
+        results["llama_cpp"] = llama_cpp.measure(args.model)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     report.write(results, args.out)

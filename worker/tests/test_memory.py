@@ -54,3 +54,18 @@ def test_the_collector_reports_each_kind_for_this_process():
     assert family.name == "qaio_heap_bytes"
     kinds = {s.labels["kind"]: s.value for s in family.samples if s.labels["pid"] == str(os.getpid())}
     assert set(kinds) == {"in_use", "free", "mmapped"} and kinds["in_use"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_a_loaded_model_holds_one_copy_of_its_weights_not_the_checkpoints_map(tiny_model_dir, dtype):
+    """After loading (and packing or quantising) nothing reads the safetensors file's memory map any
+    more, so it is unmapped: in a process of its own, since other tests' models map it too."""
+    import subprocess
+    import sys
+
+    script = ("from qwen_worker.config import WorkerConfig\nfrom qwen_worker.model import ModelService\n"
+              f"s = ModelService(WorkerConfig.from_env({{}}, model={tiny_model_dir!r}, dtype={dtype!r}, warmup=False))\n"
+              "s.load()\nprint(sum('.safetensors' in line for line in open('/proc/self/maps')))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "0", "the checkpoint is still mapped"

@@ -2,6 +2,7 @@
 engine and sentiment scorer built on it."""
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..calibration import CONTENT_FREE_TEXT, NONE, Calibration, content_free, load_fitted
+from .. import memory
 from ..config import WorkerConfig
 from ..cpu_linear import onednn_available, pack_linears
 from ..int8_linear import int8_matmul_available, quantize_linears
@@ -55,6 +57,21 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
         # bf16 has no fast path on most CPUs (prefill 4-5x slower here); GPUs want it.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.float32 if setting == "int8" else _DTYPES[setting]
+
+
+def own_memory(model) -> None:
+    """Copy the parameters still in the checkpoint's memory map (transformers maps safetensors files and
+    its tensors read from the map) into memory of the process's own: once nothing refers to the map it
+    is unmapped, so the process holds one copy of its weights, the packed or quantised one, and not the
+    file's float32 pages beside it (1.9 GB of RSS on the 0.5B shape). A parameter shared by two modules
+    (tied embeddings) is one Parameter object, copied once."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.data = param.data.clone()
+    gc.collect()
+    # What loading, packing and quantising freed stays in glibc's heap (its mmap threshold has grown
+    # past tensor sizes by then) until trimmed: 1.4 GB of the int8 0.5B shape's RSS.
+    memory.trim()
 
 
 class ServedModel:
@@ -149,6 +166,8 @@ class ModelService(ServedModel):
             self.int8_linears = quantize_linears(model)
         elif self._use_onednn_linear():
             self.packed_linears = pack_linears(model)
+        if self.device.type == "cpu":
+            own_memory(model)
         self.engine = self.build_engine(model, label_head)
         self.calibration = self._calibration()
 
