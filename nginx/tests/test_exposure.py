@@ -51,11 +51,13 @@ def test_json_access_log_line(proxy):
     assert entry["cache"] in ("MISS", "HIT") and float(entry["upstream_time"]) >= 0
 
 
-def test_no_live_worker_is_a_json_503_to_retry(nginx):
+@pytest.mark.parametrize("headers", [{}, {"X-Conversation-Id": "conv-nobody"}], ids=["keyless", "conversation"])
+def test_no_live_worker_is_a_json_503_to_retry(nginx, headers):
+    """A conversation turn tries the ring, then goes by load (@qaio_502), and only then gets the 503."""
     from qaio_testing import free_port
 
     proxy = nginx([f"127.0.0.1:{free_port()}"])
-    response = requests.post(proxy.url + "/v1/sentiment", json={"text": "有人吗"}, timeout=30)
+    response = requests.post(proxy.url + "/v1/sentiment", json={"text": "有人吗"}, headers=headers, timeout=30)
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "no_worker_available" and response.headers["Retry-After"] == "1"
 
