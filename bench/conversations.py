@@ -25,22 +25,13 @@ import requests
 
 from qaio_testing import REPO, GunicornServer
 
-from .gpu_http import level, worker_processes
+from .gpu_http import level, rss_mb, worker_processes
 from .run import machine
 from .texts import review_texts
 from .trees import measure_trees, tree_env
 
 TURNS = 5
 CONVERSATIONS = 4
-
-
-def rss_mb(roles: dict[int, str]) -> float:
-    total = 0
-    for pid in roles:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
 
 
 def stream_turn(url: str, messages: list[dict], max_tokens: int, headers: dict | None = None,

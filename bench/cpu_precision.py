@@ -13,8 +13,7 @@ from pathlib import Path
 
 from qaio_testing import REPO, GunicornServer
 
-from .conversations import rss_mb
-from .gpu_http import level, worker_processes
+from .gpu_http import level, rss_mb, worker_processes
 from .llama_cpp import cpu_flags
 from .run import machine
 from .texts import review_texts

@@ -34,6 +34,16 @@ def worker_processes(master: int) -> dict[int, str]:
     return roles
 
 
+def rss_mb(roles: dict[int, str]) -> float:
+    """Resident memory of the given processes together, from /proc."""
+    total = 0
+    for pid in roles:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
 def cpu_by_role(roles: dict[int, str]) -> dict[str, float]:
     out: dict[str, float] = {}
     for pid, role in roles.items():

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from qaio_testing import REPO, GunicornServer, free_port, wait_for
 
-from .conversations import rss_mb
-from .gpu_http import worker_processes
+from .gpu_http import rss_mb, worker_processes
 from .load import run_level_processes
 from .texts import review_texts
 
