@@ -75,10 +75,11 @@ def openai_chat_call(session: requests.Session, url: str, text: str, max_tokens:
     body = {"model": "any", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, **sampling}
     with session.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as response:
-        for line in response.iter_lines(decode_unicode=True):
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        # Bytes: decoded lines would also split at U+2028 and U+0085, which llama.cpp sends unescaped.
+        for line in response.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
-            chunk = json.loads(line[len("data: "):])
+            chunk = json.loads(line[len(b"data: "):])
             if ttft is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                 ttft = time.perf_counter() - started
             if chunk.get("usage"):
