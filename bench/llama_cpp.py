@@ -2,8 +2,8 @@
 `python -m bench.llama_cpp`, which puts its section into docs/benchmarks.md and .json).
 
 The 0.5B-shape checkpoint converted to GGUF by llama.cpp's own converter (f32 and Q8_0), served by its
-llama-server with 16 parallel slots and continuous batching on every core; this worker in float32 and
-int8 (QAIO_DTYPE). The same streamed greedy chats through /v1/chat/completions (bench.load's
+llama-server with 16 parallel slots and continuous batching on every core; this worker in float32,
+int8 and bfloat16 (QAIO_DTYPE). The same streamed greedy chats through /v1/chat/completions (bench.load's
 openai_chat client) at c=1/4/16: output tokens/s and TTFT p50, and each server's RSS (every process,
 from /proc) at idle and after the load. ratio_c1 and ratio_c16: our best tok/s over llama.cpp Q8_0's.
 """
@@ -78,7 +78,7 @@ def measure(model: str, texts: list[str] | None = None) -> dict:
                                            lambda s=server: {s.proc.pid: "server"}, texts))
             finally:
                 server.stop()
-    for dtype in ("float32", "int8"):
+    for dtype in ("float32", "int8", "bfloat16"):
         worker = GunicornServer(model, QAIO_DTYPE=dtype).wait_ready(900)
         try:
             runs.append(measure_server(f"this worker, {dtype}", worker.url,
