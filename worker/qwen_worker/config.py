@@ -222,6 +222,9 @@ class WorkerConfig:
                             "the layers' plain weights)")
         if self.dtype == "int8" and cuda_expected(self.device):
             problems.append("QAIO_DTYPE=int8 is for CPUs (a GPU serves bfloat16)")
+        if self.dtype == "int8" and self.kernels == "triton":
+            problems.append("QAIO_DTYPE=int8 and QAIO_KERNELS=triton do not combine (the kernels read the "
+                            "layers' plain weights)")
         if self.admin_token and not ADMIN_TOKEN.fullmatch(self.admin_token):
             problems.append("QAIO_ADMIN_TOKEN must be at least 16 of A-Z a-z 0-9 . _ ~ + / = -")
         if problems:

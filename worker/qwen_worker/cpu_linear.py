@@ -59,12 +59,18 @@ class PackedLinear(nn.Module):
         return y[:count].reshape(*x.shape[:-1], self.out_features)
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every float32 CPU nn.Linear in model by a PackedLinear; returns how many were replaced."""
+def replace_linears(model: nn.Module, chosen, make) -> int:
+    """Replace every nn.Linear of model that chosen(linear) accepts by make(linear); returns how many."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.float32 and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child))
+            if type(child) is nn.Linear and chosen(child):
+                setattr(parent, name, make(child))
                 replaced += 1
     return replaced
+
+
+def pack_linears(model: nn.Module) -> int:
+    """Replace every float32 CPU nn.Linear in model by a PackedLinear; returns how many were replaced."""
+    return replace_linears(model, lambda linear: linear.weight.dtype == torch.float32
+                           and linear.weight.device.type == "cpu", PackedLinear)

@@ -4,14 +4,16 @@ Weight-only, symmetric, one scale per output channel (what gpt-fast's int8 mode 
 Q8_0 do in spirit; Q8_0 has a scale per 32 weights). A few rows (decode) go through torch's int8
 weight-packed matmul with bfloat16 activations; its cost grows with the rows (2-3x faster than
 float32's oneDNN linear for 1-2 rows, even at 4, slower from 8), so many rows (prefill, a sentiment
-pass) instead take a bfloat16 copy of the weight made for that call and one bfloat16 matmul. Outputs come back in the input's dtype. Measured on the 0.5B shape in
-docs/cpu-precision.md.
+pass) instead take a bfloat16 copy of the weight made for that call and one bfloat16 matmul.
+Outputs come back in the input's dtype. Measured on the 0.5B shape in docs/cpu-precision.md.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cpu_linear import replace_linears
 
 # Up to this many rows the int8 matmul beats dequantising the weight for one bf16 matmul (0.5B shape,
 # 4864x896 on 2 EPYC cores: 1.1 ms against 1.6 at 16 rows, 3.7 against 2.2 at 64; the LM head's
@@ -59,10 +61,4 @@ class Int8Linear(nn.Module):
 
 def quantize_linears(model: nn.Module) -> int:
     """Replace every nn.Linear in model (the LM head too) by an Int8Linear; returns how many."""
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int8Linear(child))
-                replaced += 1
-    return replaced
+    return replace_linears(model, lambda linear: True, Int8Linear)

@@ -43,9 +43,10 @@ def test_quantize_linears_replaces_every_linear_and_nothing_else():
     assert not any(type(m) is nn.Linear for m in model.modules()) and type(model[3]) is nn.Embedding
 
 
-def test_int8_is_refused_on_a_gpu():
+@pytest.mark.parametrize("other", [{"QAIO_DEVICE": "cuda"}, {"QAIO_KERNELS": "triton"}])
+def test_int8_is_refused_on_a_gpu_and_with_the_triton_kernels(other):
     with pytest.raises(ConfigError, match="QAIO_DTYPE=int8"):
-        WorkerConfig.from_env({"QAIO_DTYPE": "int8", "QAIO_DEVICE": "cuda"})
+        WorkerConfig.from_env({"QAIO_DTYPE": "int8", **other})
 
 
 @pytest.fixture(scope="module")
