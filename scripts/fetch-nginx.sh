@@ -3,7 +3,8 @@
 # Kubernetes run), for the test of re-resolved worker addresses: Debian 12's nginx is 1.22. Debian
 # unstable's nginx package and the libraries it links, its C library and loader among them, unpacked
 # into PREFIX (default build/nginx) and started through that loader by PREFIX/nginx, so nothing of this
-# system changes (apt runs with a source list and state of its own). Does nothing when it is there.
+# system changes (scripts/apt-download.sh: an apt with a source list and state of its own). Does
+# nothing when it is there.
 #   scripts/fetch-nginx.sh [PREFIX]     prints the path of the nginx to run
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,19 +14,14 @@ if [ -x "$prefix/nginx" ] && dpkg --compare-versions "$("$prefix/nginx" -v 2>&1 
   echo "$prefix/nginx"
   exit 0
 fi
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-chmod 755 "$work"  # apt downloads as _apt
-mkdir -p "$work/lists/partial" "$work/parts" "$work/archives/partial"
-echo "deb http://deb.debian.org/debian sid main" >"$work/sources.list"
-set -- -o Dir::Etc::SourceList="$work/sources.list" -o Dir::Etc::SourceParts="$work/parts" \
-  -o Dir::State::Lists="$work/lists" -o Dir::Cache="$work" -o Dir::Cache::archives="$work/archives"
+debs=$(mktemp -d)
+trap 'rm -rf "$debs"' EXIT
+chmod 755 "$debs"  # apt downloads as _apt
 echo "fetching Debian unstable's nginx into $prefix (this system's is older than $NGINX_MIN)" >&2
-apt-get "$@" update -qq
-(cd "$work" && apt-get "$@" download nginx libssl3t64 libpcre2-8-0 zlib1g libcrypt1 libc6 >/dev/null 2>&1)
+"$here/scripts/apt-download.sh" sid "$debs" nginx libssl3t64 libpcre2-8-0 zlib1g libcrypt1 libc6
 rm -rf "$prefix"
 mkdir -p "$prefix/root"
-for deb in "$work"/*.deb; do
+for deb in "$debs"/*.deb; do
   dpkg-deb -x "$deb" "$prefix/root"
 done
 cat >"$prefix/nginx" <<'WRAPPER'

@@ -44,17 +44,12 @@ $sudo apt-get update -qq
 # shellcheck disable=SC2086 # one word per package
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
 mtail_ok && exit 0
-# This release's mtail is too old: Debian 13's (a Go binary needing only libc), fetched with a source
-# list of its own, so nothing of this system's apt configuration changes.
-apt_dir=$(mktemp -d)
-trap 'rm -rf "$apt_dir"' EXIT
-chmod 755 "$apt_dir"  # apt downloads as _apt
-mkdir -p "$apt_dir/lists/partial" "$apt_dir/parts" "$apt_dir/archives/partial"
-echo "deb http://deb.debian.org/debian trixie main" >"$apt_dir/sources.list"
-set -- -o Dir::Etc::SourceList="$apt_dir/sources.list" -o Dir::Etc::SourceParts="$apt_dir/parts" \
-  -o Dir::State::Lists="$apt_dir/lists" -o Dir::Cache="$apt_dir" -o Dir::Cache::archives="$apt_dir/archives"
+# This release's mtail is too old: Debian 13's (a Go binary needing only libc), fetched by an apt of
+# its own (scripts/apt-download.sh), so nothing of this system's apt configuration changes.
+debs=$(mktemp -d)
+trap 'rm -rf "$debs"' EXIT
+chmod 755 "$debs"  # apt downloads as _apt
 echo "installing mtail from Debian 13 (this release's is older than $MTAIL_MIN)"
-$sudo apt-get "$@" update -qq
-(cd "$apt_dir" && $sudo apt-get "$@" download mtail >/dev/null 2>&1)
-DEBIAN_FRONTEND=noninteractive $sudo dpkg -i "$apt_dir"/mtail_*.deb >/dev/null
+$sudo "$(dirname "$0")/apt-download.sh" trixie "$debs" mtail
+DEBIAN_FRONTEND=noninteractive $sudo dpkg -i "$debs"/mtail_*.deb >/dev/null
 mtail_ok || { echo "mtail $(mtail_version) is still older than $MTAIL_MIN" >&2; exit 1; }

@@ -1,6 +1,8 @@
 """Upstream strategies with real workers: weights, stickiness, least connections."""
+import concurrent.futures
 import http.client
 import json
+import time
 import uuid
 from collections import Counter
 
@@ -133,9 +135,6 @@ def test_a_conversation_whose_worker_is_down_goes_to_the_other(gunicorn_server, 
 def closed_loop(url: str, total: int, clients: int) -> list[tuple[str, float]]:
     """`total` short chats sent by `clients` clients, each sending its next when its last is answered:
     (worker, seconds) of each."""
-    import concurrent.futures
-    import time
-
     def one(i: int) -> tuple[str, float]:
         started = time.monotonic()
         response = requests.post(url + "/v1/chat", json={"text": f"你好 {i} {uuid.uuid4()}", "max_tokens": 4},
