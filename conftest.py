@@ -12,6 +12,10 @@ from pathlib import Path
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# QAIO_DTYPE=auto measures this CPU at every load (precision.py) and may pick any precision: every
+# server and model the suite starts is float32 unless a test names another (the auto tests do).
+os.environ.setdefault("QAIO_DTYPE", "float32")
+
 import pytest  # noqa: E402
 
 from qaio_models import stand_in as stand_in_model  # noqa: E402

@@ -40,12 +40,13 @@ def gguf(model: str, outtype: str, out_dir: Path) -> Path:
 
 
 class LlamaServer:
-    def __init__(self, model: Path, threads: int):
+    def __init__(self, model: Path, threads: int, binary: str = "llama-server"):
+        self.binary = binary
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [str(LLAMA_CPP / "bin" / "llama-server"), "-m", str(model), "-t", str(threads), "-np", "16", "-cb",
+            [str(LLAMA_CPP / "bin" / binary), "-m", str(model), "-t", str(threads), "-np", "16", "-cb",
              "-c", str(16 * 1024), "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self.url + "/health", self.proc, 300, "llama-server", Path(self.log.name))
@@ -53,6 +54,19 @@ class LlamaServer:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+
+
+def start_llama_server(model: Path, threads: int) -> LlamaServer:
+    """llama-server built for this CPU or, where that one dies on start (its AMX matmul segfaulted on
+    this project's Xeons), the build without AMX (scripts/build-llama-cpp.sh makes both there)."""
+    try:
+        return LlamaServer(model, threads)
+    except RuntimeError as exc:
+        if not (LLAMA_CPP / "bin" / "llama-server-noamx").exists():
+            raise
+        print(f"llama-server died on start ({str(exc).splitlines()[0]}); its build without AMX instead",
+              file=sys.stderr)
+        return LlamaServer(model, threads, "llama-server-noamx")
 
 
 def measure_server(name: str, url: str, pids, texts: list[str]) -> dict:
@@ -71,11 +85,12 @@ def measure(model: str, texts: list[str] | None = None) -> dict:
     threads = os.cpu_count() or 2
     runs = []
     with tempfile.TemporaryDirectory(prefix="qaio-gguf-") as tmp:
-        for outtype in ("f32", "q8_0"):
-            server = LlamaServer(gguf(model, outtype, Path(tmp)), threads)
+        for outtype in ("f32", "bf16", "q8_0"):
+            server = start_llama_server(gguf(model, outtype, Path(tmp)), threads)
             try:
                 runs.append(measure_server(f"llama.cpp {outtype.upper()}", server.url,
-                                           lambda s=server: {s.proc.pid: "server"}, texts))
+                                           lambda s=server: {s.proc.pid: "server"}, texts)
+                            | {"binary": server.binary})
             finally:
                 server.stop()
     for dtype in ("float32", "int8", "bfloat16"):
@@ -110,7 +125,8 @@ def section(result: dict) -> list[str]:
              f"| server | idle RSS MB | {head} | RSS after load MB |", "|---" * (3 + len(LEVELS)) + "|"]
     for run in result["runs"]:
         cells = " | ".join(f"{run[f'c{c}']['tokens_per_s']:.1f} ({run[f'c{c}']['ttft_p50_ms'] or 0:.0f})" for c in LEVELS)
-        lines.append(f"| {run['name']} | {run['idle_rss_mb']:.0f} | {cells} | {run['rss_after_load_mb']:.0f} |")
+        name = run["name"] + (" (built without AMX)" if run.get("binary") == "llama-server-noamx" else "")
+        lines.append(f"| {name} | {run['idle_rss_mb']:.0f} | {cells} | {run['rss_after_load_mb']:.0f} |")
     ratios = [f"{k} {result[k]:.2f}" for k in ("ratio_c1", "ratio_c16") if result.get(k) is not None]
     lines += ["", f"Our best over llama.cpp Q8_0 (tok/s): {', '.join(ratios)}.", END]
     return lines

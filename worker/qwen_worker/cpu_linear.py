@@ -59,18 +59,19 @@ class PackedLinear(nn.Module):
         return y[:count].reshape(*x.shape[:-1], self.out_features)
 
 
-def replace_linears(model: nn.Module, chosen, make) -> int:
-    """Replace every nn.Linear of model that chosen(linear) accepts by make(linear); returns how many."""
+def replace_modules(model: nn.Module, chosen, make, kind: type = nn.Linear) -> int:
+    """Replace every module of type `kind` (nn.Linear) of model that chosen(module) accepts by
+    make(module); returns how many."""
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and chosen(child):
+            if type(child) is kind and chosen(child):
                 setattr(parent, name, make(child))
                 replaced += 1
     return replaced
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every float32 CPU nn.Linear in model by a PackedLinear; returns how many were replaced."""
-    return replace_linears(model, lambda linear: linear.weight.dtype == torch.float32
+    """Replace every float32 or bfloat16 CPU nn.Linear in model by a PackedLinear; returns how many."""
+    return replace_modules(model, lambda linear: linear.weight.dtype in (torch.float32, torch.bfloat16)
                            and linear.weight.device.type == "cpu", PackedLinear)

@@ -40,7 +40,7 @@ def test_pack_linears_replaces_every_float32_linear():
 def models(tiny_model_dir):
     loaded = {}
     for kernel in ("default", "onednn"):
-        service = ModelService(WorkerConfig.from_env({}, model=tiny_model_dir, cpu_linear=kernel))
+        service = ModelService(WorkerConfig.from_env({}, dtype="float32", model=tiny_model_dir, cpu_linear=kernel))
         service.load()
         loaded[kernel] = service
     return loaded

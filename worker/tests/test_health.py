@@ -20,7 +20,7 @@ class GatedModel(ModelService):
 
 
 def test_ready_only_after_load_and_warmup(tiny_model_dir):
-    config = WorkerConfig.from_env({}, model=tiny_model_dir, instance_id="gated")
+    config = WorkerConfig.from_env({}, dtype="float32", model=tiny_model_dir, instance_id="gated")
     metrics = WorkerMetrics()
     service = WorkerService(config, InProcessClient(config, metrics, model=GatedModel(config)), metrics)
     client = create_app(config, service=service).test_client()

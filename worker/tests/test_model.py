@@ -15,7 +15,7 @@ TEXTS = ["很快，好吃，味道足，量大", "送餐太慢了，饭菜都凉
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    service = ModelService(WorkerConfig.from_env({}, model=tiny_model_dir))
+    service = ModelService(WorkerConfig.from_env({}, dtype="float32", model=tiny_model_dir))
     service.load()
     return service
 

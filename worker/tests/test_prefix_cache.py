@@ -16,7 +16,7 @@ TEXTS = ["很快，好吃，味道足，量大", "送餐太慢了，饭菜都凉
 def pair(tiny_model_dir):
     services = []
     for reuse in (True, False):
-        service = ModelService(WorkerConfig.from_env({}, model=tiny_model_dir, prefix_cache=reuse))
+        service = ModelService(WorkerConfig.from_env({}, dtype="float32", model=tiny_model_dir, prefix_cache=reuse))
         service.load()
         services.append(service)
     return services

@@ -75,11 +75,13 @@ class DecoderStack:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.vocab_size = config.vocab_size
-        weight = self.embed.weight
+        # Activations' dtype and device: the final norm's (an 8-bit model's embedding and linears hold int8).
+        self.dtype, self.device = self.norm.weight.dtype, self.norm.weight.device
+        self.hidden_size = config.hidden_size
         # RoPE tables for every position, from the model's own rotary module (its scaling included).
-        positions = torch.arange(max_positions + 1, device=weight.device)[None]
+        positions = torch.arange(max_positions + 1, device=self.device)[None]
         with torch.inference_mode():
-            cos, sin = base.rotary_emb(torch.empty(1, dtype=weight.dtype, device=weight.device), positions)
+            cos, sin = base.rotary_emb(torch.empty(1, dtype=self.dtype, device=self.device), positions)
         self.cos, self.sin = cos[0].clone(), sin[0].clone()  # [positions, head_dim]
         self.fused: list[dict] | None = None
 

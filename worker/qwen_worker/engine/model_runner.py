@@ -51,9 +51,8 @@ class ModelRunner:
     def __init__(self, model, *, slots: int, max_tokens: int, prefill_chunk: int, use_graphs: bool,
                  label_head: torch.Tensor, kv_blocks: int, block_tokens: int = 16, compile: bool = False,
                  kernels: str = "torch", sdpa_backend: str = "auto", score_slots: int = 0):
-        weight = model.get_input_embeddings().weight
-        self.device, self.dtype = weight.device, weight.dtype
         self.stack = DecoderStack(model, max_tokens)
+        self.device, self.dtype = self.stack.device, self.stack.dtype
         if self.device.type == "cuda":
             self.stack.fuse()  # on a CPU the packed oneDNN linears are the fast path; no second weight copy
         s = self.stack
@@ -247,7 +246,7 @@ class ModelRunner:
             parts = [(0, members) for members in length_groups([len(chunk.tokens) for chunk in chunks])]
         if len(parts) == 1 and parts[0][1] == list(range(len(chunks))):
             return self._prefill_group(chunks, parts[0][0])
-        hidden = torch.empty((len(chunks), self.stack.embed.weight.shape[1]), dtype=self.dtype, device=self.device)
+        hidden = torch.empty((len(chunks), self.stack.hidden_size), dtype=self.dtype, device=self.device)
         for width, members in parts:
             hidden[members] = self._prefill_group([chunks[i] for i in members], width)
         return hidden

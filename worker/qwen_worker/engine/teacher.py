@@ -43,7 +43,6 @@ def _logits(runner, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int]
 
 def reference_logits(model, row: Sequence[int], prompt_length: int) -> torch.Tensor:
     """transformers' float32 logits of `row` at the same positions, one full forward pass."""
-    weight = model.get_input_embeddings().weight
     with torch.inference_mode():
-        logits = model(torch.tensor([list(row)], device=weight.device)).logits
+        logits = model(torch.tensor([list(row)], device=model.device)).logits
     return logits[0, prompt_length - 1:len(row) - 1].float()

@@ -11,13 +11,13 @@ import time
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..calibration import CONTENT_FREE_TEXT, NONE, Calibration, content_free, load_fitted
-from .. import memory
+from .. import memory, precision
 from ..config import WorkerConfig
 from ..cpu_linear import onednn_available, pack_linears
-from ..int8_linear import int8_matmul_available, quantize_linears
+from ..int8_linear import int8_matmul_available, quantize_model
 from ..engine.engine import Engine
 from ..prompts import ChatMLPrompter
 from .building import build_engine, warm_up
@@ -52,11 +52,20 @@ def resolve_device(setting: str) -> torch.device:
 
 
 def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """The dtype of activations and of the weights left unquantised (int8: float32)."""
+    """The dtype of activations and of the weights left unquantised (int8: float32); `auto` before a
+    CPU's measurement (precision.choose, at load) is float32."""
     if setting == "auto":
-        # bf16 has no fast path on most CPUs (prefill 4-5x slower here); GPUs want it.
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return torch.float32 if setting == "int8" else _DTYPES[setting]
+
+
+def _model_shape(source: str) -> tuple[int, int]:
+    """hidden_size and intermediate_size of the model at source (the 0.5B's when unreadable)."""
+    try:
+        config = AutoConfig.from_pretrained(source)
+        return int(config.hidden_size), int(config.intermediate_size)
+    except Exception:
+        return 896, 4864
 
 
 def own_memory(model) -> None:
@@ -97,6 +106,9 @@ class ModelService(ServedModel):
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        # The weights' precision: QAIO_DTYPE, or what `auto` resolved to (on a CPU, measured at load).
+        self.precision = str(self.dtype).replace("torch.", "") if config.dtype == "auto" else config.dtype
+        self.precision_report: dict | None = None
         self.tokenizer = None
         self.model = None
         self.prompter: ChatMLPrompter | None = None
@@ -127,6 +139,12 @@ class ModelService(ServedModel):
         started = time.monotonic()
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
+        if self.config.dtype == "auto" and self.device.type == "cpu":
+            # The Triton kernels (CPU: their interpreter) read plain weights: no int8 with them.
+            candidates = [c for c in precision.CANDIDATES if c != "int8" or self.config.kernels != "triton"]
+            self.precision, self.precision_report = precision.choose(
+                *_model_shape(self.config.model), threads=self.config.torch_threads, candidates=candidates)
+            self.dtype = resolve_dtype(self.precision, self.device)
         try:
             model = self._load_from(self.config.model)
         except Exception as exc:
@@ -160,10 +178,10 @@ class ModelService(ServedModel):
         if getattr(head, "bias", None) is not None:
             raise ValueError("an output layer with a bias is not supported")
         label_head = head.weight.detach()[list(self.prompter.label_token_ids)].clone()
-        if self.config.dtype == "int8":
+        if self.precision == "int8":
             if not int8_matmul_available():
-                raise RuntimeError("QAIO_DTYPE=int8 needs torch's int8 weight matmul (torch >= 2.3)")
-            self.int8_linears = quantize_linears(model)
+                raise RuntimeError("QAIO_DTYPE=int8 needs torch's fbgemm int8 linear (an x86 CPU build of torch)")
+            self.int8_linears = quantize_model(model)
         elif self._use_onednn_linear():
             self.packed_linears = pack_linears(model)
         if self.device.type == "cpu":
@@ -186,7 +204,7 @@ class ModelService(ServedModel):
 
     def _use_onednn_linear(self) -> bool:
         setting = self.config.cpu_linear
-        if setting == "default" or self.device.type != "cpu" or self.dtype != torch.float32:
+        if setting == "default" or self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
             return False
         if self.config.kernels == "triton":  # the kernel path reads the layers' plain weights
             return False
@@ -219,7 +237,7 @@ class ModelService(ServedModel):
         runner = self.engine.runner if self.engine is not None else None
         return {"model": self.name, "source": self.served_source, "configured_model": self.config.model,
                 "device": str(self.device),
-                "dtype": "int8" if self.int8_linears else str(self.dtype).replace("torch.", ""),
+                "dtype": self.precision, "dtype_measured": self.precision_report,
                 "demo_model": self.is_demo, "stand_in_model": self.is_stand_in,
                 "cpu_linear": "int8" if self.int8_linears else "onednn" if self.packed_linears else "default",
                 "prefix_cache": self.config.prefix_cache,

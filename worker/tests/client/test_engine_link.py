@@ -25,7 +25,7 @@ from qwen_worker.model import ModelService
 from qwen_worker.prompts import Message
 from qwen_worker.protocol import RequestFailed
 
-SETTINGS = {"QAIO_MAX_BATCH_SIZE": "2", "QAIO_QUEUE_CAPACITY": "1", "QAIO_TORCH_THREADS": "1",
+SETTINGS = {"QAIO_DTYPE": "float32", "QAIO_MAX_BATCH_SIZE": "2", "QAIO_QUEUE_CAPACITY": "1", "QAIO_TORCH_THREADS": "1",
             "QAIO_MAX_TOKENS_LIMIT": "1000"}
 LONG = 1000  # max_tokens of a generation meant to be stopped early
 

@@ -40,14 +40,14 @@ class Sink:
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
-    service = ModelService(WorkerConfig.from_env({}, model=tiny_model_dir, max_batch_size=2))
+    service = ModelService(WorkerConfig.from_env({}, dtype="float32", model=tiny_model_dir, max_batch_size=2))
     service.load()
     return service
 
 
 @pytest.fixture()
 def loop(model):
-    config = WorkerConfig.from_env({}, model=model.config.model, max_batch_size=2, queue_capacity=2,
+    config = WorkerConfig.from_env({}, dtype="float32", model=model.config.model, max_batch_size=2, queue_capacity=2,
                                    batch_wait_ms=20.0)
     health = Health(3, 30)
     health.mark_ready()
@@ -177,7 +177,7 @@ def test_an_out_of_memory_scoring_pass_fails_only_its_requests_while_a_generatio
 
 
 def test_short_sentiment_requests_queued_behind_long_ones_are_scored_first(model):
-    config = WorkerConfig.from_env({}, model=model.config.model, max_batch_size=16, queue_capacity=16)
+    config = WorkerConfig.from_env({}, dtype="float32", model=model.config.model, max_batch_size=16, queue_capacity=16)
     health = Health(3, 30)
     health.mark_ready()
     sink = Sink()

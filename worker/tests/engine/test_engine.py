@@ -14,7 +14,7 @@ from qwen_worker.sampling import SamplingParams
 
 
 def load(model_dir: str, **settings) -> ModelService:
-    config = WorkerConfig.from_env({}, model=model_dir, max_batch_size=4, max_prompt_tokens=256,
+    config = WorkerConfig.from_env({}, dtype="float32", model=model_dir, max_batch_size=4, max_prompt_tokens=256,
                                    max_tokens_limit=64, default_max_tokens=16, **settings)
     service = ModelService(config)
     service.load()

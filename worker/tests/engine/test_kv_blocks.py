@@ -14,7 +14,7 @@ ROW_BLOCKS = (256 + 64) // 16  # one full-length row: the smallest pool allowed
 
 
 def load(model_dir: str, **settings) -> ModelService:
-    config = WorkerConfig.from_env({}, **{"model": model_dir, "max_batch_size": 4, "max_prompt_tokens": 256,
+    config = WorkerConfig.from_env({}, **{"dtype": "float32", "model": model_dir, "max_batch_size": 4, "max_prompt_tokens": 256,
                                           "max_tokens_limit": 64, "default_max_tokens": 16, "warmup": False, **settings})
     service = ModelService(config)
     service.load()

@@ -14,7 +14,7 @@ TOLERANCE = 1e-4
 
 
 def load(model_dir: str, kernels: str, **settings) -> ModelService:
-    config = WorkerConfig.from_env({}, model=model_dir, max_batch_size=4, max_prompt_tokens=256,
+    config = WorkerConfig.from_env({}, dtype="float32", model=model_dir, max_batch_size=4, max_prompt_tokens=256,
                                    max_tokens_limit=64, default_max_tokens=16, kernels=kernels, cpu_linear="default",
                                    **settings)
     service = ModelService(config)

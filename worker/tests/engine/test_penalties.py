@@ -134,7 +134,7 @@ def test_the_engine_draws_the_same_tokens_with_sparse_penalties_as_with_the_dens
     from qwen_worker.model import ModelService
     from qwen_worker.prompts import Message
 
-    config = WorkerConfig.from_env({}, model=tiny_model_dir, max_batch_size=4, max_prompt_tokens=128,
+    config = WorkerConfig.from_env({}, dtype="float32", model=tiny_model_dir, max_batch_size=4, max_prompt_tokens=128,
                                    max_tokens_limit=32, default_max_tokens=16)
     service = ModelService(config)
     service.load()
