@@ -34,9 +34,11 @@ class WorkerConfig:
                                        "the logs then name the model actually served")
     model_name: str = _setting("", "Name reported in responses and /v1/models (default: the model's directory or hub name)")
     device: str = _setting("auto", "`auto` (cuda:0 when present, else cpu), `cpu`, `cuda` or `cuda:N`")
-    dtype: str = _setting("auto", "`auto` (float32 on CPU, bfloat16 on GPU), `float32`, `bfloat16`, `float16`, or "
-                                  "`int8` (CPU: the linear layers' and the LM head's weights in 8 bits with a scale "
-                                  "per output channel, the rest float32; docs/cpu-precision.md)",
+    dtype: str = _setting("auto", "`auto` (GPU: bfloat16; CPU: whichever of float32, bfloat16 and int8 runs this "
+                                  "model's matrix shapes fastest here, measured at load in child processes), "
+                                  "`float32`, `bfloat16`, `float16`, or `int8` (CPU: the linear layers', the LM "
+                                  "head's and the embedding's weights in 8 bits with a scale per output channel, "
+                                  "the rest float32; docs/cpu-precision.md)",
                           choices=("auto", "float32", "bfloat16", "float16", "int8"))
     torch_threads: int = _setting(0, "CPU threads for torch (0: torch's default, one per core)", minimum=0)
     null_model: bool = _setting(False, "Serve no model: the tokenizer of QAIO_MODEL, prompts, engine, scheduler and "

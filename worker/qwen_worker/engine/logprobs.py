@@ -17,14 +17,15 @@ FLOOR = -9999.0
 TokenLogprob = tuple[float, tuple[int, ...], tuple[float, ...]]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
-                   rows: Sequence[GenerationRow | None]) -> list[TokenLogprob | None]:
-    """Per row asking for them: log-softmax of the logits it was served (after penalties, before
-    temperature and top-p, as vLLM and OpenAI report them) at the drawn token, and its top k."""
-    at = [i for i, row in enumerate(rows) if row is not None and row.sampling.logprobs >= 0]
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: Sequence[GenerationRow | None],
+                   asking: np.ndarray) -> list[TokenLogprob | None]:
+    """Per row asking for them (their positions among rows: `asking`): log-softmax of the logits it was
+    served (after penalties, before temperature and top-p, as vLLM and OpenAI report them) at the drawn
+    token, and its top k."""
     result: list[TokenLogprob | None] = [None] * len(rows)
-    if not at:
+    if not len(asking):
         return result
+    at = asking.tolist()
     index = torch.tensor(at, dtype=torch.long).to(device=logits.device, non_blocking=True)
     logp = logits.index_select(0, index).float().log_softmax(dim=-1).nan_to_num_(nan=FLOOR).clamp_(min=FLOOR)
     chosen = logp.gather(1, tokens.index_select(0, index)[:, None])[:, 0]

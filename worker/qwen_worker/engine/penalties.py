@@ -12,7 +12,7 @@ first entry does.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -63,14 +63,10 @@ class PenaltyState:
                                           sampling.frequency_penalty])
         self.bound[slot] = n
 
-    def select(self, rows: Sequence[GenerationRow | None]) -> PenalizedRows | None:
-        """The penalized ones among a step's rows (None: padding), or None when no row is."""
-        at = [i for i, row in enumerate(rows) if row is not None and row.sampling.penalized]
-        if not at:
-            return None
-        host_slots = np.fromiter((rows[i].slot for i in at), dtype=np.int64, count=len(at))
+    def select(self, at: np.ndarray, host_slots: np.ndarray) -> PenalizedRows:
+        """A step's penalized rows: their positions `at` among its rows, and their slots (both int64)."""
         to = dict(device=self.device, non_blocking=True)
-        return PenalizedRows(torch.tensor(at, dtype=torch.long).to(**to), torch.from_numpy(host_slots).to(**to),
+        return PenalizedRows(torch.from_numpy(at).to(**to), torch.from_numpy(host_slots).to(**to),
                              host_slots, int(self.bound[host_slots].max()))
 
     def apply(self, logits: torch.Tensor, rows: PenalizedRows) -> torch.Tensor:

@@ -2,6 +2,7 @@
 bit for bit, over many steps, and the same tokens from the engine, greedy and seeded."""
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -54,6 +55,12 @@ class DensePenalties:
         self.seen[slots, drawn] = True
 
 
+def penalized(state: PenaltyState, rows):
+    """The state's selection of rows' penalized ones, as the picker makes it (None when there are none)."""
+    at = np.array([i for i, row in enumerate(rows) if row is not None and row.sampling.penalized], dtype=np.int64)
+    return state.select(at, np.array([rows[i].slot for i in at], dtype=np.int64)) if len(at) else None
+
+
 def test_penalties_follow_their_definitions_on_the_rows_that_ask_and_leave_the_others():
     state = PenaltyState(slots=3, max_tokens=8, vocab=6, device=torch.device("cpu"))
     plain = GenerationRow([0], 4)
@@ -64,9 +71,9 @@ def test_penalties_follow_their_definitions_on_the_rows_that_ask_and_leave_the_o
         row.slot = slot
         state.reset(row)
     rows = [plain, rep, freq]
-    state.count(state.select(rows), torch.tensor([5, 2, 3]))
-    state.count(state.select(rows), torch.tensor([5, 2, 3]))
-    out = state.apply(torch.tensor([[1.0, 2.0, -2.0, 3.0, 0.0, 1.0]] * 3), state.select(rows))
+    state.count(penalized(state, rows), torch.tensor([5, 2, 3]))
+    state.count(penalized(state, rows), torch.tensor([5, 2, 3]))
+    out = state.apply(torch.tensor([[1.0, 2.0, -2.0, 3.0, 0.0, 1.0]] * 3), penalized(state, rows))
     assert out[0].tolist() == [1.0, 2.0, -2.0, 3.0, 0.0, 1.0]  # no penalty asked
     # repetition: the prompt's token 1 and generated 2: positive logits divided, negative multiplied
     assert out[1].tolist() == [1.0, 1.0, -4.0, 3.0, 0.0, 1.0]
@@ -102,7 +109,7 @@ def test_sparse_penalties_equal_the_dense_definition_bit_for_bit_over_many_steps
         logits = torch.randn(slots, vocab) * 3
         logits[0, 0] = 0.0  # a logit of exactly zero is multiplied, not divided
         expected = dense.apply(logits.clone(), rows)
-        selected = sparse.select(rows)
+        selected = penalized(sparse, rows)
         got = sparse.apply(logits.clone(), selected) if selected else logits
         assert torch.equal(got, expected), f"step {step}"
         # Drawn: often a token the row has seen (its prompt's, its own), sometimes a new one.
@@ -121,10 +128,10 @@ def test_penalties_change_the_logits_they_are_given_in_place_and_copy_other_prec
     row.slot = 0
     state.reset(row)
     logits = torch.tensor([[1.0, 4.0, 2.0]])
-    assert state.select([None]) is None
-    assert state.apply(logits, state.select([row])) is logits and logits.tolist() == [[1.0, 2.0, 2.0]]
+    assert penalized(state, [None]) is None
+    assert state.apply(logits, penalized(state, [row])) is logits and logits.tolist() == [[1.0, 2.0, 2.0]]
     half = torch.tensor([[1.0, 4.0, 2.0]], dtype=torch.bfloat16)
-    out = state.apply(half, state.select([row]))
+    out = state.apply(half, penalized(state, [row]))
     assert out.dtype == torch.float32 and out.tolist() == [[1.0, 2.0, 2.0]] and half[0, 1].item() == 4.0
 
 
