@@ -1,5 +1,5 @@
 """`make cpu-precision`: one worker on the 0.5B-shape model, straight, once per weight precision
-(QAIO_DTYPE float32, int8, and bfloat16 unless left out), in one run: idle RSS of the instance's
+(QAIO_DTYPE float32, int8, bfloat16 and auto, the default, unless left out), in one run: idle RSS of the instance's
 processes, streamed greedy chat at c=1/4/16 (tok/s, TTFT p50), sentiment at c=16, RSS after the
 load, and the teacher-forced logits of the stand-in model against float32 (the quality guard; make
 eval gives the accuracy). Writes docs/cpu-precision.md and .json.
@@ -10,6 +10,8 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+import requests
 
 from qaio_testing import REPO, GunicornServer
 
@@ -25,7 +27,9 @@ def serve(model: str, dtype: str, texts: list[str], max_tokens: int, requests_pe
     server = GunicornServer(model, QAIO_DTYPE=dtype, QAIO_MAX_BATCH_SIZE="16").wait_ready(900)
     try:
         roles = worker_processes(server.proc.pid)
-        out = {"dtype": dtype, "idle_rss_mb": rss_mb(roles)}
+        ready = requests.get(server.url + "/readyz", timeout=30).json()
+        out = {"dtype": dtype, "served_dtype": ready["dtype"], "dtype_measured": ready.get("dtype_measured"),
+               "idle_rss_mb": rss_mb(roles)}
         for c in CHAT_LEVELS:
             chat = level(server, roles, "chat", texts[:max(c, requests_per_level * c // 4)], c, max_tokens, temperature=0)
             out[f"chat_c{c}"] = {"tokens_per_s": chat["output_tokens_per_s"], "ttft_p50_ms": chat["ttft_ms"]["p50"],
@@ -68,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default=str(REPO / "models" / "qwen2.5-0.5b-shape"))
     parser.add_argument("--stand-in", default=str(REPO / "models" / "smollm2-135m-instruct"))
-    parser.add_argument("--dtypes", default="float32,int8,bfloat16")
+    parser.add_argument("--dtypes", default="float32,int8,bfloat16,auto")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=16, help="chat requests at c=4 (scaled by concurrency)")
     parser.add_argument("--out", type=Path, default=REPO / "docs")
@@ -78,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"date": time.strftime("%Y-%m-%d"), "machine": {**machine(), "cpu_flags": cpu_flags()},
               "model": Path(args.model).name, "max_tokens": args.max_tokens,
               "runs": [serve(args.model, d, texts, args.max_tokens, args.requests) for d in dtypes],
-              "stand_in_logits": {d: logit_distance(args.stand_in, d) for d in dtypes if d != "float32"}}
+              "stand_in_logits": {d: logit_distance(args.stand_in, d) for d in dtypes if d not in ("float32", "auto")}}
     write(args.out, report)
     return 0
 
@@ -99,7 +103,8 @@ def write(out: Path, report: dict) -> None:
         chats = " | ".join(f"{run[f'chat_c{c}']['tokens_per_s']:.1f} ({run[f'chat_c{c}']['ttft_p50_ms']:.0f})"
                            for c in CHAT_LEVELS)
         errors = sum(run[f"chat_c{c}"]["errors"] for c in CHAT_LEVELS) + run["sentiment_c16"]["errors"]
-        lines.append(f"| {run['dtype']} | {run['idle_rss_mb']:.0f} | {chats} | {run['sentiment_c16']['requests_per_s']:.1f} "
+        name = run["dtype"] if run["dtype"] != "auto" else f"auto (served {run['served_dtype']})"
+        lines.append(f"| {name} | {run['idle_rss_mb']:.0f} | {chats} | {run['sentiment_c16']['requests_per_s']:.1f} "
                      f"| {run['rss_after_load_mb']:.0f} | {errors} |")
     lines += ["", "The stand-in (SmolLM2-135M-Instruct, real weights), teacher-forced over float32's greedy replies "
               "to three prompts (48 tokens each): the mean absolute logit error over the logits' standard "
@@ -107,6 +112,13 @@ def write(out: Path, report: dict) -> None:
               "| QAIO_DTYPE | logit error / std | top-1 agreement |", "|---|---|---|"]
     for dtype, d in report["stand_in_logits"].items():
         lines.append(f"| {dtype} | {d['mean_abs_error_over_std']:.4f} | {d['top1_agreement']:.1%} |")
+    for run in report["runs"]:
+        if run.get("dtype_measured"):
+            measured = run["dtype_measured"]
+            lines += ["", f"`auto`'s measurement at load ({measured['seconds']} s, each precision in a child process; "
+                      "speed-up over float32, geometric mean over 1, 16 and 128 rows): "
+                      + ", ".join(f"{d} {s}" for d, s in measured["speedup_over_float32"].items())
+                      + f"; chose {measured['chosen']}."]
     (out / "cpu-precision.md").write_text("\n".join(lines) + "\n")
 
 
