@@ -70,7 +70,7 @@ class WorkerConfig:
     stream_coalesce_ms: float = _setting(20.0, "A stream sends the tokens of this many milliseconds as one event (the "
                                               "first token goes at once)", minimum=0)
     cpu_linear: str = _setting("auto", "Linear-layer kernels on CPU: `onednn` (weights prepacked once), `default` "
-                                       "(torch's F.linear), `auto` (onednn for float32 on CPU when available)",
+                                       "(torch's F.linear), `auto` (onednn for float32 and bfloat16 on CPU when available)",
                                choices=("auto", "onednn", "default"))
     calibration: str = _setting("auto", "Sentiment confidence calibration: `fitted` (the model's `make calibrate` fit, "
                                         "none without one), `content_free` (label-free: divided by the scores of a "

@@ -25,7 +25,7 @@ LAYERS = 4  # enough weights (~240 MB in float32 for the 0.5B shape) that they a
 PROBE_TIMEOUT_S = 120
 
 
-def _layer_timings(dtype: str, hidden: int, intermediate: int) -> dict[int, float]:
+def _layer_timings(dtype: str, hidden: int, intermediate: int, onednn: bool = True) -> dict[int, float]:
     """Milliseconds per pass of LAYERS layers' linears (q, o, gate, up, down) at each row count."""
     import torch
     from torch import nn
@@ -45,7 +45,7 @@ def _layer_timings(dtype: str, hidden: int, intermediate: int) -> dict[int, floa
             layers.append(Int8Linear(linear))
         else:  # the model's own path: oneDNN with the weight prepacked, where torch has it
             linear = linear.to(torch.bfloat16) if dtype == "bfloat16" else linear
-            layers.append(PackedLinear(linear) if onednn_available() else linear)
+            layers.append(PackedLinear(linear) if onednn and onednn_available() else linear)
     out = {}
     with torch.inference_mode():
         for rows in ROWS:
@@ -61,13 +61,16 @@ def _layer_timings(dtype: str, hidden: int, intermediate: int) -> dict[int, floa
     return out
 
 
-def measure(candidates=CANDIDATES, hidden: int = 896, intermediate: int = 4864, threads: int = 0) -> dict:
-    """Each candidate's milliseconds per row count, or the reason it could not run, each in a child."""
+def measure(candidates=CANDIDATES, hidden: int = 896, intermediate: int = 4864, threads: int = 0,
+            onednn: bool = True) -> dict:
+    """Each candidate's milliseconds per row count, or the reason it could not run, each in a child;
+    float32 and bfloat16 on oneDNN's prepacked path unless `onednn` is off (QAIO_CPU_LINEAR=default)."""
     results = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     for dtype in candidates:
         try:
-            proc = subprocess.run([sys.executable, "-m", __name__, dtype, str(hidden), str(intermediate)],
+            proc = subprocess.run([sys.executable, "-m", __name__, dtype, str(hidden), str(intermediate),
+                                   "onednn" if onednn else "default"],
                                   capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env)
         except subprocess.TimeoutExpired:
             results[dtype] = {"error": f"took over {PROBE_TIMEOUT_S} s"}
@@ -89,10 +92,11 @@ def speedups(results: dict) -> dict[str, float]:
             for dtype, times in results.items() if "error" not in times}
 
 
-def choose(hidden: int, intermediate: int, threads: int = 0, candidates=CANDIDATES) -> tuple[str, dict]:
+def choose(hidden: int, intermediate: int, threads: int = 0, candidates=CANDIDATES,
+           onednn: bool = True) -> tuple[str, dict]:
     """The precision QAIO_DTYPE=auto serves on this CPU, and what was measured to choose it."""
     started = time.monotonic()
-    results = measure(candidates, hidden, intermediate, threads)
+    results = measure(candidates, hidden, intermediate, threads, onednn)
     ranked = speedups(results)
     chosen = max(ranked, key=ranked.get) if ranked else "float32"
     report = {"chosen": chosen, "seconds": round(time.monotonic() - started, 1),
@@ -103,7 +107,7 @@ def choose(hidden: int, intermediate: int, threads: int = 0, candidates=CANDIDAT
 
 
 if __name__ == "__main__":
-    name, hidden_size, intermediate_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    name, hidden_size, intermediate_size, linear = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if name not in CANDIDATES:
         sys.exit(f"unknown precision {name!r}")
-    print(json.dumps(_layer_timings(name, hidden_size, intermediate_size)))
+    print(json.dumps(_layer_timings(name, hidden_size, intermediate_size, linear == "onednn")))

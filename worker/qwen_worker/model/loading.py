@@ -143,7 +143,8 @@ class ModelService(ServedModel):
             # The Triton kernels (CPU: their interpreter) read plain weights: no int8 with them.
             candidates = [c for c in precision.CANDIDATES if c != "int8" or self.config.kernels != "triton"]
             self.precision, self.precision_report = precision.choose(
-                *_model_shape(self.config.model), threads=self.config.torch_threads, candidates=candidates)
+                *_model_shape(self.config.model), threads=self.config.torch_threads, candidates=candidates,
+                onednn=self.config.cpu_linear != "default")
             self.dtype = resolve_dtype(self.precision, self.device)
         try:
             model = self._load_from(self.config.model)
