@@ -2,8 +2,10 @@
 import ctypes
 
 import pytest
+import torch
 
 from qwen_worker import memory
+from qwen_worker.engine.kv_cache import zeroed
 
 pytestmark = pytest.mark.skipif(memory.heap() is None, reason="not glibc malloc")
 
@@ -69,3 +71,14 @@ def test_a_loaded_model_holds_one_copy_of_its_weights_not_the_checkpoints_map(ti
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "0", "the checkpoint is still mapped"
+
+
+def test_a_kv_pool_costs_resident_memory_only_for_the_blocks_written():
+    """One 8 KiB block written in each of 24 layers' parts of a 384 MiB pool: 24 x 8 KiB of RSS, not
+    a transparent huge page (2 MiB) per layer as numpy's zeros gave it."""
+    pool = zeroed((24, 2048, 2, 16, 64), torch.float32, torch.device("cpu"))
+    assert pool.shape == (24, 2048, 2, 16, 64) and not pool[:, :4].any()
+    before = rss_bytes()
+    pool[:, 5] = 1.0
+    assert rss_bytes() - before < 4 * 2**20
+    assert float(pool[:, 5].sum()) == 24 * 2 * 16 * 64 and not pool[:, 6].any()

@@ -1,6 +1,8 @@
 """KV memory: one pool of fixed-size blocks shared by every row, reached through a block table per row."""
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import torch
 
@@ -8,12 +10,17 @@ SCRATCH_BLOCK = 0  # never handed out: padding tokens write their keys here, unu
 
 
 def zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero-filled tensor. On a CPU its pages come from calloc (mmap), so they cost resident memory
-    only once written: an idle pool holds no RSS, and RSS follows the blocks ever used."""
+    """A zero-filled tensor. On a CPU its pages are an anonymous map's, so they cost resident memory
+    only once written, page by page: an idle pool holds no RSS, and RSS follows the blocks ever used.
+    (numpy's zeros, used before, advise transparent huge pages for large arrays: the first block
+    written in each layer's part of the pool then cost 2 MiB, 92 MB of RSS after warm-up on the 0.5B.)"""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     size = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(size, dtype=np.uint8)).view(dtype).view(shape)
+    pages = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # also where the system makes every large map huge-paged
+        pages.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
 class PagedKVCache:
