@@ -3,7 +3,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from transformers import AutoTokenizer
 
-from qwen_worker.prompts import LABELS, ChatMLPrompter, Message, detect_language
+from qwen_worker.prompts import LABELS, ChatMLPrompter, Message, detect_language, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +87,14 @@ def test_its_own_tokenizer_copies_give_exactly_what_transformers_gives(prompter)
         for split in (False, True):
             expected = tokenizer(text, add_special_tokens=False, split_special_tokens=split)["input_ids"]
             assert prompter._encode(text, split) == expected, (text, split)
+
+
+def test_the_loaded_tokenizer_keeps_no_python_copy_of_its_vocabulary_and_still_encodes(tiny_model_dir):
+    """load_tokenizer drops what the constructor keeps (~90 MB for Qwen's vocabulary) and nothing it uses."""
+    tokenizer = load_tokenizer(tiny_model_dir)
+    reference = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert getattr(tokenizer, "_vocab", None) is None and getattr(tokenizer, "_merges", None) is None
+    text = "你好, world! <|im_start|>user\n这家店很好吃<|im_end|>"
+    assert tokenizer(text).input_ids == reference(text).input_ids
+    assert tokenizer.decode(reference(text).input_ids) == reference.decode(reference(text).input_ids)
+    assert tokenizer.get_vocab() == reference.get_vocab()

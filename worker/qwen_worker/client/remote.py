@@ -12,7 +12,7 @@ from multiprocessing.connection import Client, Connection
 
 from ..engine_process import AUTHKEY_ENV, ENGINE_PID_ENV, MASTER_PID_ENV, SOCKET_ENV
 from ..metrics import WorkerMetrics
-from ..prompts import ChatMLPrompter
+from ..prompts import ChatMLPrompter, load_tokenizer
 from ..protocol import Cancel, Control, Output, Request, RequestFailed, Status, check_hello, decode, encode, hello
 from .base import EngineClient
 
@@ -102,9 +102,7 @@ class RemoteClient(EngineClient):
     def _on_status(self, status: Status) -> None:
         if status.accepting and self.prompter is None and status.model is not None:
             try:
-                from transformers import AutoTokenizer
-
-                self.prompter = ChatMLPrompter(AutoTokenizer.from_pretrained(status.model.source))
+                self.prompter = ChatMLPrompter(load_tokenizer(status.model.source))
             except Exception as exc:
                 log.exception("could not load the tokenizer of %s", status.model.source)
                 self.lost = f"tokenizer of {status.model.source}: {type(exc).__name__}: {exc}"

@@ -11,7 +11,7 @@ import time
 from typing import Sequence
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..calibration import CONTENT_FREE_TEXT, NONE, Calibration, content_free, load_fitted
 from .. import memory, precision
@@ -19,7 +19,7 @@ from ..config import WorkerConfig
 from ..cpu_linear import onednn_available, pack_linears
 from ..int8_linear import int8_matmul_available, quantize_model
 from ..engine.engine import Engine
-from ..prompts import ChatMLPrompter
+from ..prompts import ChatMLPrompter, load_tokenizer
 from .building import build_engine, warm_up
 from .sentiment import score_prompts
 
@@ -161,7 +161,7 @@ class ModelService(ServedModel):
     def _load_from(self, source: str):
         self.demo_info = _read_marker(source, DEMO_MARKER)
         self.stand_in_info = _read_marker(source, STAND_IN_MARKER)
-        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.tokenizer = load_tokenizer(source)
         # dtype is always explicit: transformers otherwise takes it from config.json (bf16 for Qwen).
         model = AutoModelForCausalLM.from_pretrained(source, dtype=self.dtype)
         self.served_source = source

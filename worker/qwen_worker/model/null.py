@@ -3,11 +3,9 @@ arithmetic (engine/null_runner.py), to measure the host path. It names itself `n
 is named, so that nobody mistakes it for a model."""
 from __future__ import annotations
 
-from transformers import AutoTokenizer
-
 from ..calibration import NONE
 from ..engine.null_runner import NullRunner
-from ..prompts import ChatMLPrompter
+from ..prompts import ChatMLPrompter, load_tokenizer
 from .building import engine_over
 from .loading import ModelService
 
@@ -29,7 +27,7 @@ class NullModelService(ModelService):
         return NAME  # the front door's cache key: never a real model's answers
 
     def _load_from(self, source: str):
-        self.tokenizer = AutoTokenizer.from_pretrained(source)  # the tokenizer's files only: no weights read
+        self.tokenizer = load_tokenizer(source)  # the tokenizer's files only: no weights read
         self.served_source = source
         return None
 
