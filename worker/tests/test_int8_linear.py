@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from qwen_worker.config import ConfigError, WorkerConfig
-from qwen_worker.int8_linear import (INT8_ROWS, Int8Embedding, Int8Linear, int8_matmul_available, quantize_model,
-                                     quantize_rows)
+from qwen_worker.int8_linear import (INT8_ROWS, Int8Embedding, Int8Head, Int8Linear, int8_matmul_available,
+                                     needs_reduced_range, quantize_model, quantize_rows)
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available(), reason="this torch has no int8 weight matmul")
 
@@ -45,10 +45,24 @@ def test_an_int8_embedding_looks_up_the_rows_within_half_a_step():
     assert bool(((got - want).abs() <= step[..., None] / 2 + 1e-6).all())
 
 
+@pytest.mark.parametrize("rows", [1, 16])
+def test_the_int8_head_is_within_two_percent_of_float32_its_input_quantised_too(rows):
+    """fbgemm's GEMM quantises the input (one scale per call) beside the weights; on a CPU whose int8
+    products would saturate at full range (AVX2 without VNNI) the probe picks 7-bit inputs instead."""
+    torch.manual_seed(0)
+    head = nn.Linear(64, 1000, bias=False)
+    x = torch.randn(rows, 64)
+    assert isinstance(needs_reduced_range(), bool)
+    assert relative_error(Int8Head(head)(x), head(x)) < 0.02
+    with pytest.raises(ValueError, match="bias"):
+        Int8Head(nn.Linear(64, 10))
+
+
 def test_quantize_model_replaces_every_linear_and_embedding_and_nothing_else():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 4)), nn.Embedding(3, 8),
                           nn.LayerNorm(8))
-    assert quantize_model(model) == 2
+    model.lm_head = nn.Linear(8, 3, bias=False)
+    assert quantize_model(model) == 3 and type(model.lm_head) is Int8Head
     assert not any(type(m) in (nn.Linear, nn.Embedding) for m in model.modules())
     assert type(model[3]) is Int8Embedding and type(model[4]) is nn.LayerNorm
 
