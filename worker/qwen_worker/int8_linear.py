@@ -12,7 +12,7 @@ GEMM, which quantises its input too (one scale per call): 3.7 ms instead of 9 fo
 0.5B's head on a Xeon with VNNI, 10 instead of 47 for 16. Quantising the input costs the decoder
 layers up to 10 % error (their inputs have outlier channels), so only the head does it; its
 input is the final norm's, and teacher-forced on the stand-in its logits' error and top-token
-agreement stay those of the weight-only head (test_int8_linear.py). The input embedding is held as
+agreement stay those of the weight-only head (test_precision.py bounds them). The input embedding is held as
 int8 rows too, dequantised per looked-up token.
 """
 from __future__ import annotations

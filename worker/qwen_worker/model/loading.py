@@ -140,8 +140,10 @@ class ModelService(ServedModel):
         if self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
         if self.config.dtype == "auto" and self.device.type == "cpu":
-            # The Triton kernels (CPU: their interpreter) read plain weights: no int8 with them.
-            candidates = [c for c in precision.CANDIDATES if c != "int8" or self.config.kernels != "triton"]
+            # int8 only where this torch has both its int8 kernels (fbgemm is x86 only; the probe times the
+            # layers' kernel alone) and not with the Triton kernels (they read plain weights).
+            int8_ok = int8_matmul_available() and self.config.kernels != "triton"
+            candidates = [c for c in precision.CANDIDATES if c != "int8" or int8_ok]
             self.precision, self.precision_report = precision.choose(
                 *_model_shape(self.config.model), threads=self.config.torch_threads, candidates=candidates,
                 onednn=self.config.cpu_linear != "default")
