@@ -240,10 +240,12 @@ def test_wrong_admin_tokens_are_rate_limited(local_stack):
     assert statuses[-1] == 429
 
 
-def test_the_front_doors_counters_count_every_request_of_a_burst(local_stack):
+def test_the_front_doors_counters_count_every_request_of_bursts(local_stack):
     """mtail counts each of nginx's log lines as they arrive, however fast (one before 3.0.5 read one
     datagram per 250 ms poll: past 4 requests/s its counts fell behind, then lost what the socket could
-    not hold)."""
+    not hold). Each burst fits the kernel's default receive queue (256 such datagrams): a longer one is
+    lost in part whenever mtail is descheduled for its length, as docs/front-door.md says, which a loaded
+    machine does."""
     mtail = f"http://127.0.0.1:{local_stack.env['QAIO_STACK_MTAIL_PORT']}/metrics"
 
     def counted() -> float:
@@ -251,18 +253,21 @@ def test_the_front_doors_counters_count_every_request_of_a_burst(local_stack):
         return sum(sample.value for family in families if family.name == "qaio_nginx_requests"
                    for sample in family.samples if sample.labels.get("route") == "/v1/models")
 
-    before, burst = counted(), 600
+    before, burst, bursts = counted(), 200, 3
+    deadline = time.monotonic() + 60  # the old mtail needed 50 s for each burst
     # From an address of its own, so that the rate limit it runs into is nobody else's; answered or
     # refused (429 past the limit), each request is one log line, counted.
     conn = http.client.HTTPConnection("127.0.0.1", int(local_stack.url.rsplit(":", 1)[1]), timeout=10,
                                       source_address=("127.0.0.8", 0))
     statuses = set()
-    for _ in range(burst):
-        conn.request("GET", "/v1/models")
-        response = conn.getresponse()
-        response.read()
-        statuses.add(response.status)
+    for sent in range(burst, burst * bursts + 1, burst):
+        for _ in range(burst):
+            conn.request("GET", "/v1/models")
+            response = conn.getresponse()
+            response.read()
+            statuses.add(response.status)
+        eventually(lambda: counted() - before >= sent, timeout=max(deadline - time.monotonic(), 0.1),
+                   what=f"{sent} requests counted")
     conn.close()
     assert statuses <= {200, 429}, statuses
-    eventually(lambda: counted() - before >= burst, timeout=60, what=f"{burst} requests counted")
-    assert counted() - before == burst
+    assert counted() - before == burst * bursts
