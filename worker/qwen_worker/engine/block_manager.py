@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 from collections import OrderedDict
 from typing import Iterator, Sequence
 
@@ -106,7 +107,8 @@ class BlockManager:
         siblings = self._children.get(parent)
         best, source = 0, None
         if wanted and siblings:
-            for block in reversed(list(siblings)[-RECENT_SIBLINGS:]):
+            # The newest first, never a walk of all of them: thousands of prompts share one system prompt.
+            for block in itertools.islice(reversed(siblings), RECENT_SIBLINGS):
                 shared = _common_prefix(siblings.get(block, ()), wanted)  # .get: evicted meanwhile
                 if shared > best:
                     best, source = shared, block
