@@ -59,14 +59,13 @@ class EngineServer:
 
     # ---- the engine's outputs, each to the process that asked ---------------------------------------
     def route(self, outputs: list[Output]) -> None:
-        touched = set()
+        by_owner: dict[ApiConnection, list[tuple]] = {}
         for output in outputs:
             owner = self._owners.pop(output.id, None) if output.final else self._owners.get(output.id)
             if owner is not None:
-                owner.post(encode(output))
-                touched.add(owner)
-        for connection in touched:
-            connection.flush()
+                by_owner.setdefault(owner, []).append(encode(output))
+        for connection, packed in by_owner.items():  # one lock and one wake-up per API process and pass
+            connection.post_all(packed)
 
     # ---- messages from API processes ----------------------------------------------------------------
     def handle(self, connection: ApiConnection, message) -> None:

@@ -65,6 +65,12 @@ class ApiConnection:
         with self._lock:
             self._outbox.append(packed)
 
+    def post_all(self, packed: list[tuple]) -> None:
+        """Messages sent as one, at once."""
+        with self._lock:
+            self._outbox.extend(packed)
+            self._lock.notify()
+
     def flush(self) -> None:
         with self._lock:
             if self._outbox:
