@@ -78,20 +78,22 @@ class ChatMLPrompter:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        # A fast tokenizer keeps `split_special_tokens` as a flag on its shared backend, set by each call:
-        # concurrent request threads would tokenize ChatML markup with another call's flag (seen as
-        # corrupted prompts under load). So each kind of text gets its own copy of the Rust tokenizer
-        # with the flag fixed: no lock, and none of transformers' per-call Python (a tenth of a busy
-        # worker's time). A tokenizer without a Rust backend takes turns on a lock instead.
+        # A fast tokenizer keeps `split_special_tokens` as a flag on its shared Rust backend, set by each call
+        # that asks for the other value: concurrent request threads tokenizing through transformers would
+        # tokenize ChatML markup with another call's flag (seen as corrupted prompts under load), and pay
+        # transformers' per-call Python (a tenth of a busy worker's time). So markup is encoded by the backend
+        # itself with the flag off (transformers' default: its calls here never ask otherwise) and client
+        # text by one copy with it on: no lock, one extra copy (~28 MB for Qwen's vocabulary, per process).
+        # A tokenizer without a Rust backend takes turns on a lock instead.
         self._tokenize_lock = threading.Lock()
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._backends = None
         if backend is not None:
             from tokenizers import Tokenizer
 
-            markup, plain = Tokenizer.from_str(backend.to_str()), Tokenizer.from_str(backend.to_str())
-            markup.encode_special_tokens, plain.encode_special_tokens = False, True
-            self._backends = {False: markup, True: plain}
+            plain = Tokenizer.from_str(backend.to_str())
+            backend.encode_special_tokens, plain.encode_special_tokens = False, True
+            self._backends = {False: backend, True: plain}
         # The template's own pieces (role headers, turn ends, the product's system turns) are encoded once:
         # each Rust call costs ~6 us however short its text, and a chat prompt took seven (~125 us).
         self._template_ids: dict[str, tuple[int, ...]] = {}
