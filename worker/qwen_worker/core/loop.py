@@ -116,6 +116,7 @@ class EngineLoop:
     # ---- the engine thread --------------------------------------------------------------------
     def _run(self) -> None:
         engine = self.engine
+        engine.after_prefill = self._send_prefilled
         try:
             while self.device_error is None:
                 arrived = self.arrivals.next(self.config.batch_wait_ms / 1000, self._hold)
@@ -146,6 +147,11 @@ class EngineLoop:
             self.outbox.flush(self._generating.values())
         if self.device_error is not None:
             self.on_device_error()
+
+    def _send_prefilled(self) -> None:
+        """Mid-step, before the decode pass: the first tokens and scores the prefill produced go out now."""
+        self._scored_together()
+        self.outbox.flush(self._generating.values())
 
     def _hold(self, arrived: list[Work]) -> None:
         """Taken by the engine thread: from now on a cancel finds them here (called under arrivals.cond)."""

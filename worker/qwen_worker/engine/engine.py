@@ -34,6 +34,10 @@ class Engine:
         self.observe_step = observe_step or (lambda seconds, live, path: None)
         self.clock = clock
         self.scoring_tokens = 0  # prompt tokens prefilled for scoring rows, a running total
+        # Called between a step's prefill and its decode when a prompt was completed: whoever streams the
+        # outputs sends first tokens and scores then, not a whole decode pass later (at c=1, a pass is
+        # half the time to first token).
+        self.after_prefill: Callable[[], None] | None = None
 
     # ---- rows ----------------------------------------------------------------------------------
     def free_slots(self) -> int:
@@ -111,6 +115,8 @@ class Engine:
         chunks = self.scheduler.prefill_chunks(self.clock())
         if chunks:
             self._prefill(chunks)
+            if self.after_prefill is not None and any(row.prefilled for row, _ in chunks):
+                self.after_prefill()
         decoding = self.scheduler.make_room_to_decode()
         self._sync_tables()
         if not decoding:

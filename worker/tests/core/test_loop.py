@@ -96,6 +96,39 @@ def test_sentiment_is_scored_between_the_steps_of_a_running_generation(loop, mod
     assert sink.final(10).finish_reason == "cancelled"
 
 
+class DecodeGate:
+    """Holds each decode pass of a runner until the test lets one through; `held`: passes waiting now."""
+
+    def __init__(self, decode):
+        self.decode, self.permits, self.held = decode, threading.Semaphore(0), 0
+
+    def __call__(self, *args, **kwargs):
+        self.held += 1
+        self.permits.acquire(timeout=120)
+        self.held -= 1
+        return self.decode(*args, **kwargs)
+
+
+def test_first_tokens_and_scores_go_out_before_the_decode_pass_of_their_step(loop, model, monkeypatch):
+    sink = loop.sink_for_tests
+    gate = DecodeGate(model.engine.runner.decode)
+    monkeypatch.setattr(model.engine.runner, "decode", gate)
+    try:
+        loop.submit(generation(model, 60, max_tokens=3000, stream=True))
+        # The step that prefilled it is now held in its decode pass: its first token is out all the same.
+        first = eventually(lambda: [o for o in sink.outputs.get(60, []) if o.tokens], timeout=30, what="the first token")
+        assert gate.held == 1 and sum(len(o.tokens) for o in first) == 1
+        loop.submit(sentiment(model, 61))
+        gate.permits.release()  # the next step scores it, then decodes the generation again (held)
+        assert sink.final(61, timeout=30).scores is not None
+        eventually(lambda: gate.held == 1, what="the next decode pass held")
+        assert not [o for o in sink.outputs[60] if o.final]
+    finally:
+        loop.cancel(60)
+        gate.permits.release(1000)
+    assert sink.final(60).finish_reason == "cancelled"
+
+
 def test_a_queued_request_cancelled_leaves_the_queue_and_is_never_computed(loop, model):
     sink = loop.sink_for_tests
     loop.submit(generation(model, 20, max_tokens=400))
