@@ -75,6 +75,12 @@ class WorkerMetrics:
                                  "to be recomputed later), `eviction` (a cached block was reused)", ["event"],
                                  registry=r)
         self._kv_totals: dict[str, int] = {}
+        self._kv_states = {state: self.kv_blocks.labels(state=state) for state in ("used", "cached", "free")}
+        self._kv_counters = {"prefix_hit_tokens": self.prefix_tokens.labels(kind="hit"),
+                             "prefix_query_tokens": self.prefix_tokens.labels(kind="queried"),
+                             "preemptions": self.kv_events.labels(event="preemption"),
+                             "evictions": self.kv_events.labels(event="eviction")}
+        self._pass_values: dict[int, float] = {}  # the engine loop's gauges as last written, by id
         self.cuda_graphs = Gauge("qaio_cuda_graphs", "Decode CUDA graphs captured at start-up", registry=r,
                                  multiprocess_mode="livemax")
         # One series per live process (pid label) when gunicorn runs several: each loads its own model.
@@ -121,20 +127,24 @@ class WorkerMetrics:
         """One decode step: `path` is `graph` (a CUDA graph replayed) or `eager` (no graph for its shape)."""
         self.decode_step.labels(path=path).observe(seconds)
 
-    def observe_kv(self, stats: dict[str, int]) -> None:
-        """The engine's KV pool after a pass (Engine.kv_stats()): gauges set, running totals added as deltas."""
-        used, cached = stats["blocks_used"], stats["blocks_cached"]
-        for state, blocks in (("used", used), ("cached", cached), ("free", stats["blocks_total"] - used - cached)):
-            self.kv_blocks.labels(state=state).set(blocks)
-        self.kv_bytes_in_use.set(used * stats["block_bytes"])
-        for key, counter in (("prefix_hit_tokens", self.prefix_tokens.labels(kind="hit")),
-                             ("prefix_query_tokens", self.prefix_tokens.labels(kind="queried")),
-                             ("preemptions", self.kv_events.labels(event="preemption")),
-                             ("evictions", self.kv_events.labels(event="eviction"))):
-            delta = stats[key] - self._kv_totals.get(key, 0)
+    def observe_pass(self, live: int, slots: int, kv: dict[str, int]) -> None:
+        """The engine loop's gauges after a pass: live slots, their share and the KV pool (Engine.kv_stats(),
+        running totals added as deltas). A gauge is written only when its value changed: a write takes a
+        lock (and, with several processes, writes a shared file), and a busy loop makes thousands of passes
+        a second."""
+        used, cached = kv["blocks_used"], kv["blocks_cached"]
+        for gauge, value in ((self.live_slots, live), (self.slot_utilization, live / max(slots, 1)),
+                             (self._kv_states["used"], used), (self._kv_states["cached"], cached),
+                             (self._kv_states["free"], kv["blocks_total"] - used - cached),
+                             (self.kv_bytes_in_use, used * kv["block_bytes"])):
+            if self._pass_values.get(id(gauge)) != value:
+                gauge.set(value)
+                self._pass_values[id(gauge)] = value
+        for key, counter in self._kv_counters.items():
+            delta = kv[key] - self._kv_totals.get(key, 0)
             if delta:
                 counter.inc(delta)
-                self._kv_totals[key] = stats[key]
+                self._kv_totals[key] = kv[key]
 
     def set_model_info(self, info: dict, instance: str) -> None:
         self.model_info.labels(model=info["model"], instance=instance, device=info["device"],

@@ -129,10 +129,7 @@ class EngineLoop:
                 if engine.has_work() and self.device_error is None:
                     self._step()
                 self._scored_together()
-                live = engine.live()
-                self.metrics.live_slots.set(live)
-                self.metrics.slot_utilization.set(live / max(engine.runner.slots, 1))
-                self.metrics.observe_kv(engine.kv_stats())
+                self.metrics.observe_pass(engine.live(), engine.runner.slots, engine.kv_stats())
                 self.arrivals.publish_depth()
                 self.outbox.flush(self._generating.values())
         finally:
