@@ -18,7 +18,6 @@ int8 rows too, dequantised per looked-up token.
 from __future__ import annotations
 
 import functools
-import threading
 import warnings
 
 import torch
@@ -28,11 +27,9 @@ from torch import nn
 from .cpu_linear import replace_modules
 
 # Up to this many rows the int8 matmul beats dequantising the weight for one bf16 matmul (0.5B shape,
-# 4864x896 on 2 cores of a Xeon with AMX, 20 weights cycled: 1.0 ms against 1.4 at 8 rows, 1.5 against
-# 1.5 at 16, 2.4 against 1.5 at 32; on 2 EPYC cores 1.1 against 1.6 at 16; the LM head's
+# 4864x896 on 2 EPYC cores: 1.1 ms against 1.6 at 16 rows, 3.7 against 2.2 at 64; the LM head's
 # dequantisation alone takes 185 ms, and the head never sees more rows than a decode batch).
-INT8_ROWS = 16
-_scratch = threading.local()  # per thread: the bfloat16 weight a many-row call dequantises into
+INT8_ROWS = 32
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,14 +78,7 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def dequantized(self) -> torch.Tensor:
-        """The bfloat16 weight, written into this thread's scratch (valid until its next call): a fresh
-        tensor per call cost 7 ms for a 4864x896 weight in page faults and two passes, the scratch 1.5."""
-        numel = self.weight_int8.numel()
-        buffer = getattr(_scratch, "weight", None)
-        if buffer is None or buffer.numel() < numel:
-            buffer = _scratch.weight = torch.empty(numel, dtype=torch.bfloat16)
-        out = buffer[:numel].view(self.weight_int8.shape)
-        return torch.mul(self.weight_int8, self.scale_bf16[:, None], out=out)
+        return self.weight_int8.to(torch.bfloat16) * self.scale_bf16[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
