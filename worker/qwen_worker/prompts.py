@@ -98,8 +98,8 @@ class ChatMLPrompter:
         # each Rust call costs ~6 us however short its text, and a chat prompt took seven (~125 us).
         self._template_ids: dict[str, tuple[int, ...]] = {}
         self._system_turns: dict[str, tuple[int, ...]] = {}
-        self._system_turns = {prompt: tuple(self._turn("system", prompt)) for prompt in
-                              (CHAT_SYSTEM_PROMPT, *(f"{CHAT_SYSTEM_PROMPT} {g}" for g in ANALYZE_GUIDANCE.values()))}
+        for prompt in (CHAT_SYSTEM_PROMPT, *(f"{CHAT_SYSTEM_PROMPT} {g}" for g in ANALYZE_GUIDANCE.values())):
+            self._system_turns[prompt] = tuple(self._turn("system", prompt))
         self.label_token_ids = tuple(self._single_token(label) for label in LABELS)
         self.sentiment_prefix_ids = {lang: self._sentiment_prefix(lang) for lang in SENTIMENT_EXAMPLES}
         self._user_turn_end = self.markup("<|im_end|>\n<|im_start|>assistant\n")
