@@ -27,6 +27,7 @@ class PenalizedRows(NamedTuple):
     slots: torch.Tensor  # on the device
     host_slots: np.ndarray
     width: int
+    host_index: np.ndarray  # `index` on the host
 
 
 class PenaltyState:
@@ -36,7 +37,7 @@ class PenaltyState:
     5,121 positions and 151,936 ids: 16 + 78 MB; 16 slots, a CPU's default: 6 MB), where dense counts took
     5 bytes per slot and vocabulary id (195 MB) and a step's work grew with the rows' whole vocabulary."""
 
-    def __init__(self, slots: int, max_tokens: int, vocab: int, device: torch.device):
+    def __init__(self, slots: int, max_tokens: int, vocab: int, device: torch.device, host_tables: bool | None = None):
         self.ids = torch.zeros((slots, max_tokens), dtype=torch.long, device=device)
         entry_type = torch.int16 if max_tokens <= torch.iinfo(torch.int16).max else torch.int32
         self.entry = torch.full((slots, vocab), -1, dtype=entry_type, device=device)
@@ -46,6 +47,11 @@ class PenaltyState:
         # On the host, per slot: an upper bound of `valid` (it grows by one per counted token).
         self.bound = np.zeros(slots, dtype=np.int64)
         self.device = device
+        # On a CPU, counting goes through numpy views of the same tables: a few numpy indexing operations
+        # where torch's take ~40 us a step, most of a thin step's host time (the views share the memory).
+        host_tables = device.type == "cpu" if host_tables is None else host_tables
+        self._host = (self.ids.numpy(), self.entry.numpy(), self.counts.numpy(), self.valid.numpy()) \
+            if host_tables else None
 
     def reset(self, row: GenerationRow) -> None:
         """A row entered its slot: its prompt's distinct ids seen, nothing generated yet."""
@@ -67,7 +73,7 @@ class PenaltyState:
         """A step's penalized rows: their positions `at` among its rows, and their slots (both int64)."""
         to = dict(device=self.device, non_blocking=True)
         return PenalizedRows(torch.from_numpy(at).to(**to), torch.from_numpy(host_slots).to(**to),
-                             host_slots, int(self.bound[host_slots].max()))
+                             host_slots, int(self.bound[host_slots].max()), at)
 
     def apply(self, logits: torch.Tensor, rows: PenalizedRows) -> torch.Tensor:
         """Float32 logits with the penalized rows' penalties applied, the others' unchanged. Float32 logits
@@ -91,6 +97,8 @@ class PenaltyState:
     def count(self, rows: PenalizedRows, tokens: torch.Tensor) -> None:
         """The step's drawn tokens (on the device, aligned with the step's rows) join the penalized rows'
         counts: a token seen before counts once more where it is; a new one takes the slot's next entry."""
+        if self._host is not None:
+            return self._count_on_host(rows, tokens.numpy())
         slots = rows.slots
         drawn = tokens.index_select(0, rows.index)
         seen_at = self.entry[slots, drawn].long()
@@ -102,3 +110,17 @@ class PenaltyState:
         self.counts.index_put_((slots, at), torch.ones_like(drawn, dtype=torch.float32), accumulate=True)
         self.valid[slots] = valid + (~known).long()
         self.bound[rows.host_slots] += 1
+
+    def _count_on_host(self, rows: PenalizedRows, tokens: np.ndarray) -> None:
+        """count() on the CPU's numpy views (each slot appears once in a step: no index repeats)."""
+        ids, entry, counts, valid = self._host
+        slots = rows.host_slots
+        drawn = tokens[rows.host_index]
+        seen_at = entry[slots, drawn].astype(np.int64)
+        known = seen_at >= 0
+        at = np.where(known, seen_at, valid[slots])
+        ids[slots, at] = drawn
+        entry[slots, drawn] = at
+        counts[slots, at] += 1.0
+        valid[slots] += ~known
+        self.bound[slots] += 1

@@ -81,13 +81,15 @@ def test_penalties_follow_their_definitions_on_the_rows_that_ask_and_leave_the_o
     assert out[2].tolist() == [1.0, 2.0, -2.0, 3.0 - 0.5 - 0.5, 0.0, 1.0]
 
 
+@pytest.mark.parametrize("host_tables", [True, False], ids=["counted in numpy (a CPU)", "counted in torch (a GPU's way)"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_sparse_penalties_equal_the_dense_definition_bit_for_bit_over_many_steps(seed):
+def test_sparse_penalties_equal_the_dense_definition_bit_for_bit_over_many_steps(seed, host_tables):
     """Rows of every kind of penalty (and none) enter slots, draw tokens old and new for many steps, leave,
     and new rows take their slots; every step's logits equal the dense definition's exactly."""
     rng = random.Random(seed)
     slots, vocab, max_tokens = 6, 300, 120
-    sparse, dense = PenaltyState(slots, max_tokens, vocab, torch.device("cpu")), DensePenalties(slots, vocab)
+    sparse = PenaltyState(slots, max_tokens, vocab, torch.device("cpu"), host_tables=host_tables)
+    dense = DensePenalties(slots, vocab)
     rows: list[GenerationRow | None] = [None] * slots
 
     def enter(slot):
