@@ -115,11 +115,12 @@ def test_first_tokens_and_scores_go_out_before_the_decode_pass_of_their_step(loo
     monkeypatch.setattr(model.engine.runner, "decode", gate)
     try:
         loop.submit(generation(model, 60, max_tokens=3000, stream=True))
-        # The step that prefilled it is now held in its decode pass: its first token is out all the same.
-        first = eventually(lambda: [o for o in sink.outputs.get(60, []) if o.tokens], timeout=30, what="the first token")
-        assert gate.held == 1 and sum(len(o.tokens) for o in first) == 1
+        # No decode pass can end before a permit: a token out now came between its step's prefill and decode.
+        eventually(lambda: [o for o in sink.outputs.get(60, []) if o.tokens], timeout=30, what="the first token")
+        eventually(lambda: gate.held == 1, what="its step's decode pass held")
+        assert sum(len(o.tokens) for o in sink.outputs[60]) == 1
         loop.submit(sentiment(model, 61))
-        gate.permits.release()  # the next step scores it, then decodes the generation again (held)
+        gate.permits.release()  # that step ends; the next one scores it, then decodes the generation (held)
         assert sink.final(61, timeout=30).scores is not None
         eventually(lambda: gate.held == 1, what="the next decode pass held")
         assert not [o for o in sink.outputs[60] if o.final]
