@@ -45,8 +45,7 @@ def serve(model: str, dtype: str, texts: list[str], max_tokens: int, requests_pe
 def logit_distance(model: str, dtype: str) -> dict:
     """The stand-in's teacher-forced logits in `dtype` against float32, over float32's greedy reply."""
     from qwen_worker.config import WorkerConfig
-    from qwen_worker.engine import GenerationRow
-    from qwen_worker.engine.teacher import teacher_forced_logits
+    from qwen_worker.engine.teacher import against_reference
     from qwen_worker.model import ModelService
     from qwen_worker.prompts import Message
 
@@ -57,14 +56,10 @@ def logit_distance(model: str, dtype: str) -> dict:
     errors, agree, positions = [], 0, 0
     for text in ("Tell me about the weather in spring.", "给我讲讲这家外卖的优缺点。", "How do I cook rice?"):
         prompt = fp32.prompter.chat_ids([Message("user", text)])
-        row = GenerationRow(list(prompt), 48)
-        fp32.engine.run([row])
-        sequence = list(prompt) + row.tokens
-        want = teacher_forced_logits(fp32.engine, [sequence], [len(prompt)])[0]
-        got = teacher_forced_logits(services[dtype].engine, [sequence], [len(prompt)])[0].float()
-        errors.append(float((got - want).abs().mean() / want.std()))
-        agree += int((got.argmax(-1) == want.argmax(-1)).sum())
-        positions += len(want)
+        error, agreeing, count = against_reference(fp32.engine, services[dtype].engine, prompt, 48)
+        errors.append(error)
+        agree += agreeing
+        positions += count
     return {"mean_abs_error_over_std": max(errors), "top1_agreement": agree / positions}
 
 

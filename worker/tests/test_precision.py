@@ -3,7 +3,7 @@ measured in a child process, the fastest served."""
 import pytest
 
 from qwen_worker import precision
-from qwen_worker.engine.teacher import teacher_forced_logits
+from qwen_worker.engine.teacher import against_reference
 from qwen_worker.config import WorkerConfig
 from qwen_worker.engine import GenerationRow
 from qwen_worker.model import ModelService
@@ -57,12 +57,7 @@ def test_the_stand_ins_logits_in_each_precision_stay_close_to_float32(stand_ins,
     assert other.describe()["dtype"] == dtype and fp32.describe()["dtype"] == "float32"
     assert (other.int8_linears > 0) == (dtype == "int8")
     prompt = fp32.prompter.chat_ids([Message("user", "Tell me about the weather in spring.")])
-    row = GenerationRow(list(prompt), max_new_tokens=24)
-    fp32.engine.run([row])
-    sequence = list(prompt) + row.tokens
-    want = teacher_forced_logits(fp32.engine, [sequence], [len(prompt)])[0]
-    got = teacher_forced_logits(other.engine, [sequence], [len(prompt)])[0].float()
-    error = float((got - want).abs().mean() / want.std())
-    agree = float((got.argmax(-1) == want.argmax(-1)).float().mean())
+    error, agreeing, positions = against_reference(fp32.engine, other.engine, prompt, 24)
+    agree = agreeing / positions
     assert error < max_error, f"{dtype}: logit error {error:.4f} of their spread"
     assert agree >= min_agreement, f"{dtype}: top tokens agree at {agree:.0%} of positions"

@@ -1,5 +1,5 @@
 """Teacher-forced logits through the engine's own passes, for comparing the engine with transformers
-(the CPU tests in float32, bench/gpu.py in bfloat16 on a GPU)."""
+(the CPU tests in float32, bench/gpu.py in bfloat16 on a GPU) and one precision with another."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -26,6 +26,18 @@ def teacher_forced_logits(engine, rows: Sequence[Sequence[int]], prompt_lengths:
         for slot, holder in enumerate(holders):
             blocks.release(holder)
             runner.set_blocks(slot, ())
+
+
+def against_reference(reference, engine, prompt: Sequence[int], max_new_tokens: int) -> tuple[float, int, int]:
+    """`engine`'s teacher-forced logits against engine `reference`'s, over the reference's greedy reply to
+    `prompt`: (mean absolute error over the reference logits' standard deviation, positions whose top token
+    is the reference's, positions)."""
+    row = GenerationRow(list(prompt), max_new_tokens)
+    reference.run([row])
+    sequence = list(prompt) + row.tokens
+    want = teacher_forced_logits(reference, [sequence], [len(prompt)])[0]
+    got = teacher_forced_logits(engine, [sequence], [len(prompt)])[0]
+    return float((got - want).abs().mean() / want.std()), int((got.argmax(-1) == want.argmax(-1)).sum()), len(want)
 
 
 def _logits(runner, rows: Sequence[Sequence[int]], prompt_lengths: Sequence[int]) -> list[torch.Tensor]:
