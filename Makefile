@@ -49,6 +49,7 @@ $(STAMP): worker/pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e 'worker[test,bench,deploy,convert]'
+	$(PY) -m qwen_worker.int8_kernel build --optional
 	$(PYTHON) -m venv $(VENV)/checkov
 	$(VENV)/checkov/bin/pip install --quiet checkov==3.3.9
 	rm -f $(VENV)/.installed-*

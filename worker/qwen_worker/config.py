@@ -72,6 +72,13 @@ class WorkerConfig:
     cpu_linear: str = _setting("auto", "Linear-layer kernels on CPU: `onednn` (weights prepacked once), `default` "
                                        "(torch's F.linear), `auto` (onednn for float32 and bfloat16 on CPU when available)",
                                choices=("auto", "onednn", "default"))
+    int8_kernel: str = _setting("auto", "Kernel of QAIO_DTYPE=int8's decode rows: `auto` (the project's own, "
+                                        "AVX-512 VNNI or AVX2, built once into QAIO_KERNEL_DIR and tried in a child "
+                                        "process first; torch's where it cannot be built or fails its trial), `torch`",
+                                choices=("auto", "torch"))
+    kernel_dir: str = _setting("", "Directory of the compiled CPU kernel (QAIO_INT8_KERNEL): a build is reused by "
+                                   "every worker and rebuilt when its source or torch changes; the image carries "
+                                   "one built (default: ~/.cache/qaio/kernels)")
     calibration: str = _setting("auto", "Sentiment confidence calibration: `fitted` (the model's `make calibrate` fit, "
                                         "none without one), `content_free` (label-free: divided by the scores of a "
                                         "content-free text), `none`, `auto` (fitted where the model has a fit, else "

@@ -1,19 +1,21 @@
 """nn.Linear with 8-bit weights (QAIO_DTYPE=int8, CPU): a decode step reads a quarter of float32's bytes.
 
 Weight-only, symmetric, one scale per output channel (what gpt-fast's int8 mode and llama.cpp's
-Q8_0 do in spirit; Q8_0 has a scale per 32 weights). A few rows (decode) go through torch's int8
-weight-packed matmul with bfloat16 activations; its cost grows with the rows (2-3x faster than
-float32's oneDNN linear for 1-2 rows, even at 4, slower from 8), so many rows (prefill, a sentiment
-pass) instead take a bfloat16 copy of the weight made for that call and one bfloat16 matmul.
-Outputs come back in the input's dtype. Measured on the 0.5B shape in docs/cpu-precision.md.
+Q8_0 do in spirit; Q8_0 has a scale per 32 weights). A few rows (decode, a small prompt) go through
+the project's own int8 kernel (int8_kernel.py: int16 activations, int32 sums, AVX-512 VNNI or AVX2),
+which reads the weights at 1.6x the speed of torch's int8 weight-packed matmul at one row and 2x at
+16 rows (24 layers of the 0.5B shape on two Xeon cores: 22 against 33 ms, 55 against 117); where it
+is not built, torch's int8 matmul with bfloat16 activations takes those rows. Many rows (a long
+prompt, a sentiment pass) instead take a bfloat16 copy of the weight made for that call and one
+bfloat16 matmul. Outputs come back in the input's dtype. Measured in docs/cpu-precision.md.
 
 The LM head (a fifth of the 0.5B's weights, read at every decode step) instead runs on fbgemm's int8
 GEMM, which quantises its input too (one scale per call): 3.7 ms instead of 9 for one row of the
-0.5B's head on a Xeon with VNNI, 10 instead of 47 for 16. Quantising the input costs the decoder
-layers up to 10 % error (their inputs have outlier channels), so only the head does it; its
-input is the final norm's, and teacher-forced on the stand-in its logits' error and top-token
-agreement stay those of the weight-only head (test_precision.py bounds them). The input embedding is held as
-int8 rows too, dequantised per looked-up token.
+0.5B's head on a Xeon with VNNI, 10 instead of 47 for 16 (the own kernel: 6.7 and 18, from memory).
+Quantising the input to 8 bits costs the decoder layers up to 10 % error (their inputs have outlier
+channels), so only the head does it; its input is the final norm's, and teacher-forced on the
+stand-in its logits' error and top-token agreement stay those of the weight-only head (test_precision.py
+bounds them). The input embedding is held as int8 rows too, dequantised per looked-up token.
 """
 from __future__ import annotations
 
@@ -25,11 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_linear import replace_modules
+from .int8_kernel import Int8Kernel
 
-# Up to this many rows the int8 matmul beats dequantising the weight for one bf16 matmul (0.5B shape,
+# Up to this many rows torch's int8 matmul beats dequantising the weight for one bf16 matmul (0.5B shape,
 # 4864x896 on 2 EPYC cores: 1.1 ms against 1.6 at 16 rows, 3.7 against 2.2 at 64; the LM head's
 # dequantisation alone takes 185 ms, and the head never sees more rows than a decode batch).
 INT8_ROWS = 32
+# The same for the own kernel, by its instruction set (24 layers of the 0.5B shape on 2 Xeon cores:
+# AVX-512 VNNI 93 ms at 32 rows and 160 at 64 against dequantising's 178 and 196; AVX2 152 and 284).
+KERNEL_ROWS = {"avx512_vnni": 64, "avx2": 32}
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +75,14 @@ def needs_reduced_range() -> bool:
 class Int8Linear(nn.Module):
     """The affine map of an nn.Linear with its weight held as int8 and per-row scales."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, kernel: Int8Kernel | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.kernel = kernel
+        self.kernel_rows = KERNEL_ROWS[kernel.isa] if kernel else 0
         q, scale = quantize_rows(linear.weight)
         self.register_buffer("weight_int8", q, persistent=False)
+        self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("scale_bf16", scale.to(torch.bfloat16), persistent=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
@@ -81,11 +90,14 @@ class Int8Linear(nn.Module):
         return self.weight_int8.to(torch.bfloat16) * self.scale_bf16[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if rows.shape[0] <= INT8_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scale_bf16)
+        rows = x.reshape(-1, self.in_features)
+        if rows.shape[0] <= self.kernel_rows:
+            y = self.kernel.linear(rows, self.weight_int8, self.scale)
+        elif rows.shape[0] <= INT8_ROWS:
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight_int8,
+                                                   self.scale_bf16)
         else:
-            y = F.linear(rows, self.dequantized())
+            y = F.linear(rows.to(torch.bfloat16), self.dequantized())
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
@@ -124,11 +136,12 @@ class Int8Embedding(nn.Module):
         return (self.weight_int8[ids].float() * self.scale[ids].unsqueeze(-1)).to(self.out_dtype)
 
 
-def quantize_model(model: nn.Module) -> int:
+def quantize_model(model: nn.Module, kernel: Int8Kernel | None = None) -> int:
     """The LM head (`lm_head`, where the model has one) to an Int8Head, every other nn.Linear to an
-    Int8Linear, every nn.Embedding to an Int8Embedding; returns how many linears."""
+    Int8Linear (on `kernel` for few rows, where given), every nn.Embedding to an Int8Embedding;
+    returns how many linears."""
     head = 0
     if type(getattr(model, "lm_head", None)) is nn.Linear:
         model.lm_head, head = Int8Head(model.lm_head), 1
     replace_modules(model, lambda embedding: True, Int8Embedding, kind=nn.Embedding)
-    return head + replace_modules(model, lambda linear: True, Int8Linear)
+    return head + replace_modules(model, lambda linear: True, lambda linear: Int8Linear(linear, kernel))

@@ -25,13 +25,18 @@ LAYERS = 4  # enough weights (~240 MB in float32 for the 0.5B shape) that they a
 PROBE_TIMEOUT_S = 120
 
 
-def _layer_timings(dtype: str, hidden: int, intermediate: int, onednn: bool = True) -> dict[int, float]:
-    """Milliseconds per pass of LAYERS layers' linears (q, o, gate, up, down) at each row count."""
+def _layer_timings(dtype: str, hidden: int, intermediate: int, onednn: bool = True,
+                   kernel_dir: str | None = None) -> dict[int, float]:
+    """Milliseconds per pass of LAYERS layers' linears (q, o, gate, up, down) at each row count; int8
+    on the own kernel built in kernel_dir where given (this child is its trial), else torch's."""
     import torch
     from torch import nn
 
     from .cpu_linear import PackedLinear, onednn_available
+    from .int8_kernel import load
     from .int8_linear import Int8Linear
+
+    kernel = load(kernel_dir, tried=False)[0] if dtype == "int8" and kernel_dir is not None else None
 
     torch.manual_seed(0)
     shapes = [(hidden, hidden), (hidden, hidden), (hidden, intermediate), (hidden, intermediate),
@@ -42,7 +47,7 @@ def _layer_timings(dtype: str, hidden: int, intermediate: int, onednn: bool = Tr
         n_in, n_out = shapes[len(layers) % len(shapes)]
         linear = nn.Linear(n_in, n_out, bias=False).requires_grad_(False)
         if dtype == "int8":
-            layers.append(Int8Linear(linear))
+            layers.append(Int8Linear(linear, kernel))
         else:  # the model's own path: oneDNN with the weight prepacked, where torch has it
             linear = linear.to(torch.bfloat16) if dtype == "bfloat16" else linear
             layers.append(PackedLinear(linear) if onednn and onednn_available() else linear)
@@ -62,15 +67,17 @@ def _layer_timings(dtype: str, hidden: int, intermediate: int, onednn: bool = Tr
 
 
 def measure(candidates=CANDIDATES, hidden: int = 896, intermediate: int = 4864, threads: int = 0,
-            onednn: bool = True) -> dict:
+            onednn: bool = True, kernel_dir: str | None = None) -> dict:
     """Each candidate's milliseconds per row count, or the reason it could not run, each in a child;
-    float32 and bfloat16 on oneDNN's prepacked path unless `onednn` is off (QAIO_CPU_LINEAR=default)."""
+    float32 and bfloat16 on oneDNN's prepacked path unless `onednn` is off (QAIO_CPU_LINEAR=default),
+    int8 on the own kernel built in kernel_dir where given."""
     results = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     for dtype in candidates:
         try:
             proc = subprocess.run([sys.executable, "-m", __name__, dtype, str(hidden), str(intermediate),
-                                   "onednn" if onednn else "default"],
+                                   "onednn" if onednn else "default",
+                                   *([kernel_dir] if kernel_dir is not None else [])],
                                   capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env)
         except subprocess.TimeoutExpired:
             results[dtype] = {"error": f"took over {PROBE_TIMEOUT_S} s"}
@@ -93,10 +100,10 @@ def speedups(results: dict) -> dict[str, float]:
 
 
 def choose(hidden: int, intermediate: int, threads: int = 0, candidates=CANDIDATES,
-           onednn: bool = True) -> tuple[str, dict]:
+           onednn: bool = True, kernel_dir: str | None = None) -> tuple[str, dict]:
     """The precision QAIO_DTYPE=auto serves on this CPU, and what was measured to choose it."""
     started = time.monotonic()
-    results = measure(candidates, hidden, intermediate, threads, onednn)
+    results = measure(candidates, hidden, intermediate, threads, onednn, kernel_dir)
     ranked = speedups(results)
     chosen = max(ranked, key=ranked.get) if ranked else "float32"
     report = {"chosen": chosen, "seconds": round(time.monotonic() - started, 1),
@@ -110,4 +117,5 @@ if __name__ == "__main__":
     name, hidden_size, intermediate_size, linear = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     if name not in CANDIDATES:
         sys.exit(f"unknown precision {name!r}")
-    print(json.dumps(_layer_timings(name, hidden_size, intermediate_size, linear == "onednn")))
+    own_kernel_dir = sys.argv[5] if len(sys.argv) > 5 else None
+    print(json.dumps(_layer_timings(name, hidden_size, intermediate_size, linear == "onednn", own_kernel_dir)))

@@ -73,7 +73,7 @@ def _rendered(default) -> str:
 def test_the_settings_page_documents_every_setting_with_its_default():
     """docs/settings.md holds one row per WorkerConfig field, with the default the code has, and no others."""
     page = (__import__("pathlib").Path(__file__).resolve().parents[2] / "docs" / "settings.md").read_text(encoding="utf-8")
-    rows = dict(re.findall(r"^\| `(QAIO_[A-Z_]+)` \| ([^|]+) \|", page, re.M))
+    rows = dict(re.findall(r"^\| `(QAIO_[A-Z0-9_]+)` \| ([^|]+) \|", page, re.M))
     settings = {name: default for name, default, _ in describe_settings()}
     assert sorted(rows) == sorted(settings), "docs/settings.md and WorkerConfig list different settings"
     wrong = {name: (rows[name].strip(), _rendered(default)) for name, default in settings.items()

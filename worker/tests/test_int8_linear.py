@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from qwen_worker.config import ConfigError, WorkerConfig
-from qwen_worker.int8_linear import (INT8_ROWS, Int8Embedding, Int8Head, Int8Linear, int8_matmul_available,
+from qwen_worker.int8_kernel import load
+from qwen_worker.int8_linear import (INT8_ROWS, KERNEL_ROWS, Int8Embedding, Int8Head, Int8Linear, int8_matmul_available,
                                      needs_reduced_range, quantize_model, quantize_rows)
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available(), reason="this torch has no int8 weight matmul")
@@ -33,6 +34,28 @@ def test_an_int8_linear_is_within_one_percent_of_float32(shape, bias):
     got = Int8Linear(linear)(x)
     assert got.dtype == torch.float32 and got.shape == linear(x).shape
     assert relative_error(got, linear(x)) < 0.01
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64), (64, 64), (65, 64)])
+def test_the_own_kernel_takes_up_to_its_rows_and_matches_the_dequantised_weights(shape):
+    """The own kernel's int16 activations put it within 1e-3 of the exact product with the int8 weights
+    (torch's bfloat16 activations are ~4e-3 off); past its rows the dequantised bf16 matmul serves."""
+    kernel, how = load()
+    if kernel is None:
+        pytest.skip(f"the int8 kernel cannot serve here: {how}")
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 300, bias=True)
+    x = torch.randn(*shape)
+    layer = Int8Linear(linear, kernel)
+    exact = (x.double() @ (layer.weight_int8.double() * layer.scale.double()[:, None]).T + linear.bias.double())
+    got = layer(x)
+    assert got.dtype == torch.float32 and got.shape == linear(x).shape
+    assert relative_error(got, linear(x)) < 0.01
+    rows = x.numel() // 64
+    if rows <= KERNEL_ROWS[kernel.isa]:
+        assert relative_error(got.double(), exact) < 1e-3
+    else:
+        assert relative_error(got.double(), exact) > 1e-3  # the bf16 path
 
 
 def test_an_int8_embedding_looks_up_the_rows_within_half_a_step():
