@@ -38,6 +38,10 @@ class Int8Kernel:
         """x [M, K] (float32 or bfloat16) times (q [N, K] int8 * scale [N] float32)^T, in x's dtype."""
         return torch.ops.qaio.int8_linear(x, q, scale, self.isa)
 
+    def dequantize(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """q [N, K] int8 * scale [N] float32 as bfloat16 (rounded to nearest even), in one pass."""
+        return torch.ops.qaio.int8_dequantize(q, scale, self.isa)
+
 
 def default_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qaio" / "kernels"
@@ -85,7 +89,7 @@ def trial(library: Path, isa: str) -> str | None:
 
 
 def check(isa: str) -> None:
-    """Raise unless the loaded kernel matches a float reference on shapes with every kind of tail."""
+    """Raise unless the loaded kernel's ops match float references on shapes with every kind of tail."""
     generator = torch.Generator().manual_seed(0)
     for rows, k, n in ((1, 896, 256), (3, 100, 37), (6, 4900, 9), (16, 64, 40)):
         q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator)
@@ -96,6 +100,9 @@ def check(isa: str) -> None:
         error = float((got - want).abs().max() / want.abs().max())
         if not error < 1e-3:
             raise AssertionError(f"{isa} at {rows}x{k}x{n}: relative error {error:.2e}")
+        weight = torch.ops.qaio.int8_dequantize(q, scale, isa)
+        if not torch.equal(weight, (q.float() * scale[:, None]).to(torch.bfloat16)):
+            raise AssertionError(f"{isa}: the dequantised {n}x{k} weight differs from torch's rounding")
 
 
 @functools.cache

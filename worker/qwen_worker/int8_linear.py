@@ -3,11 +3,12 @@
 Weight-only, symmetric, one scale per output channel (what gpt-fast's int8 mode and llama.cpp's
 Q8_0 do in spirit; Q8_0 has a scale per 32 weights). A few rows (decode, a small prompt) go through
 the project's own int8 kernel (int8_kernel.py: int16 activations, int32 sums, AVX-512 VNNI or AVX2),
-which reads the weights at 1.6x the speed of torch's int8 weight-packed matmul at one row and 2x at
-16 rows (24 layers of the 0.5B shape on two Xeon cores: 22 against 33 ms, 55 against 117); where it
-is not built, torch's int8 matmul with bfloat16 activations takes those rows. Many rows (a long
-prompt, a sentiment pass) instead take a bfloat16 copy of the weight made for that call and one
-bfloat16 matmul. Outputs come back in the input's dtype. Measured in docs/cpu-precision.md.
+which reads the weights at 1.5x the speed of torch's int8 weight-packed matmul at one row and 2x at
+16 rows (24 layers of the 0.5B shape on two Xeon cores: 22 against 33 ms, 53 against 117); where it
+is not built, torch's int8 matmul with bfloat16 activations takes up to INT8_ROWS rows. More rows (a
+prompt, a sentiment pass) take a bfloat16 copy of the weight made for that call (by the kernel's
+one-pass dequantisation where built: 36 ms for those 24 layers against torch's 98) and one bfloat16
+matmul. Outputs come back in the input's dtype. Measured in docs/cpu-precision.md.
 
 The LM head (a fifth of the 0.5B's weights, read at every decode step) instead runs on fbgemm's int8
 GEMM, which quantises its input too (one scale per call): 3.7 ms instead of 9 for one row of the
@@ -33,9 +34,10 @@ from .int8_kernel import Int8Kernel
 # 4864x896 on 2 EPYC cores: 1.1 ms against 1.6 at 16 rows, 3.7 against 2.2 at 64; the LM head's
 # dequantisation alone takes 185 ms, and the head never sees more rows than a decode batch).
 INT8_ROWS = 32
-# The same for the own kernel, by its instruction set (24 layers of the 0.5B shape on 2 Xeon cores:
-# AVX-512 VNNI 93 ms at 32 rows and 160 at 64 against dequantising's 178 and 196; AVX2 152 and 284).
-KERNEL_ROWS = {"avx512_vnni": 64, "avx2": 32}
+# The same for the own kernel, by its instruction set, against its own one-pass dequantisation and a
+# bf16 matmul (24 layers of the 0.5B shape on 2 Xeon cores: AVX-512 VNNI 53 ms at 16 rows and 89 at 32
+# against dequantising's 76 and 83; AVX2 82 at 16 against 85).
+KERNEL_ROWS = {"avx512_vnni": 24, "avx2": 16}
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,6 +89,8 @@ class Int8Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
 
     def dequantized(self) -> torch.Tensor:
+        if self.kernel is not None:  # one pass instead of torch's two (2.7x here)
+            return self.kernel.dequantize(self.weight_int8, self.scale)
         return self.weight_int8.to(torch.bfloat16) * self.scale_bf16[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

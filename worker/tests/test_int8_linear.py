@@ -36,7 +36,7 @@ def test_an_int8_linear_is_within_one_percent_of_float32(shape, bias):
     assert relative_error(got, linear(x)) < 0.01
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64), (64, 64), (65, 64)])
+@pytest.mark.parametrize("shape", [(1, 64), (3, 5, 64), (16, 64), (24, 64), (25, 64), (65, 64)])
 def test_the_own_kernel_takes_up_to_its_rows_and_matches_the_dequantised_weights(shape):
     """The own kernel's int16 activations put it within 1e-3 of the exact product with the int8 weights
     (torch's bfloat16 activations are ~4e-3 off); past its rows the dequantised bf16 matmul serves."""
