@@ -6,8 +6,8 @@ from torch import nn
 
 from qwen_worker.config import ConfigError, WorkerConfig
 from qwen_worker.int8_kernel import load
-from qwen_worker.int8_linear import (INT8_ROWS, KERNEL_ROWS, Int8Embedding, Int8Head, Int8Linear, int8_matmul_available,
-                                     needs_reduced_range, quantize_model, quantize_rows)
+from qwen_worker.int8_linear import (INT8_ROWS, KERNEL_ROWS, Int8Embedding, Int8Head, Int8Linear, Int8TiedHead,
+                                     int8_matmul_available, needs_reduced_range, quantize_model, quantize_rows)
 
 pytestmark = pytest.mark.skipif(not int8_matmul_available(), reason="this torch has no int8 weight matmul")
 
@@ -88,6 +88,45 @@ def test_quantize_model_replaces_every_linear_and_embedding_and_nothing_else():
     assert quantize_model(model) == 3 and type(model.lm_head) is Int8Head
     assert not any(type(m) in (nn.Linear, nn.Embedding) for m in model.modules())
     assert type(model[3]) is Int8Embedding and type(model[4]) is nn.LayerNorm
+
+
+class TiedModel(nn.Module):
+    """A model whose LM head's weight is its input embedding's, as Qwen2.5-0.5B's and SmolLM2's are."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.proj = nn.Embedding(300, 64), nn.Linear(64, 64)
+        self.lm_head = nn.Linear(64, 300, bias=False)
+        self.lm_head.weight = self.embed.weight
+
+    def get_input_embeddings(self):
+        return self.embed
+
+
+def test_a_tied_head_reads_the_embeddings_own_int8_table_on_the_kernel_in_parts_of_its_rows():
+    """One table for both (no fbgemm copy); more rows than the kernel takes at once go in parts, and
+    each row's answer is the one it gets alone (the kernel quantises and sums each row by itself)."""
+    kernel, how = load()
+    if kernel is None:
+        pytest.skip(f"the int8 kernel cannot serve here: {how}")
+    torch.manual_seed(0)
+    model = TiedModel()
+    reference = nn.Linear(64, 300, bias=False)
+    reference.weight = nn.Parameter(model.embed.weight.detach().clone())
+    assert quantize_model(model, kernel) == 2 and type(model.lm_head) is Int8TiedHead
+    assert model.lm_head.weight_int8 is model.embed.weight_int8 and model.lm_head.scale is model.embed.scale
+    rows = KERNEL_ROWS[kernel.isa] * 2 + 3
+    x = torch.randn(rows, 64)
+    got = model.lm_head(x)
+    assert got.shape == (rows, 300) and relative_error(got, reference(x)) < 0.01
+    assert torch.equal(got[-1:], model.lm_head(x[-1:])) and torch.equal(got[:1], model.lm_head(x[:1]))
+    untied = TiedModel()
+    untied.lm_head = nn.Linear(64, 300, bias=False)
+    quantize_model(untied, kernel)
+    assert type(untied.lm_head) is Int8Head  # its own weight: fbgemm's packed copy is the only one
+    without_kernel = TiedModel()
+    quantize_model(without_kernel)
+    assert type(without_kernel.lm_head) is Int8Head
 
 
 @pytest.mark.parametrize("other", [{"QAIO_DEVICE": "cuda"}, {"QAIO_KERNELS": "triton"}])
