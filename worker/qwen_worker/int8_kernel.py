@@ -1,4 +1,5 @@
-"""The project's own int8 matmul for decode's few rows (native/int8_matmul.cpp): built once, tried, used.
+"""The project's own int8 kernel (native/: the matmul for decode's few rows, the one-pass dequantisation for
+more): built once, tried, used.
 
 It is compiled against this torch into QAIO_KERNEL_DIR under a name that changes with the source, torch's
 version and the flags, so every worker reuses one build and a change rebuilds it; an image carries it
@@ -23,7 +24,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "int8_matmul.cpp"
+NATIVE = Path(__file__).with_name("native")
 FLAGS = ("-O3", "-fPIC", "-shared", "-std=c++20", "-fopenmp", "-fno-math-errno")
 TRIAL_TIMEOUT_S = 120
 BUILD_TIMEOUT_S = 300
@@ -48,7 +49,8 @@ def default_dir() -> Path:
 
 
 def library_path(directory: Path) -> Path:
-    digest = hashlib.sha1(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(FLAGS).encode()).hexdigest()
+    sources = b"".join(path.read_bytes() for path in sorted(NATIVE.iterdir()) if path.suffix in (".cpp", ".h"))
+    digest = hashlib.sha1(sources + torch.__version__.encode() + " ".join(FLAGS).encode()).hexdigest()
     return directory / f"qaio_int8-{digest[:12]}.so"
 
 
@@ -65,7 +67,8 @@ def build(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(f".{os.getpid()}.tmp")  # concurrent builders each rename a whole file
     command = [compiler, *FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *(f"-I{path}" for path in cpp_extension.include_paths()), str(SOURCE), "-o", str(partial),
+               *(f"-I{path}" for path in cpp_extension.include_paths()), *map(str, sorted(NATIVE.glob("*.cpp"))),
+               "-o", str(partial),
                *(f"-L{path}" for path in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     if done.returncode != 0:

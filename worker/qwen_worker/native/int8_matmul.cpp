@@ -6,28 +6,23 @@
 // than by memory (~22). Here each row of x is quantised to int16 with one scale (65,534 steps: its
 // error is a small fraction of the int8 weights'), and int16 x int8 products are summed in int32 by
 // AVX-512 VNNI (vpdpwssd: 32 products per instruction) or AVX2 (vpmaddwd), a chunk of columns at a
-// time so that no int32 lane can overflow, then in float. Built by int8_kernel.py; the ISA is chosen
-// there by trying it in a child process.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
+// time so that no int32 lane can overflow, then in float. Built by int8_kernel.py (with int8_dequantize.cpp); the
+// ISA is chosen there by trying it in a child process.
+#include "int8_common.h"
+
 #include <torch/library.h>
-#include <immintrin.h>
+
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <string>
 #include <vector>
 
+namespace qaio {
 namespace {
 
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
-#define AVX2 __attribute__((target("avx2,fma")))
-
 // Columns summed in int32 before the sum moves to float: each instruction adds two products of at most
-// 32767 * 127 to a lane, so a lane must take at most 128 steps (2^31 / 8.3e6 = 258): 128 steps of 32
-// columns for vpdpwssd, of 16 for vpmaddwd.
+// 32767 * 127 to a lane, so a lane may take at most 258 steps (2^31 / 8.3e6); chunks are 128 steps, of
+// 32 columns for vpdpwssd and of 16 for vpmaddwd.
 constexpr int64_t CHUNK_AVX512 = 4096;
 constexpr int64_t CHUNK_AVX2 = 2048;
 constexpr int PREFETCH_BYTES = 512;
@@ -211,86 +206,11 @@ std::vector<std::string> isas() {
   return out;
 }
 
-// ---- many rows: the weight as bfloat16 for one oneDNN matmul, in one pass over it ----
-
-// bfloat16 bits of 16 (AVX-512) or 8 (AVX2) finite floats, rounded to nearest even as torch rounds.
-AVX512 inline __m256i bf16_avx512(__m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
-AVX2 inline __m128i bf16_avx2(__m256 v) {
-  const __m256i bits = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-  return _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
-}
-
-AVX512 void dequantize_avx512(const int8_t* q, const float* scale, uint16_t* out, int64_t K, int64_t n, int64_t end) {
-  const int64_t k16 = K & ~int64_t(15);
-  for (; n < end; ++n) {
-    const __m512 s = _mm512_set1_ps(scale[n]);
-    const int8_t* row = q + n * K;
-    uint16_t* o = out + n * K;
-    for (int64_t k = 0; k < k16; k += 16) {
-      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k), bf16_avx512(_mm512_mul_ps(w, s)));
-    }
-    if (k16 < K) {
-      const __mmask16 tail = (__mmask16)((1u << (K - k16)) - 1u);
-      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, row + k16)));
-      _mm256_mask_storeu_epi16(o + k16, tail, bf16_avx512(_mm512_mul_ps(w, s)));
-    }
-  }
-}
-
-AVX2 void dequantize_avx2(const int8_t* q, const float* scale, uint16_t* out, int64_t K, int64_t n, int64_t end) {
-  const int64_t k8 = K & ~int64_t(7);
-  for (; n < end; ++n) {
-    const __m256 s = _mm256_set1_ps(scale[n]);
-    const int8_t* row = q + n * K;
-    uint16_t* o = out + n * K;
-    for (int64_t k = 0; k < k8; k += 8) {
-      const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k))));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k), bf16_avx2(_mm256_mul_ps(w, s)));
-    }
-    for (int64_t k = k8; k < K; ++k) {  // the same rounding, one at a time
-      const float v = float(row[k]) * scale[n];
-      uint32_t bits;
-      std::memcpy(&bits, &v, sizeof bits);
-      o[k] = uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-    }
-  }
-}
-
-at::Tensor int8_dequantize(const at::Tensor& q, const at::Tensor& scale, const std::string& isa) {
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
-              scale.numel() == q.size(0), "int8_dequantize: q [N, K] int8 and one float scale per row");
-  TORCH_CHECK(isa == "avx512_vnni" || isa == "avx2", "int8_dequantize: isa is avx512_vnni or avx2");
-  const auto qc = q.contiguous();
-  const auto sc = scale.contiguous();
-  const int64_t N = qc.size(0), K = qc.size(1);
-  auto out = at::empty({N, K}, qc.options().dtype(at::kBFloat16));
-  const int8_t* qp = qc.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const bool wide = isa == "avx512_vnni";
-  at::parallel_for(0, N, 16, [&](int64_t n, int64_t end) {
-    if (wide) dequantize_avx512(qp, sp, op, K, n, end);
-    else dequantize_avx2(qp, sp, op, K, n, end);
-  });
-  return out;
-}
-
-// ---- the ops ----
-
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, const std::string& isa) {
   TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1), "int8_linear: x [M, K] and q [N, K]");
   TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat && scale.numel() == q.size(0),
               "int8_linear: q int8 and one float scale per row of q");
-  TORCH_CHECK(isa == "avx512_vnni" || isa == "avx2", "int8_linear: isa is avx512_vnni or avx2");
+  check_isa(isa, "int8_linear");
   const auto xf = x.to(at::kFloat).contiguous();
   const auto qc = q.contiguous();
   const auto sc = scale.contiguous();
@@ -316,13 +236,14 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 }
 
 }  // namespace
+}  // namespace qaio
 
 TORCH_LIBRARY(qaio, m) {
   m.def("int8_linear(Tensor x, Tensor q, Tensor scale, str isa) -> Tensor");
   m.def("int8_dequantize(Tensor q, Tensor scale, str isa) -> Tensor");
-  m.def("int8_isas() -> str[]", isas);
+  m.def("int8_isas() -> str[]", qaio::isas);
 }
 TORCH_LIBRARY_IMPL(qaio, CPU, m) {
-  m.impl("int8_linear", int8_linear);
-  m.impl("int8_dequantize", int8_dequantize);
+  m.impl("int8_linear", qaio::int8_linear);
+  m.impl("int8_dequantize", qaio::int8_dequantize);
 }
