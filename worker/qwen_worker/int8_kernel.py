@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .child_process import run_module
+
 log = logging.getLogger(__name__)
 
 NATIVE = Path(__file__).with_name("native")
@@ -54,8 +56,10 @@ def library_path(directory: Path) -> Path:
     return directory / f"qaio_int8-{digest[:12]}.so"
 
 
-def build(directory: Path) -> Path:
-    """The library for this source and torch, compiled into directory unless it is there already."""
+def build(directory: str | Path = "") -> Path:
+    """The library for this source and torch, compiled into directory (empty: default_dir()) unless it is
+    there already."""
+    directory = Path(directory) if directory else default_dir()
     target = library_path(directory)
     if target.exists():
         return target
@@ -80,15 +84,8 @@ def build(directory: Path) -> Path:
 
 def trial(library: Path, isa: str) -> str | None:
     """Why isa cannot serve (a crash, a wrong answer), from a child process that ran it; None if it can."""
-    try:
-        done = subprocess.run([sys.executable, "-m", "qwen_worker.int8_kernel", "try", str(library), isa],
-                              capture_output=True, text=True, timeout=TRIAL_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return f"its trial took over {TRIAL_TIMEOUT_S} s"
-    if done.returncode == 0:
-        return None
-    last = (done.stderr.strip().splitlines() or [""])[-1][:200]
-    return f"its trial exited with {done.returncode}" + (f": {last}" if last else "")
+    _, error = run_module(["qwen_worker.int8_kernel", "try", str(library), isa], TRIAL_TIMEOUT_S)
+    return None if error is None else f"its trial {error}"
 
 
 def check(isa: str) -> None:
@@ -113,7 +110,7 @@ def load(directory: str = "", tried: bool = True) -> tuple[Int8Kernel | None, st
     """The kernel for this process, or None and why not. `tried`: each ISA runs in a child before use
     (off only in a process that is itself such a trial, like QAIO_DTYPE=auto's probes)."""
     try:
-        library = build(Path(directory) if directory else default_dir())
+        library = build(directory)
         torch.ops.load_library(str(library))
     except Exception as exc:  # no compiler, no writable directory, a build error: torch's kernels serve
         reason = f"not built: {exc}"
@@ -129,6 +126,26 @@ def load(directory: str = "", tried: bool = True) -> tuple[Int8Kernel | None, st
     reason = "no instruction set of its passed" + (f" ({'; '.join(reasons)})" if reasons else " (it needs AVX2)")
     log.warning("the int8 kernel is unused: %s; int8 layers use torch's kernels", reason)
     return None, reason
+
+
+def serving(config) -> tuple[Int8Kernel | None, str]:
+    """What runs QAIO_DTYPE=int8's few-row calls under the worker's QAIO_INT8_KERNEL, and why (/readyz)."""
+    if config.int8_kernel == "torch":
+        return None, "torch (QAIO_INT8_KERNEL=torch)"
+    kernel, how = load(config.kernel_dir)
+    return kernel, how if kernel else f"torch (the own kernel is {how})"
+
+
+def probe_dir(config) -> str | None:
+    """The directory whose build QAIO_DTYPE=auto's int8 probe times (built now; tried in a child only once
+    int8 is chosen: the probe's own child goes down with a faulting one), or None: torch's kernels."""
+    if config.int8_kernel == "torch":
+        return None
+    try:
+        build(config.kernel_dir)
+    except Exception:  # serving() says why, should int8 be chosen
+        return None
+    return config.kernel_dir
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ the project's own int8 kernel (int8_kernel.py: int16 activations, int32 sums, AV
 which reads the weights at 1.5x the speed of torch's int8 weight-packed matmul at one row and 2x at
 16 rows (24 layers of the 0.5B shape on two Xeon cores: 22 against 33 ms, 53 against 117); where it
 is not built, torch's int8 matmul with bfloat16 activations takes up to INT8_ROWS rows. More rows (a
-prompt, a sentiment pass) take a bfloat16 copy of the weight made for that call (by the kernel's
+prompt, a sentiment pass; with the kernel, every call past its rows) take a bfloat16 copy of the weight made for that call (by the kernel's
 one-pass dequantisation where built: 36 ms for those 24 layers against torch's 98) and one bfloat16
 matmul. Outputs come back in the input's dtype. Measured in docs/cpu-precision.md.
 
@@ -100,7 +100,7 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         if rows.shape[0] <= self.kernel_rows:
             y = self.kernel.linear(rows, self.weight_int8, self.scale)
-        elif rows.shape[0] <= INT8_ROWS:
+        elif self.kernel is None and rows.shape[0] <= INT8_ROWS:  # the kernel's dequantisation beats it
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16).contiguous(), self.weight_int8,
                                                    self.scale_bf16)
         else:
@@ -142,8 +142,9 @@ class Int8TiedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # More rows than the kernel's go through it in parts (never a dequantised 272 MB bf16 table).
-        rows = x.reshape(-1, self.in_features)
-        y = torch.cat([self.kernel.linear(part, self.weight_int8, self.scale) for part in rows.split(self.rows)])
+        parts = [self.kernel.linear(part, self.weight_int8, self.scale)
+                 for part in x.reshape(-1, self.in_features).split(self.rows)]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
@@ -170,11 +171,12 @@ def quantize_model(model: nn.Module, kernel: Int8Kernel | None = None) -> int:
     head = getattr(model, "lm_head", None)
     head = head if type(head) is nn.Linear else None
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = head is not None and type(embedding) is nn.Embedding and head.weight is embedding.weight
-    if head is not None and not (tied and kernel is not None):
+    shared = kernel is not None and head is not None and type(embedding) is nn.Embedding \
+        and head.weight is embedding.weight
+    if head is not None and not shared:
         model.lm_head = Int8Head(head)
     replace_modules(model, lambda embedding: True, Int8Embedding, kind=nn.Embedding)
-    if head is not None and tied and kernel is not None:
+    if shared:
         model.lm_head = Int8TiedHead(model.get_input_embeddings(), kernel)
     return int(head is not None) + replace_modules(model, lambda linear: True,
                                                    lambda linear: Int8Linear(linear, kernel))

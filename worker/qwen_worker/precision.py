@@ -13,9 +13,10 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
+
+from .child_process import run_module
 
 log = logging.getLogger(__name__)
 
@@ -74,19 +75,10 @@ def measure(candidates=CANDIDATES, hidden: int = 896, intermediate: int = 4864, 
     results = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
     for dtype in candidates:
-        try:
-            proc = subprocess.run([sys.executable, "-m", __name__, dtype, str(hidden), str(intermediate),
-                                   "onednn" if onednn else "default",
-                                   *([kernel_dir] if kernel_dir is not None else [])],
-                                  capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env)
-        except subprocess.TimeoutExpired:
-            results[dtype] = {"error": f"took over {PROBE_TIMEOUT_S} s"}
-            continue
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or [""])[-1][:200]
-            results[dtype] = {"error": f"exited with {proc.returncode}" + (f": {last}" if last else "")}
-        else:
-            results[dtype] = {int(rows): ms for rows, ms in json.loads(proc.stdout.splitlines()[-1]).items()}
+        out, error = run_module([__name__, dtype, str(hidden), str(intermediate), "onednn" if onednn else "default",
+                                 *([kernel_dir] if kernel_dir is not None else [])], PROBE_TIMEOUT_S, env)
+        results[dtype] = {"error": error} if error else \
+            {int(rows): ms for rows, ms in json.loads(out.splitlines()[-1]).items()}
     return results
 
 

@@ -17,7 +17,6 @@ from ..calibration import CONTENT_FREE_TEXT, NONE, Calibration, content_free, lo
 from .. import int8_kernel, memory, precision
 from ..config import WorkerConfig
 from ..cpu_linear import onednn_available, pack_linears
-from ..int8_kernel import Int8Kernel
 from ..int8_linear import int8_matmul_available, quantize_model
 from ..engine.engine import Engine
 from ..prompts import ChatMLPrompter, load_tokenizer
@@ -146,11 +145,9 @@ class ModelService(ServedModel):
             # layers' kernel alone) and not with the Triton kernels (they read plain weights).
             int8_ok = int8_matmul_available() and self.config.kernels != "triton"
             candidates = [c for c in precision.CANDIDATES if c != "int8" or int8_ok]
-            # int8 is timed on the kernel it would serve with (built and tried here, before the probes).
-            own_kernel = int8_ok and self._int8_kernel()[0] is not None
             self.precision, self.precision_report = precision.choose(
                 *_model_shape(self.config.model), threads=self.config.torch_threads, candidates=candidates,
-                onednn=self.config.cpu_linear != "default", kernel_dir=self.config.kernel_dir if own_kernel else None)
+                onednn=self.config.cpu_linear != "default", kernel_dir=int8_kernel.probe_dir(self.config) if int8_ok else None)
             self.dtype = resolve_dtype(self.precision, self.device)
         try:
             model = self._load_from(self.config.model)
@@ -188,7 +185,7 @@ class ModelService(ServedModel):
         if self.precision == "int8":
             if not int8_matmul_available():
                 raise RuntimeError("QAIO_DTYPE=int8 needs torch's fbgemm int8 linear (an x86 CPU build of torch)")
-            kernel, self.int8_kernel = self._int8_kernel()
+            kernel, self.int8_kernel = int8_kernel.serving(self.config)
             self.int8_linears = quantize_model(model, kernel)
         elif self._use_onednn_linear():
             self.packed_linears = pack_linears(model)
@@ -196,12 +193,6 @@ class ModelService(ServedModel):
             own_memory(model)
         self.engine = self.build_engine(model, label_head)
         self.calibration = self._calibration()
-
-    def _int8_kernel(self) -> tuple[Int8Kernel | None, str]:
-        if self.config.int8_kernel == "torch":
-            return None, "torch (QAIO_INT8_KERNEL=torch)"
-        kernel, how = int8_kernel.load(self.config.kernel_dir)
-        return kernel, how if kernel else f"torch (the own kernel is {how})"
 
     def _calibration(self) -> Calibration:
         setting = self.config.calibration
