@@ -1,7 +1,7 @@
 #!/bin/sh
 # Debian packages the stack and its tests need, installed only when missing:
 #   scripts/install-system-deps.sh        everything `make test` needs: what `run` needs, Chromium, its driver
-#                                          and CJK fonts (the page tests), kubectl (kustomize)
+#                                          and CJK fonts (the page tests), kubectl (kustomize), g++ (the int8 kernel)
 #   scripts/install-system-deps.sh run    what `make run` needs: nginx and its njs module, envsubst, curl,
 #                                          Prometheus and mtail 3.0.5 or later (the dashboard's data)
 # Installs as root, or through sudo when it works without a password prompt; otherwise prints one
@@ -27,6 +27,8 @@ if [ "${1:-test}" != run ]; then
   # Chromium draws Chinese text only with a CJK font (screenshots of the pages show it).
   [ -e /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc ] || missing="$missing fonts-noto-cjk"
   command -v kubectl >/dev/null 2>&1 || missing="$missing kubernetes-client"
+  # The int8 kernel's tests build it from source (make run needs no compiler: int8 then runs on torch's).
+  command -v c++ >/dev/null 2>&1 || missing="$missing g++"
 fi
 [ -n "$missing" ] || exit 0
 if [ "$(id -u)" = 0 ]; then
