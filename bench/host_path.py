@@ -12,7 +12,7 @@ Beside them, `Engine.step`'s host time at batch 64 and 256 (no HTTP): the engine
 Writes docs/benchmarks-host.md and .json.
 
     make bench-host
-    git worktree add /tmp/before <commit> && python -m bench.host_path --before /tmp/before
+    git worktree add /tmp/before <commit> && python -m bench.host_path --before /tmp/before [/tmp/other ...]
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def measure(tree: str, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(REPO / "models" / "tiny"), help="whose tokenizer (no weights are read)")
-    parser.add_argument("--before", help="another checkout of the project, measured the same way first")
+    parser.add_argument("--before", nargs="+", help="other checkouts of the project, measured the same way first")
     parser.add_argument("--levels", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=200)

@@ -22,10 +22,12 @@ def commit_of(tree: str) -> str:
     return commit.stdout.strip() + (" + changes" if dirty else "")
 
 
-def measure_trees(before: str | None, measure: Callable[[str], dict]) -> list[dict]:
-    """`measure(tree)` for the other checkout first, when given, then this one; each printed as it ends."""
+def measure_trees(before: str | list[str] | None, measure: Callable[[str], dict]) -> list[dict]:
+    """`measure(tree)` for the other checkouts first (one, or several in the order given), then this one;
+    each printed as it ends."""
+    befores = [before] if isinstance(before, str) else list(before or [])
     runs = []
-    for name, tree in (("before", before), ("this tree", str(REPO))):
+    for name, tree in [("before", tree) for tree in befores] + [("this tree", str(REPO))]:
         if tree:
             runs.append({"name": name, "tree": tree, "commit": commit_of(tree), **measure(tree)})
             print(json.dumps(runs[-1]), flush=True)

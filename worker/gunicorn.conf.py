@@ -19,13 +19,18 @@ if _config.metrics_port:  # /metrics only (the app refuses everything else there
 # process loads its own model copy (one per instance is the norm).
 workers = _config.workers
 engine_process = _config.engine_process == "on"
-worker_class = "gthread"
-threads = _config.threads  # requests waiting on the batcher each hold a thread
+# gevent where the engine runs in its own process: an API process then only speaks HTTP, and an event
+# loop costs less per request than gthread's thread hand-offs (docs/benchmarks-host.md). gunicorn
+# monkey-patches the process before it loads the app, so the engine client's threads, queues and socket
+# wait cooperatively.
+# (gunicorn's gevent worker, closing idle keep-alive connections when it stops: qwen_worker/gevent_worker.py)
+worker_class = {"gevent": "qwen_worker.gevent_worker.ClosingGeventWorker", "gthread": "gthread"}[_config.http_worker]
+threads = _config.threads  # gthread: requests waiting on the batcher each hold a thread
 # gthread queues requests beyond its threads where no admission bound, deadline or metric sees them.
 # Behind nginx that never happens: its max_conns per worker is the capacity, below the threads. Idle
 # keepalive connections from nginx (up to 32 per nginx worker process) count as connections here but
 # hold no thread, so room is left for them; a client bypassing nginx can have at most that many
-# requests waiting for a thread.
+# requests waiting for a thread. gevent: the most greenlets (open connections) per process.
 worker_connections = threads + 256
 # The model loads in a background thread, so the worker heartbeats during load; this bounds a stuck worker.
 timeout = 120

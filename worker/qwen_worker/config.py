@@ -63,10 +63,16 @@ class WorkerConfig:
     workers: int = _setting(0, "gunicorn processes: with an engine process, API processes sharing it; without, "
                                "each loads its own model copy (0: 4 API processes with an engine process on a GPU, "
                                "else 1)", minimum=0)
-    threads: int = _setting(0, "Connection threads per gunicorn process, and the most connections it accepts: every "
-                               "open request, streams included, holds one (0: QAIO_MAX_BATCH_SIZE + "
-                               "QAIO_QUEUE_CAPACITY + 32 spare, so a request past the bound is refused at once and "
-                               "probes and /metrics always find a thread)", minimum=0)
+    http_worker: str = _setting("auto", "gunicorn's worker class: `gevent` (one event loop per process, a greenlet "
+                                        "per request: docs/benchmarks-host.md measured less CPU per request and per "
+                                        "streamed token than threads), `gthread` (a thread per request), `auto`: "
+                                        "gevent with an engine process, gthread without one (a process that runs "
+                                        "its own model needs real threads beside the engine's)",
+                                choices=("auto", "gevent", "gthread"))
+    threads: int = _setting(0, "Connections per gunicorn process (gthread: its threads): every open request, streams "
+                               "included, holds one (0: QAIO_MAX_BATCH_SIZE + QAIO_QUEUE_CAPACITY + 32 spare, so a "
+                               "request past the bound is refused at once and probes and /metrics always find room)",
+                            minimum=0)
     stream_coalesce_ms: float = _setting(20.0, "A stream sends the tokens of this many milliseconds as one event (the "
                                               "first token goes at once)", minimum=0)
     cpu_linear: str = _setting("auto", "Linear-layer kernels on CPU: `onednn` (weights prepacked once), `default` "
@@ -248,8 +254,13 @@ class WorkerConfig:
         fill.update(prefill_chunk_tokens=self.prefill_chunk_tokens or (2048 if on_gpu else 512),
                     cuda_graphs=self.cuda_graphs if self.cuda_graphs != "auto" else ("on" if on_gpu else "off"))
         fill.update(sample_candidates=self.sample_candidates if self.sample_candidates >= 0 else (0 if on_gpu else 1024))
+        if engine_process == "off" and self.http_worker == "gevent":
+            raise ConfigError("QAIO_HTTP_WORKER=gevent needs an engine process (QAIO_ENGINE_PROCESS=on; auto is "
+                              "off on a CPU): the engine loop of a process that runs its own model needs a thread")
         fill.update(engine_process=engine_process,
-                    workers=self.workers or (4 if engine_process == "on" and on_gpu else 1))
+                    workers=self.workers or (4 if engine_process == "on" and on_gpu else 1),
+                    http_worker=self.http_worker if self.http_worker != "auto" else
+                    ("gevent" if engine_process == "on" else "gthread"))
         if not self.instance_id:
             fill["instance_id"] = socket.gethostname()
         if self.null_model:

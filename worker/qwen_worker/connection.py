@@ -29,6 +29,9 @@ def disconnect_probe(environ: dict) -> Callable[[], bool] | None:
     sock = environ.get("gunicorn.socket")
     if sock is None:
         return None
+    # Under gevent the OS socket is wrapped as `_sock`: the wrapper's recv would wait for data, even
+    # with MSG_DONTWAIT, instead of answering at once.
+    sock = getattr(sock, "_sock", sock)
 
     def client_gone() -> bool:
         try:

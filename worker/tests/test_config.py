@@ -34,6 +34,9 @@ def test_overrides_win_over_environment():
     ({"QAIO_COMPILE": "auto"}, "QAIO_COMPILE must be one of"),
     ({"QAIO_DEFAULT_MAX_TOKENS": "2000"}, "QAIO_DEFAULT_MAX_TOKENS must not exceed"),
     ({"QAIO_DEFAULT_TOP_P": "1.5"}, "QAIO_DEFAULT_TOP_P"),
+    ({"QAIO_HTTP_WORKER": "eventlet"}, "QAIO_HTTP_WORKER must be one of"),
+    ({"QAIO_HTTP_WORKER": "gevent", "QAIO_ENGINE_PROCESS": "off"}, "QAIO_HTTP_WORKER=gevent needs an engine process"),
+    ({"QAIO_HTTP_WORKER": "gevent", "QAIO_DEVICE": "cpu"}, "QAIO_HTTP_WORKER=gevent needs an engine process"),
 ])
 def test_invalid_settings_fail_at_start(env, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -86,9 +89,12 @@ def test_the_settings_page_documents_every_setting_with_its_default():
 def test_sizes_follow_the_device_unless_set():
     cpu = WorkerConfig.from_env({"QAIO_DEVICE": "cpu"})
     assert (cpu.max_batch_size, cpu.queue_capacity, cpu.threads, cpu.capacity) == (16, 64, 112, 80)
-    assert (cpu.engine_process, cpu.workers) == ("off", 1)
+    assert (cpu.engine_process, cpu.workers, cpu.http_worker) == ("off", 1, "gthread")
     gpu = WorkerConfig.from_env({"QAIO_DEVICE": "cuda:1"})
     assert (gpu.max_batch_size, gpu.queue_capacity, gpu.threads, gpu.capacity) == (256, 512, 800, 768)
-    assert (gpu.engine_process, gpu.workers) == ("on", 4)
+    assert (gpu.engine_process, gpu.workers, gpu.http_worker) == ("on", 4, "gevent")
+    split = WorkerConfig.from_env({"QAIO_DEVICE": "cpu", "QAIO_ENGINE_PROCESS": "on"})
+    assert split.http_worker == "gevent"
+    assert WorkerConfig.from_env({"QAIO_DEVICE": "cuda", "QAIO_HTTP_WORKER": "gthread"}).http_worker == "gthread"
     set_ = WorkerConfig.from_env({"QAIO_DEVICE": "cuda", "QAIO_MAX_BATCH_SIZE": "64", "QAIO_THREADS": "100"})
     assert (set_.max_batch_size, set_.queue_capacity, set_.threads) == (64, 128, 100)

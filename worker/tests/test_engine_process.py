@@ -83,3 +83,27 @@ def test_a_silent_connection_to_the_engine_socket_blocks_nobody(split_server):
     finally:
         silent.close()
     assert requests.post(split_server.url + "/v1/sentiment", json={"text": "还好"}, timeout=30).status_code == 200
+
+
+def test_stopping_closes_idle_keep_alive_connections_and_answers_what_is_in_flight(gunicorn_server):
+    """The API processes' gevent worker: nginx keeps idle upstream connections open, and a SIGTERM must
+    not wait out their keep-alive (75 s) while the request in flight still gets its whole answer."""
+    import http.client
+    import signal
+
+    server = gunicorn_server(**SPLIT, QAIO_STEP_DELAY_MS="20")
+    assert "ClosingGeventWorker" in server.log_path.read_text()
+    idle = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    idle.request("GET", "/healthz")
+    assert idle.getresponse().read() and idle.sock is not None  # kept alive, now idle
+    answer = {}
+    flight = threading.Thread(target=lambda: answer.update(response=requests.post(
+        server.url + "/v1/chat", json={"text": "a story", "max_tokens": 60, "temperature": 0}, timeout=120)))
+    flight.start()
+    eventually(lambda: metric(server, "qaio_live_slots") == 1, what="the request generates")
+    server.proc.send_signal(signal.SIGTERM)
+    assert idle.sock.recv(1) == b""  # closed by the server well before its keep-alive of 75 s (timeout 60)
+    flight.join(120)
+    assert answer["response"].status_code == 200 and answer["response"].json()["usage"]["completion_tokens"] == 60
+    server.proc.wait(timeout=60)
+    assert "graceful timeout" not in server.log_path.read_text()

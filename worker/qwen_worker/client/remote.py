@@ -8,9 +8,9 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
-from multiprocessing.connection import Client, Connection
 
 from ..engine_process import AUTHKEY_ENV, ENGINE_PID_ENV, MASTER_PID_ENV, SOCKET_ENV
+from ..framed_socket import FramedSocket, connect
 from ..metrics import WorkerMetrics
 from ..prompts import ChatMLPrompter, load_tokenizer
 from ..protocol import Cancel, Control, Output, Request, RequestFailed, Status, check_hello, decode, encode, hello
@@ -31,7 +31,7 @@ class RemoteClient(EngineClient):
         self.address = address
         self.authkey = authkey
         self._status = Status("loading")
-        self._conn: Connection | None = None
+        self._conn: FramedSocket | None = None
         self._send_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[tuple] = []
@@ -56,7 +56,7 @@ class RemoteClient(EngineClient):
     def _run(self) -> None:
         while self._conn is None and not self._stopping:
             try:
-                conn = Client(self.address, family="AF_UNIX", authkey=self.authkey)
+                conn = connect(self.address, self.authkey)
                 conn.send(hello())
                 check_hello(conn.recv())
                 self._conn = conn
@@ -77,11 +77,8 @@ class RemoteClient(EngineClient):
                 for message in messages:
                     if isinstance(message, Status):
                         self._on_status(message)
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # the engine hung up, or stop() shut the socket under recv()
             pass
-        except TypeError:  # stop() closed the connection under recv(): its handle is None now
-            if not self._stopping:
-                raise
         if not self._stopping:
             self._lose("the engine process exited")
 
