@@ -23,7 +23,7 @@ import requests
 from qaio_testing import REPO, GunicornServer, eventually
 
 from .run import machine
-from .trees import measure_trees, tree_env
+from .trees import measure_trees, tree_conf, tree_env
 from .texts import review_texts
 
 BULK_TEXTS = 64
@@ -52,7 +52,7 @@ def timed_post(url: str, body: dict, outcomes: dict | None = None) -> tuple[int,
 
 
 def measure(tree: str, model: str, texts: list[str]) -> dict:
-    server = GunicornServer(model, **tree_env(tree)).wait_ready(900)
+    server = GunicornServer(model, conf=tree_conf(tree), **tree_env(tree)).wait_ready(900)
     try:
         timed_post(server.url, {"text": "预热"})
         bulk: dict = {}

@@ -25,7 +25,7 @@ import requests
 from qaio_testing import REPO, GunicornServer, NginxServer
 
 from .run import machine
-from .trees import measure_trees, tree_env
+from .trees import measure_trees, tree_conf, tree_env
 
 CHATS = 400
 MAX_TOKENS = 128
@@ -43,7 +43,7 @@ def measure(tree: str, model: str) -> dict:
     # Each worker its share of the cores, and its default HTTP threads (capacity + 32), as `make run`
     # starts them: every request nginx sends it is in its own queue, none waits for a thread.
     env = {"QAIO_TORCH_THREADS": "1", **tree_env(tree)}
-    workers = [GunicornServer(model, **env) for _ in range(2)]
+    workers = [GunicornServer(model, conf=tree_conf(tree), **env) for _ in range(2)]
     proxy = None
     try:
         for worker in workers:

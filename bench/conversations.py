@@ -28,7 +28,7 @@ from qaio_testing import REPO, GunicornServer
 from .gpu_http import level, rss_mb, worker_processes
 from .run import machine
 from .texts import review_texts
-from .trees import measure_trees, tree_env
+from .trees import measure_trees, tree_conf, tree_env
 
 TURNS = 5
 CONVERSATIONS = 4
@@ -83,7 +83,7 @@ def conversations(url: str, texts: list[str], max_tokens: int, name: str | None 
 
 
 def measure(tree: str, model: str, texts: list[str], max_tokens: int, requests_per_level: int) -> dict:
-    server = GunicornServer(model, QAIO_MAX_BATCH_SIZE="16", **tree_env(tree)).wait_ready(900)
+    server = GunicornServer(model, conf=tree_conf(tree), QAIO_MAX_BATCH_SIZE="16", **tree_env(tree)).wait_ready(900)
     try:
         roles = worker_processes(server.proc.pid)
         out = {"idle_rss_mb": rss_mb(roles)}

@@ -29,7 +29,7 @@ from qaio_testing import REPO, GunicornServer
 from .gpu_http import level, worker_processes
 from .run import machine
 from .texts import review_texts
-from .trees import measure_trees, tree_env
+from .trees import measure_trees, tree_conf, tree_env
 
 LAYOUTS = {"engine process": {"QAIO_ENGINE_PROCESS": "on", "QAIO_WORKERS": "2"},
            "one process": {"QAIO_ENGINE_PROCESS": "off", "QAIO_WORKERS": "1"}}
@@ -41,7 +41,7 @@ def http_levels(tree: str, model: str, levels: list[int], max_tokens: int, scale
     out = {}
     for layout, settings in LAYOUTS.items():
         env = {"QAIO_NULL_MODEL": "1", "QAIO_MAX_BATCH_SIZE": str(max(levels)), **settings, **tree_env(tree)}
-        server = GunicornServer(model, **env).wait_ready(300)
+        server = GunicornServer(model, conf=tree_conf(tree), **env).wait_ready(300)
         try:
             roles = worker_processes(server.proc.pid)
             level(server, roles, "chat", texts[:32], 16, 8, **DEFAULT_CHAT)  # warm the whole path

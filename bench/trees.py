@@ -14,6 +14,11 @@ def tree_env(tree: str) -> dict[str, str]:
     return {} if tree == str(REPO) else {"PYTHONPATH": f"{tree}/worker:{tree}"}
 
 
+def tree_conf(tree: str) -> str:
+    """The checkout's own gunicorn settings, which its code reads."""
+    return f"{tree}/worker/gunicorn.conf.py"
+
+
 def commit_of(tree: str) -> str:
     """The tree's commit, with `+ changes` when its tracked files differ from it."""
     commit = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)

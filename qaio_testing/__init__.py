@@ -136,7 +136,8 @@ class GunicornServer:
     """One worker instance: gunicorn with worker/gunicorn.conf.py, in its own process group."""
 
     def __init__(self, model: str, port: int | None = None, log_path: str | None = None,
-                 app: str = "qwen_worker:create_app()", host: str = "127.0.0.1", **env: str):
+                 app: str = "qwen_worker:create_app()", host: str = "127.0.0.1", conf: str | None = None, **env: str):
+        """conf: another checkout's gunicorn.conf.py (a bench's `before` tree runs its own settings)."""
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
         self.address = f"{host}:{self.port}"
@@ -148,7 +149,7 @@ class GunicornServer:
         self.log_path = Path(log_path or tempfile.mkstemp(prefix=f"qaio-worker-{self.port}-", suffix=".log")[1])
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gunicorn", "-c", str(GUNICORN_CONF), app],
+                [sys.executable, "-m", "gunicorn", "-c", str(conf or GUNICORN_CONF), app],
                 env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 300) -> "GunicornServer":
