@@ -153,7 +153,7 @@ def render(report: dict) -> str:
     lines = ["# The host path, without the model", "",
              f"`make bench-host`, {report['date']}, {m['cpu']} ({m['cores']} cores), a worker with "
              f"`QAIO_NULL_MODEL=1` (the `{report['tokenizer']}` tokenizer; passes answer at once from a token "
-             f"cycle; torch on one thread, its default), `QAIO_MAX_BATCH_SIZE` = the highest level, default HTTP threads. Closed loop: streamed chat "
+             f"cycle; torch on one thread, its default), `QAIO_MAX_BATCH_SIZE` = the highest level, each tree's own gunicorn settings (the API processes beside an engine process on gevent in a tree with QAIO_HTTP_WORKER, on gthread before it; one process on gthread). Closed loop: streamed chat "
              f"of {report['max_tokens']} tokens with the default sampling and repetition penalty, and sentiment, one "
              "text a request. Server CPU: every process of the instance (gunicorn's master and API processes, "
              "the engine process), from /proc; the load client (Python, one process of threads) shares the "
