@@ -68,6 +68,9 @@ class RemoteClient(EngineClient):
             except ValueError as exc:  # another protocol version: a half-upgraded instance
                 self._lose(str(exc))
                 return
+            except Exception as exc:  # a refused key, a broken handshake: never a silent "loading" forever
+                self._lose(f"could not connect to the engine process: {type(exc).__name__}: {exc}")
+                return
         try:
             while True:
                 messages = [decode(packed) for packed in self._conn.recv()]
@@ -79,6 +82,10 @@ class RemoteClient(EngineClient):
                         self._on_status(message)
         except (EOFError, OSError):  # the engine hung up, or stop() shut the socket under recv()
             pass
+        except Exception as exc:  # a message this side cannot read: what waits would otherwise hang
+            log.exception("engine client: a message from the engine process failed")
+            self._lose(f"a message from the engine process failed: {type(exc).__name__}: {exc}")
+            return
         if not self._stopping:
             self._lose("the engine process exited")
 

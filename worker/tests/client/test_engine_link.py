@@ -199,3 +199,54 @@ def test_a_lost_engine_process_fails_what_it_held_at_once(tiny_model_dir, tmp_pa
         assert outcome(lambda: client.generate("chat", [1, 2, 3], soon(), 2)) == "engine_lost"
     finally:
         process.stop()
+
+
+def test_an_unreadable_message_from_the_engine_fails_the_instance_instead_of_hanging(tmp_path):
+    """A receiving thread that died on a bad message would leave every request waiting until its deadline."""
+    import threading
+    from multiprocessing.connection import Listener
+
+    from qwen_worker.protocol import hello
+
+    authkey = secrets.token_bytes(16)
+    with Listener(str(tmp_path / "engine.sock"), family="AF_UNIX", authkey=authkey) as listener:
+        client = RemoteClient(WorkerConfig.from_env(SETTINGS), WorkerMetrics(CollectorRegistry()), listener.address,
+                              authkey)
+        accepted = {}
+        acceptor = threading.Thread(target=lambda: accepted.update(conn=listener.accept()))
+        acceptor.start()
+        client.start()
+        acceptor.join(60)
+        engine = accepted["conn"]
+        engine.recv()  # the client's hello
+        engine.send(hello())
+
+        def submitted():  # once the client has the connection (it is not reachable before)
+            try:
+                return client.generate("chat", [1, 2, 3], soon(), 4)
+            except RequestFailed:
+                return None
+
+        held = eventually(submitted, what="the client connected")  # waits for an answer that will not come
+        assert engine.recv()  # the request, as the engine would receive it
+        engine.send([("Output", 1)])  # a truncated message
+        with pytest.raises(RequestFailed) as failed:
+            held.wait()
+        assert failed.value.code == "engine_lost"
+        assert client.status().state == "failed" and "a message from the engine process failed" in client.lost
+        engine.close()
+
+
+def test_a_wrong_key_fails_the_instance_instead_of_loading_forever(tmp_path):
+    import threading
+    from multiprocessing.connection import AuthenticationError, Listener
+
+    with Listener(str(tmp_path / "engine.sock"), family="AF_UNIX", authkey=b"right" * 8) as listener:
+        client = RemoteClient(WorkerConfig.from_env(SETTINGS), WorkerMetrics(CollectorRegistry()), listener.address,
+                              b"wrong" * 8)
+        acceptor = threading.Thread(target=lambda: pytest.raises(AuthenticationError, listener.accept))
+        acceptor.start()
+        client.start()
+        acceptor.join(60)
+        eventually(lambda: client.status().state == "failed", what="the client gives up")
+        assert "could not connect to the engine process: AuthenticationError" in client.lost
