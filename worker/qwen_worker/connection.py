@@ -29,16 +29,25 @@ def disconnect_probe(environ: dict) -> Callable[[], bool] | None:
     sock = environ.get("gunicorn.socket")
     if sock is None:
         return None
-    # Under gevent the OS socket is wrapped as `_sock`: the wrapper's recv would wait for data, even
-    # with MSG_DONTWAIT, instead of answering at once.
-    sock = getattr(sock, "_sock", sock)
+    sock = os_socket(sock)
 
     def client_gone() -> bool:
         try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except (BlockingIOError, InterruptedError):
-            return False  # open, nothing sent: the client waits for its answer
+            return peek(sock) == b""  # None: open, nothing sent, the client waits for its answer
         except OSError:
             return True  # reset
 
     return client_gone
+
+
+def os_socket(sock: socket.socket) -> socket.socket:
+    """The OS socket under gevent's, whose recv would wait for data even with MSG_DONTWAIT; a plain one as is."""
+    return getattr(sock, "_sock", sock)
+
+
+def peek(sock: socket.socket) -> bytes | None:
+    """At once: the next byte without taking it, b"" when the peer closed, None when nothing is there yet."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None

@@ -14,6 +14,8 @@ import socket
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
+from .connection import os_socket, peek
+
 
 class ClosingGeventWorker(GeventWorker):
     def __init__(self, *args, **kwargs):
@@ -53,16 +55,9 @@ class ClosingGeventWorker(GeventWorker):
         client = self._clients.get(greenlet)
         if client is None:
             return
-        # The OS socket under gevent's: gevent's recv would wait for data (MSG_DONTWAIT or not), and its
-        # shutdown would fail the waiting greenlet with EBADF instead of letting it read the end.
-        raw = getattr(client, "_sock", client)
+        # On the OS socket: gevent's shutdown would fail the waiting greenlet with EBADF instead of letting
+        # it read the end.
+        raw = os_socket(client)
         with contextlib.suppress(OSError):
-            if not _arriving(raw):
+            if not peek(raw):
                 raw.shutdown(socket.SHUT_RD)
-
-
-def _arriving(raw: socket.socket) -> bool:
-    try:
-        return bool(raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except (BlockingIOError, InterruptedError):
-        return False
