@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(shell sha1sum worker/pyproject.toml 2>/dev/null | 
 
 help:
 	@echo "make run          the local stack: workers + nginx on http://127.0.0.1:8080 (sets itself up first)"
-	@echo "make test         run every test, ~19 min here idle, ~33 busy (sets itself up first: Python environment, Debian packages)"
+	@echo "make test         run every test, ~20 min here idle, ~33 busy (sets itself up first: Python environment, Debian packages)"
 	@echo "make test-fast    the tests that start no server (engine, loop, client, in-process app): ~3 min"
 	@echo "make install      create $(VENV) and install the worker with its test tools (make run/test do this)"
 	@echo "make system-deps  install Debian packages when missing: nginx, Chromium, Prometheus, kubectl (root/sudo)"
