@@ -244,9 +244,18 @@ def test_a_wrong_key_fails_the_instance_instead_of_loading_forever(tmp_path):
     with Listener(str(tmp_path / "engine.sock"), family="AF_UNIX", authkey=b"right" * 8) as listener:
         client = RemoteClient(WorkerConfig.from_env(SETTINGS), WorkerMetrics(CollectorRegistry()), listener.address,
                               b"wrong" * 8)
-        acceptor = threading.Thread(target=lambda: pytest.raises(AuthenticationError, listener.accept))
+        refused = []
+
+        def accept():
+            try:
+                listener.accept().close()
+            except AuthenticationError:
+                refused.append(True)
+
+        acceptor = threading.Thread(target=accept)
         acceptor.start()
         client.start()
         acceptor.join(60)
+        assert refused, "the engine's end admitted a client with the wrong key"
         eventually(lambda: client.status().state == "failed", what="the client gives up")
         assert "could not connect to the engine process: AuthenticationError" in client.lost

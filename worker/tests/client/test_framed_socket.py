@@ -46,11 +46,22 @@ def test_messages_of_every_size_cross_both_ways_in_order(listener):
 
 
 def test_a_wrong_key_is_refused_by_the_handshake(listener):
-    thread = threading.Thread(target=lambda: pytest.raises(AuthenticationError, listener.accept))
+    refusals = []
+    thread = threading.Thread(target=lambda: refusals.append(refusal(listener)))
     thread.start()
     with pytest.raises(AuthenticationError):
         connect(listener.address, b"wrong" * 8)
     thread.join(30)
+    assert refusals == [AuthenticationError]  # by both ends
+
+
+def refusal(listener):
+    """The exception the listener's accept() raised, or None when it admitted the connection."""
+    try:
+        listener.accept().close()
+    except Exception as exc:
+        return type(exc)
+    return None
 
 
 def test_closing_wakes_a_thread_blocked_in_recv(listener):
