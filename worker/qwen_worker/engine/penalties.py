@@ -50,23 +50,36 @@ class PenaltyState:
         # On a CPU, counting goes through numpy views of the same tables: a few numpy indexing operations
         # where torch's take ~40 us a step, most of a thin step's host time (the views share the memory).
         host_tables = device.type == "cpu" if host_tables is None else host_tables
-        self._host = (self.ids.numpy(), self.entry.numpy(), self.counts.numpy(), self.valid.numpy()) \
-            if host_tables else None
+        self._host = (self.ids.numpy(), self.entry.numpy(), self.counts.numpy(), self.valid.numpy(),
+                      self.params.numpy()) if host_tables else None
 
     def reset(self, row: GenerationRow) -> None:
-        """A row entered its slot: its prompt's distinct ids seen, nothing generated yet."""
+        """A row entered its slot: its prompt's distinct ids seen, nothing generated yet. Only what the slot's
+        previous row wrote is cleared (its entries, up to its bound), not the slot's whole vocabulary row:
+        a [vocab] fill per admitted row was most of a short request's engine time."""
         seen = np.unique(np.asarray(row.prompt_ids, dtype=np.int64))
         n, slot = len(seen), row.slot
-        distinct = torch.from_numpy(seen).to(self.device, non_blocking=True)  # copied to the device once
-        self.ids[slot].fill_(int(seen[0]))
-        self.ids[slot, :n] = distinct
-        self.entry[slot].fill_(-1)
-        self.entry[slot, distinct] = torch.arange(n, dtype=self.entry.dtype, device=self.device)
-        self.counts[slot].zero_()
-        self.valid[slot] = n
+        used = int(self.bound[slot])
         sampling = row.sampling
-        self.params[slot] = torch.tensor([sampling.repetition_penalty, sampling.presence_penalty,
-                                          sampling.frequency_penalty])
+        params = (sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty)
+        if self._host is not None:
+            ids, entry, counts, valid, table_params = self._host
+            entry[slot, ids[slot, :used]] = -1  # past the previous row's valid entries: its first id, also its own
+            counts[slot, :used] = 0.0
+            ids[slot, :n] = seen
+            ids[slot, n:] = seen[0]
+            entry[slot, seen] = np.arange(n)
+            valid[slot] = n
+            table_params[slot] = params
+        else:
+            distinct = torch.from_numpy(seen).to(self.device, non_blocking=True)  # copied to the device once
+            self.entry[slot, self.ids[slot, :used]] = -1
+            self.counts[slot, :used] = 0.0
+            self.ids[slot, n:] = int(seen[0])
+            self.ids[slot, :n] = distinct
+            self.entry[slot, distinct] = torch.arange(n, dtype=self.entry.dtype, device=self.device)
+            self.valid[slot] = n
+            self.params[slot] = torch.tensor(params)
         self.bound[slot] = n
 
     def select(self, at: np.ndarray, host_slots: np.ndarray) -> PenalizedRows:
@@ -113,7 +126,7 @@ class PenaltyState:
 
     def _count_on_host(self, rows: PenalizedRows, tokens: np.ndarray) -> None:
         """count() on the CPU's numpy views (each slot appears once in a step: no index repeats)."""
-        ids, entry, counts, valid = self._host
+        ids, entry, counts, valid, _ = self._host
         slots = rows.host_slots
         drawn = tokens[rows.host_index]
         seen_at = entry[slots, drawn].astype(np.int64)
