@@ -5,7 +5,8 @@ Why a process of its own: in one process, hundreds of HTTP threads (gunicorn's p
 SSE writes) share one GIL with the engine thread, and the GPU waits on Python. Here the engine's
 process runs only the engine thread and one reader and one sender thread per API process.
 
-What crosses is protocol.py's messages, encoded, in lists (one send carries a pass's outputs):
+What crosses is protocol.py's messages as MessagePack, in lists (one frame carries a pass's outputs, encoded by the
+connection's sender thread, off the engine's):
     API -> engine   Request, Cancel, Control
     engine -> API   Output (per pass), Status (on connect, every STATUS_INTERVAL_S, and per Control)
 It imports no Flask: it builds the model and the loop directly.
@@ -28,7 +29,7 @@ from .core.host import EngineHost
 from .engine_process import AUTHKEY_ENV, SOCKET_ENV
 from .engine_socket import ApiConnection, admit
 from .metrics import WorkerMetrics
-from .protocol import Cancel, Control, Output, Request, RequestFailed, encode
+from .protocol import Cancel, Control, Output, Request, RequestFailed
 
 log = logging.getLogger("qwen_worker.engine_server")  # also when run as __main__
 
@@ -59,11 +60,11 @@ class EngineServer:
 
     # ---- the engine's outputs, each to the process that asked ---------------------------------------
     def route(self, outputs: list[Output]) -> None:
-        by_owner: dict[ApiConnection, list[tuple]] = {}
+        by_owner: dict[ApiConnection, list[Output]] = {}
         for output in outputs:
             owner = self._owners.pop(output.id, None) if output.final else self._owners.get(output.id)
             if owner is not None:
-                by_owner.setdefault(owner, []).append(encode(output))
+                by_owner.setdefault(owner, []).append(output)
         for connection, packed in by_owner.items():  # one lock and one wake-up per API process and pass
             connection.post_all(packed)
 
@@ -75,14 +76,14 @@ class EngineServer:
                 self.host.submit(message)
             except RequestFailed as refused:
                 self._owners.pop(message.id, None)
-                connection.post(encode(Output(message.id, error=refused.code, message=refused.message)))
+                connection.post(Output(message.id, error=refused.code, message=refused.message))
                 return
             if message.stream:  # acknowledged: its HTTP side answers 200 and starts the stream
-                connection.post(encode(Output(message.id)))
+                connection.post(Output(message.id))
         elif isinstance(message, Cancel):
             self.host.cancel(message.id, message.reason)
         elif isinstance(message, Control):
-            connection.post(encode(self.host.control(message)))
+            connection.post(self.host.control(message))
         else:
             raise ValueError(f"unexpected message {type(message).__name__}")
 
@@ -110,7 +111,7 @@ class EngineServer:
         if not admit(conn, self.authkey, name):
             return
         connection = ApiConnection(conn, name, self.handle, self.hung_up)
-        connection.post(encode(self.host.status()))
+        connection.post(self.host.status())
         with self._admitting:
             self.connections = [c for c in self.connections if not c.closed] + [connection]
         connection.start()
@@ -127,7 +128,7 @@ class EngineServer:
             try:
                 if time.monotonic() - heap_read_at >= HEAP_INTERVAL_S:
                     self.host.heap, heap_read_at = memory.heap(), time.monotonic()
-                status = encode(self.host.status())
+                status = self.host.status()
             except Exception:  # one status that cannot be built must not end every later one (the API
                 log.exception("engine: status report failed")  # processes would read a stale state forever)
                 continue

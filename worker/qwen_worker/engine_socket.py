@@ -9,7 +9,7 @@ import threading
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Callable
 
-from .protocol import check_hello, decode, hello
+from .protocol import check_hello, decode_batch, encode_batch, hello
 
 log = logging.getLogger("qwen_worker.engine_server")
 
@@ -34,8 +34,8 @@ def admit(conn: Connection, authkey: bytes, name: str) -> bool:
         _receive_timeout(conn, HANDSHAKE_TIMEOUT_S)
         deliver_challenge(conn, authkey)
         answer_challenge(conn, authkey)
-        check_hello(conn.recv())
-        conn.send(hello())
+        check_hello(conn.recv_bytes())
+        conn.send_bytes(hello())
         _receive_timeout(conn, 0)
     except Exception:  # the wrong key or version, a client that hung up, or one that said nothing in time
         log.warning("engine: refused a connection (%s)", name, exc_info=True)
@@ -54,21 +54,21 @@ class ApiConnection:
         self._handle = handle
         self._hung_up = hung_up
         self._lock = threading.Condition()
-        self._outbox: list[tuple] = []
+        self._outbox: list = []  # messages, encoded by the sender thread, off the engine's
         self.closed = False
 
     def start(self) -> None:
         threading.Thread(target=self._read, name=f"read-{self.name}", daemon=True).start()
         threading.Thread(target=self._send, name=f"send-{self.name}", daemon=True).start()
 
-    def post(self, packed: tuple) -> None:
+    def post(self, message) -> None:
         with self._lock:
-            self._outbox.append(packed)
+            self._outbox.append(message)
 
-    def post_all(self, packed: list[tuple]) -> None:
-        """Messages sent as one, at once."""
+    def post_all(self, messages: list) -> None:
+        """Messages sent as one, at once (none is changed after it is posted)."""
         with self._lock:
-            self._outbox.extend(packed)
+            self._outbox.extend(messages)
             self._lock.notify()
 
     def flush(self) -> None:
@@ -85,7 +85,7 @@ class ApiConnection:
                     return
                 messages, self._outbox = self._outbox, []
             try:
-                self.conn.send(messages)
+                self.conn.send_bytes(encode_batch(messages))
             except (OSError, EOFError, ValueError):
                 self._close()
                 return
@@ -93,8 +93,8 @@ class ApiConnection:
     def _read(self) -> None:
         try:
             while True:
-                for packed in self.conn.recv():
-                    self._handle(self, decode(packed))
+                for message in decode_batch(self.conn.recv_bytes()):
+                    self._handle(self, message)
                 self.flush()
         except (EOFError, OSError):
             pass

@@ -5,7 +5,6 @@ non-blocking there) or stall every request of the process; socket.recv waits coo
 and blocks as before under threads."""
 from __future__ import annotations
 
-import pickle
 import socket
 import struct
 from multiprocessing.connection import answer_challenge, deliver_challenge
@@ -38,12 +37,6 @@ class FramedSocket:
         if maxlength is not None and size > maxlength:
             raise OSError("bad message length")
         return self._take(size)
-
-    def send(self, message) -> None:
-        self.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-    def recv(self):
-        return pickle.loads(self.recv_bytes())
 
     def close(self) -> None:
         """Also wakes a thread blocked in recv (EOFError there); close() alone would leave it waiting."""

@@ -1,19 +1,23 @@
 """The engine contract: the few typed messages that cross between the HTTP side and the engine loop,
 whether the loop runs on a thread of the same process or in an engine process behind a socket.
 
-Both layouts use exactly these types. Over the socket each message travels as a plain tuple
-`(tag, *fields)` (`encode`/`decode`): pickling tuples of ints and strings is ~4x cheaper than pickling
-dataclasses, and a peer speaking another PROTOCOL_VERSION is refused at its first message.
-Deadlines and timestamps are time.monotonic() values: one clock for every process on the host.
+Both layouts use exactly these types: msgspec Structs, which over the socket travel as MessagePack
+arrays in lists (`encode_batch`/`decode_batch`; one frame carries what a pass or a burst of requests
+produced). A Struct is built, encoded and decoded in C: ~0.3 us for a streamed output, all three, where
+tuples of dataclass fields through pickle took ~1.8 us; and what arrives is checked against its type
+(a malformed message is an error there, not a wrong value later). A peer speaking another
+PROTOCOL_VERSION is refused at its first message. Deadlines and timestamps are time.monotonic() values:
+one clock for every process on the host.
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
+from typing import Any, Union
+
+import msgspec
 
 from .sampling import GREEDY, SamplingParams
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 
 SENTIMENT = "sentiment"  # score the label tokens after the prompt: one pass, between decode steps
 GENERATE = "generate"  # a generation row in the running batch
@@ -28,8 +32,7 @@ class RequestFailed(Exception):
         self.message = message
 
 
-@dataclasses.dataclass(slots=True)
-class Request:
+class Request(msgspec.Struct, array_like=True, tag=True, omit_defaults=True, gc=False):
     """One unit of engine work: a sentiment prompt, or a generation."""
 
     id: int
@@ -42,13 +45,13 @@ class Request:
     stream: bool = False  # send tokens with every pass, not only with the last output
 
 
-@dataclasses.dataclass(slots=True)
-class Output:
+class Output(msgspec.Struct, array_like=True, tag=True, omit_defaults=True, gc=False):
     """What one pass produced for one request. A request gets zero or more non-final outputs (started,
     streamed tokens), then exactly one final one: finish_reason, scores or error set."""
 
     id: int
-    tokens: list[int] = dataclasses.field(default_factory=list)  # new since the last output
+    tokens: list[int] = []  # new since the last output (each Output gets a list of its own)
+    first_token_at: float | None = None  # a generation's first token (time to first token)
     # Per token when the request asked for logprobs: (log-probability, top ids, their log-probabilities).
     logprobs: list[tuple] | None = None
     finish_reason: str | None = None  # stop | length | deadline | cancelled
@@ -57,7 +60,6 @@ class Output:
     message: str = ""
     started_at: float | None = None  # set once the engine took the request (queue wait ends)
     finished_at: float | None = None
-    first_token_at: float | None = None  # a generation's first token (time to first token)
     batch_size: int = 0
     cached_tokens: int = 0  # prompt tokens whose keys came from the prefix cache (final outputs)
 
@@ -66,24 +68,21 @@ class Output:
         return self.finish_reason is not None or self.scores is not None or self.error is not None
 
 
-@dataclasses.dataclass(slots=True)
-class Cancel:
+class Cancel(msgspec.Struct, array_like=True, tag=True, omit_defaults=True):
     """The request's client left or gave up: a queued request leaves the queue, a running one stops."""
 
     id: int
     reason: str = "client_gone"  # the rejection it counts as while still queued
 
 
-@dataclasses.dataclass(slots=True)
-class Control:
+class Control(msgspec.Struct, array_like=True, tag=True, omit_defaults=True):
     """An operator's request to the engine, answered with a Status carrying the same `id`."""
 
     id: int
     op: str  # status | drain | undrain
 
 
-@dataclasses.dataclass(slots=True)
-class ModelInfo:
+class ModelInfo(msgspec.Struct, array_like=True):
     """The served model as the HTTP side needs it: its tokenizer's source, its description, and the
     calibration of its sentiment scores (calibration.Calibration.as_dict())."""
 
@@ -97,8 +96,7 @@ class ModelInfo:
     calibration: dict | None = None
 
 
-@dataclasses.dataclass(slots=True)
-class Status:
+class Status(msgspec.Struct, array_like=True, tag=True, omit_defaults=True):
     """The engine's state: pushed periodically by an engine process, and the reply to a Control."""
 
     state: str  # loading | failed | ready | cooling_down | draining
@@ -116,40 +114,38 @@ class Status:
     reply_to: int = 0  # the Control it answers (0: pushed)
 
 
-_TYPES = {cls.__name__: cls for cls in (Request, Output, Cancel, Control, Status)}
-_FIELDS = {cls: tuple(f.name for f in dataclasses.fields(cls)) for cls in _TYPES.values()}
-_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelInfo))
-_SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-_SAMPLING_AT = _FIELDS[Request].index("sampling")
-
-
-def encode(message) -> tuple:
-    cls = type(message)
-    values = [getattr(message, name) for name in _FIELDS[cls]]
-    if cls is Status and message.model is not None:
-        values[_FIELDS[Status].index("model")] = tuple(getattr(message.model, n) for n in _MODEL_FIELDS)
-    elif cls is Request:
-        values[_SAMPLING_AT] = tuple(getattr(message.sampling, n) for n in _SAMPLING_FIELDS)
-    return (cls.__name__, *values)
-
-
-def decode(packed: tuple):
-    cls = _TYPES.get(packed[0]) if packed else None
-    if cls is None or len(packed) != len(_FIELDS[cls]) + 1:
-        raise ValueError(f"not a message of protocol version {PROTOCOL_VERSION}: {packed[:1]!r}")
-    message = cls(*packed[1:])
-    if cls is Status and message.model is not None:
-        message.model = ModelInfo(*message.model)
-    elif cls is Request:
-        message.sampling = SamplingParams(*message.sampling)
-    return message
-
-
-def hello() -> tuple:
+class Hello(msgspec.Struct, array_like=True, tag=True):
     """The first thing each side sends: its protocol version."""
-    return ("hello", PROTOCOL_VERSION)
+
+    version: int
 
 
-def check_hello(packed) -> None:
-    if not (isinstance(packed, tuple) and packed[:1] == ("hello",) and packed[1:] == (PROTOCOL_VERSION,)):
-        raise ValueError(f"peer speaks another engine protocol than version {PROTOCOL_VERSION}: {packed!r}")
+Message = Union[Request, Output, Cancel, Control, Status]
+_encoder = msgspec.msgpack.Encoder()  # encoding keeps no state between calls: one serves every thread
+_batch = msgspec.msgpack.Decoder(list[Message])
+_hello = msgspec.msgpack.Decoder(Hello)
+
+
+def encode_batch(messages: list) -> bytes:
+    return _encoder.encode(messages)
+
+
+def decode_batch(data: bytes) -> list:
+    """The messages of one frame; ValueError for anything that is not a list of this version's messages."""
+    try:
+        return _batch.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"not a message of protocol version {PROTOCOL_VERSION}: {exc}") from None
+
+
+def hello() -> bytes:
+    return _encoder.encode(Hello(PROTOCOL_VERSION))
+
+
+def check_hello(data: bytes) -> None:
+    try:
+        version = _hello.decode(data).version
+    except msgspec.DecodeError:
+        version = None
+    if version != PROTOCOL_VERSION:
+        raise ValueError(f"peer speaks another engine protocol than version {PROTOCOL_VERSION}: {bytes(data[:40])!r}")

@@ -3,7 +3,7 @@ and carried whole by the request, the engine's row and the sampler. A new option
 its validation there, and its use in the engine."""
 from __future__ import annotations
 
-import dataclasses
+import msgspec
 
 SEED_LIMIT = 2**63 - 1  # seeds are torch.Generator seeds (64-bit); seed + choice wraps below it
 # Below this a temperature is greedy (as vLLM's _SAMPLING_EPS): dividing logits by 1e-40 overflows to
@@ -11,8 +11,7 @@ SEED_LIMIT = 2**63 - 1  # seeds are torch.Generator seeds (64-bit); seed + choic
 GREEDY_BELOW = 1e-5
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class SamplingParams:
+class SamplingParams(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     """OpenAI's sampling options. temperature 0: greedy. seed: the row draws from a generator of its
     own. Penalties on tokens already generated (presence, frequency) or already seen, prompt included
     (repetition: a divisor of positive logits, a multiplier of negative ones). logprobs >= 0: each
@@ -43,7 +42,7 @@ class SamplingParams:
         """Choice i of n draws with seed + i: n different samples, each reproducible."""
         if self.seed is None or choice == 0:
             return self
-        return dataclasses.replace(self, seed=(self.seed + choice) % SEED_LIMIT)
+        return msgspec.structs.replace(self, seed=(self.seed + choice) % SEED_LIMIT)
 
 
 GREEDY = SamplingParams()

@@ -55,7 +55,7 @@ def test_a_silent_connection_to_the_engine_socket_blocks_nobody(split_server):
 
     from qwen_worker.engine_process import AUTHKEY_ENV, SOCKET_ENV
     from qwen_worker.engine_socket import HANDSHAKE_TIMEOUT_S
-    from qwen_worker.protocol import Status, check_hello, decode, hello
+    from qwen_worker.protocol import Status, check_hello, decode_batch, hello
 
     environ = dict(item.split("=", 1) for item in
                    Path(f"/proc/{engine_pid(split_server)}/environ").read_text().split("\0") if "=" in item)
@@ -66,9 +66,9 @@ def test_a_silent_connection_to_the_engine_socket_blocks_nobody(split_server):
 
     def connect():
         conn = Client(address, family="AF_UNIX", authkey=authkey)
-        conn.send(hello())
-        check_hello(conn.recv())
-        admitted["status"] = decode(conn.recv()[0])  # the engine greets every API process with its status
+        conn.send_bytes(hello())
+        check_hello(conn.recv_bytes())
+        admitted["status"] = decode_batch(conn.recv_bytes())[0]  # the engine greets every API process with its status
         conn.close()
 
     thread = threading.Thread(target=connect, daemon=True)

@@ -5,7 +5,7 @@ import threading
 
 from qwen_worker.config import WorkerConfig
 from qwen_worker.engine_server import EngineServer
-from qwen_worker.protocol import Status, decode
+from qwen_worker.protocol import Status
 from qaio_testing import eventually
 
 class Recorder:
@@ -14,8 +14,8 @@ class Recorder:
     def __init__(self):
         self.posted = []
 
-    def post(self, packed):
-        self.posted.append(decode(packed))
+    def post(self, message):
+        self.posted.append(message)
 
     def flush(self):
         pass

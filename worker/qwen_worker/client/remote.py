@@ -13,7 +13,8 @@ from ..engine_process import AUTHKEY_ENV, ENGINE_PID_ENV, MASTER_PID_ENV, SOCKET
 from ..framed_socket import FramedSocket, connect
 from ..metrics import WorkerMetrics
 from ..prompts import ChatMLPrompter, load_tokenizer
-from ..protocol import Cancel, Control, Output, Request, RequestFailed, Status, check_hello, decode, encode, hello
+from ..protocol import (Cancel, Control, Output, Request, RequestFailed, Status, check_hello, decode_batch, encode_batch,
+                        hello)
 from .base import EngineClient
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class RemoteClient(EngineClient):
         self._conn: FramedSocket | None = None
         self._send_lock = threading.Lock()
         self._pending_lock = threading.Lock()
-        self._pending: list[tuple] = []
+        self._pending: list = []
         self._replies: dict[int, Future] = {}
         self._control_ids = iter(range(1, 2**62))
         self._stopping = False
@@ -57,8 +58,8 @@ class RemoteClient(EngineClient):
         while self._conn is None and not self._stopping:
             try:
                 conn = connect(self.address, self.authkey)
-                conn.send(hello())
-                check_hello(conn.recv())
+                conn.send_bytes(hello())
+                check_hello(conn.recv_bytes())
                 self._conn = conn
             except (FileNotFoundError, ConnectionRefusedError):
                 if not _engine_alive():
@@ -73,7 +74,7 @@ class RemoteClient(EngineClient):
                 return
         try:
             while True:
-                messages = [decode(packed) for packed in self._conn.recv()]
+                messages = decode_batch(self._conn.recv_bytes())
                 outputs = [message for message in messages if isinstance(message, Output)]
                 if outputs:
                     self.deliver(outputs)
@@ -156,15 +157,15 @@ class RemoteClient(EngineClient):
 
     def _send(self, message) -> None:
         """Messages posted while another thread is sending go in the next send, together (one
-        syscall and one pickle for many requests under load); order is kept."""
+        syscall and one encoding for many requests under load); order is kept."""
         with self._pending_lock:
-            self._pending.append(encode(message))
+            self._pending.append(message)
         try:
             with self._send_lock:
                 with self._pending_lock:
                     batch, self._pending = self._pending, []
                 if batch:  # empty: another thread sent ours with its own
-                    self._conn.send(batch)
+                    self._conn.send_bytes(encode_batch(batch))
         except (OSError, AttributeError, ValueError):
             raise RequestFailed("engine_lost", "the model process of this instance is not reachable") from None
 

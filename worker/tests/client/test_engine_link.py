@@ -206,7 +206,7 @@ def test_an_unreadable_message_from_the_engine_fails_the_instance_instead_of_han
     import threading
     from multiprocessing.connection import Listener
 
-    from qwen_worker.protocol import hello
+    from qwen_worker.protocol import Output, encode_batch, hello
 
     authkey = secrets.token_bytes(16)
     with Listener(str(tmp_path / "engine.sock"), family="AF_UNIX", authkey=authkey) as listener:
@@ -218,8 +218,8 @@ def test_an_unreadable_message_from_the_engine_fails_the_instance_instead_of_han
         client.start()
         acceptor.join(60)
         engine = accepted["conn"]
-        engine.recv()  # the client's hello
-        engine.send(hello())
+        engine.recv_bytes()  # the client's hello
+        engine.send_bytes(hello())
 
         def submitted():  # once the client has the connection (it is not reachable before)
             try:
@@ -228,8 +228,8 @@ def test_an_unreadable_message_from_the_engine_fails_the_instance_instead_of_han
                 return None
 
         held = eventually(submitted, what="the client connected")  # waits for an answer that will not come
-        assert engine.recv()  # the request, as the engine would receive it
-        engine.send([("Output", 1)])  # a truncated message
+        assert engine.recv_bytes()  # the request, as the engine would receive it
+        engine.send_bytes(encode_batch([Output(1, tokens=[5])])[:-1])  # a truncated message
         with pytest.raises(RequestFailed) as failed:
             held.wait()
         assert failed.value.code == "engine_lost"

@@ -33,13 +33,13 @@ def accepted(listener, key=KEY):
 
 def test_messages_of_every_size_cross_both_ways_in_order(listener):
     client, server = accepted(listener)
-    messages = [("small", 1), ("x" * 70_000,), [b"y" * (3 * READ_CHUNK + 5)], {"n": list(range(1000))}]
+    messages = [b"small", b"x" * 70_000, b"y" * (3 * READ_CHUNK + 5), bytes(range(256)) * 40, b""]
     for sender, receiver in ((client, server), (server, client)):
         # sent back to back (from a thread: the large ones outgrow the socket's buffer), so that several
         # frames arrive in one read and one frame in several
-        thread = threading.Thread(target=lambda: [sender.send(message) for message in messages])
+        thread = threading.Thread(target=lambda: [sender.send_bytes(message) for message in messages])
         thread.start()
-        assert [receiver.recv() for _ in messages] == messages
+        assert [receiver.recv_bytes() for _ in messages] == messages
         thread.join(30)
     client.close()
     server.close()
@@ -70,7 +70,7 @@ def test_closing_wakes_a_thread_blocked_in_recv(listener):
 
     def reader():
         try:
-            client.recv()
+            client.recv_bytes()
         except (EOFError, OSError) as exc:
             outcome.append(type(exc))
 
@@ -86,7 +86,7 @@ def test_the_peer_hanging_up_is_an_end_of_file(listener):
     client, server = accepted(listener)
     server.close()
     with pytest.raises(EOFError):
-        client.recv()
+        client.recv_bytes()
 
 
 LISTENER_SCRIPT = r"""
@@ -95,7 +95,7 @@ from multiprocessing.connection import Listener
 with Listener(sys.argv[1], family="AF_UNIX", authkey=b"k" * 32) as listener:
     print("listening", flush=True)
     conn = listener.accept()
-    conn.send(("answer to", conn.recv()))
+    conn.send_bytes(b"answer to " + conn.recv_bytes())
 """
 
 # An API process as gunicorn's gevent worker patches it, against an engine-like listener in a process of its own.
@@ -112,14 +112,14 @@ engine = subprocess.Popen([sys.executable, "-c", sys.argv[2], address], stdout=s
 assert engine.stdout.readline().strip() == "listening"
 client = connect(address, b"k" * 32)
 received = []
-reader = gevent.spawn(lambda: received.append(client.recv()))
+reader = gevent.spawn(lambda: received.append(client.recv_bytes()))
 ticks = 0
 while not reader.ready():  # the hub runs other greenlets while the reader waits
     ticks += 1
     if ticks == 50:
-        client.send("go")
+        client.send_bytes(b"go")
     gevent.sleep(0)
-assert received == [("answer to", "go")] and ticks >= 50, (received, ticks)
+assert received == [b"answer to go"] and ticks >= 50, (received, ticks)
 engine.wait()
 
 near, far = socket.socketpair()
