@@ -115,7 +115,7 @@ class WorkerService:
         return prompter
 
     def decode(self, token_ids) -> str:
-        return self.client.prompter.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self.client.prompter.decode(token_ids)
 
     def check_prompt_tokens(self, prompt_ids: list[int], what: str = "the prompt") -> None:
         """413 for a prompt longer than QAIO_MAX_PROMPT_TOKENS: every task is bounded in tokens before it

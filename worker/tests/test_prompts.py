@@ -91,6 +91,18 @@ def test_its_own_tokenizer_copies_give_exactly_what_transformers_gives(prompter)
             assert prompter._encode(text, split) == expected, (text, split)
 
 
+def test_decoding_gives_exactly_what_transformers_gives(prompter):
+    from bench.texts import review_texts
+
+    tokenizer = prompter.tokenizer
+    assert prompter._decoder is not None  # the fast path is the one tested
+    ids = [i for text in review_texts(200) + ["中文 english 🍜 ñandú — …"] for i in prompter.plain(text)]
+    ids += prompter.markup("<|im_start|>assistant\n<|im_end|><|endoftext|>") + [0, 1, 2]
+    for start in range(0, len(ids), 3):  # pieces of a few ids, as a stream decodes them, some cut mid-character
+        piece = ids[start:start + 1 + start % 5]
+        assert prompter.decode(piece) == tokenizer.decode(piece, skip_special_tokens=True), piece
+
+
 def test_the_loaded_tokenizer_keeps_no_python_copy_of_its_vocabulary_and_still_encodes(tiny_model_dir):
     """load_tokenizer drops what the constructor keeps (~90 MB for Qwen's vocabulary) and nothing it uses."""
     tokenizer = load_tokenizer(tiny_model_dir)
