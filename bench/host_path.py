@@ -4,8 +4,8 @@ arithmetic: a worker with QAIO_NULL_MODEL=1, whose passes answer at once from a 
 
 Per source tree (this one, and with `--before` another checkout, in the same sitting) and per layout
 (`QAIO_ENGINE_PROCESS=on`: an engine process and two API processes, the GPU default; `off`: one process),
-closed-loop levels of streamed chat (default sampling and penalty, 64 tokens) and of sentiment at c=64
-and c=256: tokens/s or requests/s, and the CPU seconds of every process of the instance (from /proc) per
+closed-loop levels of streamed chat (default sampling and penalty, 64 tokens), of sentiment, and of
+`GET /healthz` (no model, no engine: the floor of any request through gunicorn and Flask) at c=64 and c=256: tokens/s or requests/s, and the CPU seconds of every process of the instance (from /proc) per
 streamed token or per sentiment request, the load client's own CPU apart (it shares the machine's cores).
 Beside them, `Engine.step`'s host time at batch 64 and 256 (no HTTP): the engine over the null runner.
 
@@ -46,7 +46,7 @@ def http_levels(tree: str, model: str, levels: list[int], max_tokens: int, scale
             roles = worker_processes(server.proc.pid)
             level(server, roles, "chat", texts[:32], 16, 8, **DEFAULT_CHAT)  # warm the whole path
             results = []
-            for kind in ("chat", "sentiment"):
+            for kind in ("chat", "sentiment", "healthz"):
                 for c in levels:
                     count = (4 if kind == "chat" else 16) * c // scale
                     sampling = DEFAULT_CHAT if kind == "chat" else {}
@@ -157,11 +157,13 @@ def render(report: dict) -> str:
              f"of {report['max_tokens']} tokens with the default sampling and repetition penalty, and sentiment, one "
              "text a request. Server CPU: every process of the instance (gunicorn's master and API processes, "
              "the engine process), from /proc; the load client (Python, one process of threads) shares the "
-             "machine's cores and its CPU is shown apart.", "",
+             "machine's cores and its CPU is shown apart. `GET /healthz` touches neither the model nor the engine: "
+             "what any request costs through gunicorn and Flask, the floor under a sentiment request.", "",
              "| tree | layout | task | c | rate | server CPU | client CPU | errors |", "|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
         for layout, rows in run["http"].items():
             for row in rows:
+                task = "`GET /healthz`" if row["kind"] == "healthz" else row["kind"]
                 if row["kind"] == "chat":
                     rate, server, client = (f"{row['tokens_per_s']:,.0f} tok/s", f"{row['server_cpu_us_per_token']} µs/token",
                                             f"{row['client_cpu_us_per_token']} µs/token")
@@ -169,7 +171,7 @@ def render(report: dict) -> str:
                     rate, server, client = (f"{row['requests_per_s']:,.0f} req/s",
                                             f"{row['server_cpu_us_per_request']} µs/request",
                                             f"{row['client_cpu_us_per_request']} µs/request")
-                lines.append(f"| {run['name']} ({run['commit']}) | {layout} | {row['kind']} | {row['concurrency']} | "
+                lines.append(f"| {run['name']} ({run['commit']}) | {layout} | {task} | {row['concurrency']} | "
                              f"{rate} | {server} | {client} | {row['errors']} |")
     lines += ["", "`Engine.step`'s host time, every slot decoding (the engine over the null runner, no HTTP):", "",
               "| tree | batch | rows | ms per step | µs per row |", "|---|---|---|---|---|"]

@@ -49,6 +49,13 @@ def sentiment_call(session: requests.Session, url: str, text: str) -> Outcome:
     return Outcome(time.perf_counter() - started, ok=response.status_code == 200)
 
 
+def healthz_call(session: requests.Session, url: str, text: str) -> Outcome:
+    """The cheapest request a worker answers (no model, no engine): what HTTP alone costs it."""
+    started = time.perf_counter()
+    response = session.get(url + "/healthz", timeout=600)
+    return Outcome(time.perf_counter() - started, ok=response.status_code == 200)
+
+
 def chat_call(session: requests.Session, url: str, text: str, max_tokens: int, **sampling) -> Outcome:
     """A streamed chat (greedy unless sampling says otherwise): time to the first delta, total time,
     tokens from the final event."""
@@ -124,6 +131,7 @@ def _client_main() -> None:
     url, max_tokens, sampling = job["url"], job["max_tokens"], job["sampling"]
     chat = openai_chat_call if job["kind"] == "openai_chat" else chat_call
     call = (lambda s, t: sentiment_call(s, url, t)) if job["kind"] == "sentiment" else \
+        (lambda s, t: healthz_call(s, url, t)) if job["kind"] == "healthz" else \
         (lambda s, t: chat(s, url, t, max_tokens, **sampling))
     print("ready", flush=True)
     sys.stdin.readline()
