@@ -65,8 +65,8 @@ class EngineServer:
             owner = self._owners.pop(output.id, None) if output.final else self._owners.get(output.id)
             if owner is not None:
                 by_owner.setdefault(owner, []).append(output)
-        for connection, packed in by_owner.items():  # one lock and one wake-up per API process and pass
-            connection.post_all(packed)
+        for connection, routed in by_owner.items():  # one lock and one wake-up per API process and pass
+            connection.post_all(routed)
 
     # ---- messages from API processes ----------------------------------------------------------------
     def handle(self, connection: ApiConnection, message) -> None:

@@ -89,6 +89,10 @@ class ApiConnection:
             except (OSError, EOFError, ValueError):
                 self._close()
                 return
+            except Exception:  # a message that cannot be encoded: closed, so that the API process fails loudly
+                log.exception("engine: could not send to %s; closing its connection", self.name)
+                self._close()
+                return
 
     def _read(self) -> None:
         try:

@@ -121,7 +121,14 @@ class Hello(msgspec.Struct, array_like=True, tag=True):
 
 
 Message = Union[Request, Output, Cancel, Control, Status]
-_encoder = msgspec.msgpack.Encoder()  # encoding keeps no state between calls: one serves every thread
+def _plain(value):
+    """A value of a free-form field (a model's description) that MessagePack has no type for: a numpy or
+    torch scalar as its number, anything else as its text, never an error that would stop a sender."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) else str(value)
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_plain)  # keeps no state between calls: one serves every thread
 _batch = msgspec.msgpack.Decoder(list[Message])
 _hello = msgspec.msgpack.Decoder(Hello)
 
