@@ -66,7 +66,7 @@ def summarize(kind: str, c: int, result: dict) -> dict:
            "wall_s": round(result["wall_s"], 2), "cpu_s": {k: round(v, 2) for k, v in result["cpu_s"].items()}}
     if kind == "chat":
         tokens = result["output_tokens_per_s"] * result["wall_s"]
-        row.update(tokens=int(tokens), tokens_per_s=round(result["output_tokens_per_s"], 1),
+        row.update(tokens=round(tokens), tokens_per_s=round(result["output_tokens_per_s"], 1),
                    server_cpu_us_per_token=round(1e6 * server_cpu / max(tokens, 1), 1),
                    client_cpu_us_per_token=round(1e6 * result["cpu_s"]["clients"] / max(tokens, 1), 1))
     else:
