@@ -53,7 +53,8 @@ class FramedSocket:
             if not chunk:
                 raise EOFError
             buffer += chunk
-        data = bytes(buffer[:count])
+        with memoryview(buffer)[:count] as frame:  # one copy out of the buffer, not a slice and then bytes
+            data = bytes(frame)
         del buffer[:count]  # cheap at the front of a bytearray
         return data
 

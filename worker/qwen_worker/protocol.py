@@ -121,6 +121,8 @@ class Hello(msgspec.Struct, array_like=True, tag=True):
 
 
 Message = Union[Request, Output, Cancel, Control, Status]
+
+
 def _plain(value):
     """A value of a free-form field (a model's description) that MessagePack has no type for: a numpy or
     torch scalar as its number, anything else as its text, never an error that would stop a sender."""
