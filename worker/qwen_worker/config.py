@@ -74,7 +74,8 @@ class WorkerConfig:
                                "request past the bound is refused at once and probes and /metrics always find room)",
                             minimum=0)
     stream_coalesce_ms: float = _setting(20.0, "A stream sends the tokens of this many milliseconds as one event (the "
-                                              "first token goes at once)", minimum=0)
+                                              "first token goes at once); the engine holds them back and sends them as "
+                                              "one message", minimum=0)
     cpu_linear: str = _setting("auto", "Linear-layer kernels on CPU: `onednn` (weights prepacked once), `default` "
                                        "(torch's F.linear), `auto` (onednn for float32 and bfloat16 on CPU when available)",
                                choices=("auto", "onednn", "default"))

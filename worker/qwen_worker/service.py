@@ -139,12 +139,12 @@ class WorkerService:
         return self.client.generate(task, prompt_ids, deadline, max_tokens, sampling, stream)
 
     def deltas(self, handle: RequestHandle, client_gone=None, stops=None):
-        """A streaming generation's text deltas, coalesced every QAIO_STREAM_COALESCE_MS."""
-        return handle.deltas(self.decode, self.config.stream_coalesce_ms / 1000, client_gone, stops)
+        """A streaming generation's text deltas (the engine coalesces them every QAIO_STREAM_COALESCE_MS)."""
+        return handle.deltas(self.decode, client_gone, stops)
 
     def pieces(self, handle: RequestHandle, client_gone=None, stops=None):
         """(text, first token, end token) of a streaming generation, coalesced as deltas are."""
-        return handle.pieces(self.decode, self.config.stream_coalesce_ms / 1000, client_gone, stops)
+        return handle.pieces(self.decode, client_gone, stops)
 
     def chat_ids(self, messages: list[Message]) -> list[int]:
         return self.prompter.chat_ids(messages)

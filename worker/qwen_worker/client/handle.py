@@ -79,32 +79,25 @@ class RequestHandle:
         self._raise_error()
         return self
 
-    def deltas(self, decode: Callable[[Sequence[int]], str], coalesce_s: float = 0.0,
-               client_gone: Callable[[], bool] | None = None, stops: StopStrings | None = None) -> Iterator[str]:
+    def deltas(self, decode: Callable[[Sequence[int]], str], client_gone: Callable[[], bool] | None = None,
+               stops: StopStrings | None = None) -> Iterator[str]:
         """Text as it is generated; ends with the request (its outcome is on the handle then)."""
-        for text, _, _ in self.pieces(decode, coalesce_s, client_gone, stops):
+        for text, _, _ in self.pieces(decode, client_gone, stops):
             if text:
                 yield text
 
-    def pieces(self, decode: Callable[[Sequence[int]], str], coalesce_s: float = 0.0,
-               client_gone: Callable[[], bool] | None = None,
+    def pieces(self, decode: Callable[[Sequence[int]], str], client_gone: Callable[[], bool] | None = None,
                stops: StopStrings | None = None) -> Iterator[tuple[str, int, int]]:
         """(text, first token, end token) as generated: the tokens [first, end) make up the text.
 
-        The first token goes out at once; later ones at most every `coalesce_s`, as one piece of all tokens
-        that arrived meanwhile: at thousands of tokens per second, an event (a thread wake-up and a socket
-        write) per token would cost the HTTP layer more than the model. With stop strings, text that could
-        begin one waits, and at the first one the generation ends there: finish_reason "stop", the tokens
-        cut after the one that completed it, the engine told to stop."""
-        sent, shown, send_after = 0, 0, 0.0  # tokens decoded; tokens whose piece went out
+        A piece per wake-up, of every output that arrived by then: the engine already sends a stream's
+        tokens coalesced (core/outbox.py), and a reader that fell behind catches up in one piece. With
+        stop strings, text that could begin one waits, and at the first one the generation ends there:
+        finish_reason "stop", the tokens cut after the one that completed it, the engine told to stop."""
+        sent, shown = 0, 0  # tokens decoded; tokens whose piece went out
         try:
             while True:
-                final = self.receive(client_gone).final
-                if coalesce_s and not final:
-                    delay = send_after - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    final = self._receive_ready()
+                final = self.receive(client_gone).final or self._receive_ready()
                 # Byte-level BPE decodes token by token without context, so only the tokens not yet sent
                 # need decoding; they wait while they end inside a multi-byte character.
                 text = decode(self.tokens[sent:])
@@ -119,7 +112,6 @@ class RequestHandle:
                     if text:
                         yield text, shown, sent
                         shown = sent
-                    send_after = time.monotonic() + coalesce_s
                 if final:
                     rest = stops.flush() if stops is not None else ""
                     if rest or shown < len(self.tokens):

@@ -24,6 +24,7 @@ class Work:
     enqueued_at: float = dataclasses.field(default_factory=time.monotonic)
     started_at: float | None = None  # when its row took a slot
     sent: int = 0  # generated tokens already sent in earlier outputs
+    stream_due: float = 0.0  # a stream's next tokens go out from then on (Outbox)
     first_token_at: float | None = None  # the end of the step that produced its first token
     batch_size: int = 0
     cancel_reason: str = "client_gone"  # counted if it leaves before it holds a slot

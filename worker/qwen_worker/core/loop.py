@@ -39,7 +39,7 @@ class EngineLoop:
         self.config = config
         self.metrics = metrics
         self.health = health
-        self.outbox = Outbox(sink)
+        self.outbox = Outbox(sink, config.stream_coalesce_ms / 1000)
         self._final = self.outbox.final
         self.turnover = SlotTurnover(config.max_batch_size)
         self.pace = ScoringPace()

@@ -1,5 +1,11 @@
 """What a pass of the engine loop tells the clients: started, streamed tokens, final outputs, sent as one
-list per pass (engine thread only)."""
+list per pass (engine thread only).
+
+A stream's first token goes out in the pass that produced it; later tokens at most every
+`stream_interval_s`, together (QAIO_STREAM_COALESCE_MS). An output per row per pass would cost both
+processes more than the tokens: its message, its delivery to the request and, with no device time to
+wait for, a frame per API process per pass.
+"""
 from __future__ import annotations
 
 import time
@@ -13,8 +19,10 @@ Sink = Callable[[list[Output]], None]
 
 
 class Outbox:
-    def __init__(self, sink: Sink):
+    def __init__(self, sink: Sink, stream_interval_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self.sink = sink
+        self.stream_interval_s = stream_interval_s
+        self.clock = clock
         self._outputs: list[Output] = []
 
     def started(self, work: Work) -> None:
@@ -35,17 +43,19 @@ class Outbox:
         self._outputs.append(output)
 
     def flush(self, generating: Iterable[Work]) -> None:
-        """Send what this pass produced: streamed tokens of running generations, then the rest."""
-        now = time.monotonic()
+        """Send what this pass produced: streamed tokens of running generations (the first at once, the
+        rest once their interval has passed), then the rest."""
+        now = self.clock()
         for work in generating:
-            if work.first_token_at is None and work.row.tokens:
+            tokens = work.row.tokens
+            if work.first_token_at is None and tokens:
                 work.first_token_at = now
-            if work.request.stream and len(work.row.tokens) > work.sent:
-                self._outputs.append(Output(work.id, tokens=work.row.tokens[work.sent:],
+            if work.request.stream and len(tokens) > work.sent and (work.sent == 0 or now >= work.stream_due):
+                self._outputs.append(Output(work.id, tokens=tokens[work.sent:],
                                             logprobs=work.row.token_logprobs[work.sent:]
                                             if work.row.sampling.logprobs >= 0 else None,
                                             first_token_at=work.first_token_at))
-                work.sent = len(work.row.tokens)
+                work.sent, work.stream_due = len(tokens), now + self.stream_interval_s
         if self._outputs:
             outputs, self._outputs = self._outputs, []
             self.sink(outputs)

@@ -1,5 +1,5 @@
 """A request handle: text deltas from streamed outputs (exact text, incomplete characters held back,
-coalescing), waiting with its deadline and grace, cancelling."""
+what arrived meanwhile as one delta), waiting with its deadline and grace, cancelling."""
 import json
 import time
 
@@ -21,11 +21,14 @@ def test_deltas_add_up_to_the_text_and_never_split_a_character(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids
     job = handle()
+    outputs = iter([Output(7, tokens=[token]) for token in ids] + [Output(7, finish_reason="length")])
+
+    def decode(tokens):  # the next output arrives while the reader decodes: one token per wake-up
+        job.deliver(next(outputs, Output(7)))
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
     job.deliver(Output(7, started_at=time.monotonic(), batch_size=1))
-    for token in ids:
-        job.deliver(Output(7, tokens=[token]))
-    job.deliver(Output(7, finish_reason="length"))
-    deltas = list(job.deltas(lambda t: tokenizer.decode(t, skip_special_tokens=True)))
+    deltas = list(job.deltas(decode))
     assert "".join(deltas) == TEXT
     assert not any("\ufffd" in d for d in deltas)
     assert len(deltas) > 10  # streamed piece by piece, not in one lump
@@ -42,29 +45,20 @@ def test_a_stream_still_queued_at_its_deadline_ends_with_a_deadline_error_at_onc
     blocker.release(long_job)
 
 
-def test_tokens_arriving_within_the_coalescing_window_go_out_as_one_delta(tiny_model_dir):
-    import threading
-
+def test_outputs_that_arrived_while_the_reader_was_away_go_out_as_one_delta(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tokenizer("one two three four five six seven eight", add_special_tokens=False).input_ids
     job = handle()
-
-    def engine():  # the first token, then the rest quickly, as decode steps would bring them
-        job.deliver(Output(7, tokens=[ids[0]], started_at=time.monotonic()))
-        time.sleep(0.05)
-        for token in ids[1:]:
-            job.deliver(Output(7, tokens=[token]))
-            time.sleep(0.005)
-        job.deliver(Output(7, finish_reason="length"))
-
-    threading.Thread(target=engine).start()
-    started = time.monotonic()
-    deltas = []
-    for delta in job.deltas(lambda t: tokenizer.decode(t, skip_special_tokens=True), coalesce_s=0.2):
-        deltas.append((time.monotonic() - started, delta))
-    assert "".join(d for _, d in deltas) == tokenizer.decode(ids)
-    assert deltas[0][0] < 0.15, "the first token is sent at once"
-    assert len(deltas) == 2, f"the rest arrived within one window and went as one delta: {deltas}"
+    job.deliver(Output(7, tokens=[ids[0]], started_at=time.monotonic()))
+    deltas = job.deltas(lambda t: tokenizer.decode(t, skip_special_tokens=True))
+    first = next(deltas)
+    for token in ids[1:]:  # several passes' outputs, queued before the reader came back
+        job.deliver(Output(7, tokens=[token]))
+    job.deliver(Output(7, finish_reason="length"))
+    rest = list(deltas)
+    assert first + "".join(rest) == tokenizer.decode(ids)
+    assert len(rest) == 1, f"what was there went as one delta: {rest}"
+    assert job.finish_reason == "length"
 
 
 def test_a_queued_request_gives_up_at_its_deadline_and_cancels_itself():
