@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..engine import GenerationRow
 from ..engine.errors import RowFailed, StepFailed
+from ..engine.inference import thread_mode
 from ..health import Health
 from ..metrics import WorkerMetrics
 from ..protocol import GENERATE, SENTIMENT, Request, RequestFailed
@@ -115,6 +116,10 @@ class EngineLoop:
 
     # ---- the engine thread --------------------------------------------------------------------
     def _run(self) -> None:
+        with thread_mode():  # once, not per step (engine/inference.py)
+            self._serve()
+
+    def _serve(self) -> None:
         engine = self.engine
         engine.after_prefill = self._send_prefilled
         try:

@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .buckets import bucket, doubling, length_groups
 from .forward import DecoderStack
+from .inference import inference
 from .kv_cache import SCRATCH_BLOCK, PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class ModelRunner:
         row[len(blocks):] = SCRATCH_BLOCK
         self._stale_tables.add(slot)
 
-    @torch.inference_mode()
+    @inference
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Every layer's keys and values of block `source` into block `destination`, for each pair."""
         index = torch.tensor(pairs, dtype=torch.long).T.to(self.device, non_blocking=True)
@@ -174,7 +175,7 @@ class ModelRunner:
         logits = self._decode_logits(n, attend)
         return logits, logits.argmax(dim=-1)
 
-    @torch.inference_mode()
+    @inference
     def capture_graphs(self) -> None:
         """Capture a decode graph for every (batch, attend) bucket, largest first so the smaller
         ones fit in the memory pool the first one reserved."""
@@ -200,7 +201,7 @@ class ModelRunner:
         log.info("captured %d decode graphs in %.1f s", len(self.graphs), self.capture_seconds,
                  extra={"batch_sizes": list(self.batch_sizes), "attend_lengths": list(self.attend_lengths)})
 
-    @torch.inference_mode()
+    @inference
     def decode(self, rows: dict[int, tuple[int, int]], width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decode step for slots [0, width); rows maps slot -> (input token, position).
 
@@ -229,7 +230,7 @@ class ModelRunner:
 
 
     # ---- prefill -------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @inference
     def prefill(self, chunks: Sequence[PrefillChunk]) -> torch.Tensor:
         """Writes each chunk's keys into its slot; returns the final norm's output [len(chunks), hidden] at
         each chunk's last token (for token_logits and label_logits).
@@ -251,12 +252,12 @@ class ModelRunner:
             hidden[members] = self._prefill_group([chunks[i] for i in members], width)
         return hidden
 
-    @torch.inference_mode()
+    @inference
     def token_logits(self, hidden: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         """The output head's logits [len(rows), vocab] at prefill's rows `rows` (on the device)."""
         return self.stack.lm_head(hidden[list(rows)])
 
-    @torch.inference_mode()
+    @inference
     def label_logits(self, hidden: torch.Tensor, rows: Sequence[int]) -> np.ndarray:
         """The label head's float32 logits [len(rows), labels] at prefill's rows `rows`, on the host."""
         return (hidden[list(rows)].float() @ self.label_head.T).cpu().numpy()

@@ -12,22 +12,39 @@ first entry does.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import numpy as np
 import torch
 
 from .sequence import GenerationRow
 
 
-class PenalizedRows(NamedTuple):
-    """A step's penalized rows: where they are in its logits, their slots, and the width of their tables."""
+class PenalizedRows:
+    """A step's penalized rows: their positions in its rows / logits and their slots (int64 host arrays),
+    and on the device, made when first asked (a step whose tokens the runner picked, or one counted on
+    the host's views, needs neither)."""
 
-    index: torch.Tensor  # positions in the step's rows / logits, on the device
-    slots: torch.Tensor  # on the device
-    host_slots: np.ndarray
-    width: int
-    host_index: np.ndarray  # `index` on the host
+    __slots__ = ("host_index", "host_slots", "_state", "_index", "_slots")
+
+    def __init__(self, state: "PenaltyState", host_index: np.ndarray, host_slots: np.ndarray):
+        self.host_index, self.host_slots, self._state = host_index, host_slots, state
+        self._index = self._slots = None
+
+    @property
+    def index(self) -> torch.Tensor:
+        if self._index is None:
+            self._index = self._state.to_device(self.host_index)
+        return self._index
+
+    @property
+    def slots(self) -> torch.Tensor:
+        if self._slots is None:
+            self._slots = self._state.to_device(self.host_slots)
+        return self._slots
+
+    @property
+    def width(self) -> int:
+        """The widest table among them: how many entries a step reads per row."""
+        return int(self._state.bound[self.host_slots].max())
 
 
 class PenaltyState:
@@ -57,7 +74,7 @@ class PenaltyState:
         """A row entered its slot: its prompt's distinct ids seen, nothing generated yet. Only what the slot's
         previous row wrote is cleared (its entries, up to its bound), not the slot's whole vocabulary row:
         a [vocab] fill per admitted row was most of a short request's engine time."""
-        seen = np.unique(np.asarray(row.prompt_ids, dtype=np.int64))
+        seen = np.array(sorted(set(row.prompt_ids)), dtype=np.int64)  # np.unique costs more at a prompt's size
         n, slot = len(seen), row.slot
         used = int(self.bound[slot])
         sampling = row.sampling
@@ -84,18 +101,21 @@ class PenaltyState:
 
     def select(self, at: np.ndarray, host_slots: np.ndarray) -> PenalizedRows:
         """A step's penalized rows: their positions `at` among its rows, and their slots (both int64)."""
-        to = dict(device=self.device, non_blocking=True)
-        return PenalizedRows(torch.from_numpy(at).to(**to), torch.from_numpy(host_slots).to(**to),
-                             host_slots, int(self.bound[host_slots].max()), at)
+        return PenalizedRows(self, at, host_slots)
+
+    def to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device, non_blocking=True)
 
     def apply(self, logits: torch.Tensor, rows: PenalizedRows) -> torch.Tensor:
         """Float32 logits with the penalized rows' penalties applied, the others' unchanged. Float32 logits
         are changed in place (the step's own, read by nobody after the draw); others are copied first."""
         logits = logits if logits.dtype == torch.float32 else logits.float()
-        params = self.params[rows.slots]
+        slots, width = rows.slots, rows.width
+        params = self.params[slots]
         repetition, presence, frequency = (params[:, i:i + 1] for i in range(3))
-        ids = self.ids[rows.slots, :rows.width]
-        counts = self.counts[rows.slots, :rows.width]
+        ids = self.ids[slots, :width]
+        counts = self.counts[slots, :width]
         at = rows.index[:, None]
         seen = logits[at, ids]
         # As in CTRL and transformers: a seen token's logit is divided by the penalty when positive,
@@ -103,7 +123,7 @@ class PenaltyState:
         penalized = torch.where(seen > 0, seen / repetition, seen * repetition)
         penalized = penalized - presence * (counts > 0) - frequency * counts
         # Padding entries (past a slot's valid ones) hold the slot's first id: write that id's value there too.
-        padding = torch.arange(rows.width, device=self.device) >= self.valid[rows.slots, None]
+        padding = torch.arange(width, device=self.device) >= self.valid[slots, None]
         logits[at, ids] = torch.where(padding, penalized[:, :1], penalized)
         return logits
 
@@ -129,7 +149,7 @@ class PenaltyState:
         ids, entry, counts, valid, _ = self._host
         slots = rows.host_slots
         drawn = tokens[rows.host_index]
-        seen_at = entry[slots, drawn].astype(np.int64)
+        seen_at = entry[slots, drawn]
         known = seen_at >= 0
         at = np.where(known, seen_at, valid[slots])
         ids[slots, at] = drawn

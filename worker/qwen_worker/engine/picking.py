@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .inference import inference
 from .logprobs import TokenLogprob, token_logprobs
 from .penalties import PenaltyState
 from .sampler import sample
@@ -32,6 +33,7 @@ class TokenPicker:
         self.seeded = np.zeros(slots, dtype=bool)  # draws from a generator of the row's own
         self.logprobs = np.full(slots, -1, dtype=np.int64)
 
+    @inference  # the penalties' tables are made and changed in the mode that changes them in a step
     def admit(self, row: GenerationRow) -> None:
         """A row joins: its slot's settings are written, its penalties' state starts from its prompt."""
         sampling, slot = row.sampling, row.slot
@@ -47,7 +49,7 @@ class TokenPicker:
                                               self.runner.device)
             self.penalties.reset(row)
 
-    @torch.inference_mode()  # the penalties change the step's logits (inference tensors) in place
+    @inference  # the penalties change the step's logits (inference tensors) in place
     def pick(self, rows: Sequence[GenerationRow | None], logits: torch.Tensor,
              greedy: torch.Tensor | None) -> tuple[list[int], Sequence[TokenLogprob | None]]:
         """Each row's next token (and its logprobs, for rows asking) from logits aligned with rows (None:
