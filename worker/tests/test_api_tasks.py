@@ -70,6 +70,24 @@ def test_streamed_chat_sends_deltas_then_a_final_event(client):
     assert final["usage"]["completion_tokens"] == 10
 
 
+def test_a_streams_last_text_and_its_outcome_go_out_in_one_write(client):
+    """What arrives with the final output is ready at once: one write (one chunk, one send), not one per event."""
+    ask = {"max_tokens": 10, "temperature": 0, "stream": True}
+    response = client.post("/v1/chat", json={"text": "hello", **ask}, buffered=False)
+    writes = [chunk.decode() for chunk in response.response]
+    assert all(w.count("data: ") == 1 for w in writes[:-1]), writes
+    last = [json.loads(frame[len("data: "):]) for frame in writes[-1].split("\n\n") if frame]
+    assert [list(event)[0] for event in last] == ["delta", "done"], writes[-1]
+    response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hello"}],
+                                                         "stream_options": {"include_usage": True}, **ask},
+                           buffered=False)
+    writes = [chunk.decode() for chunk in response.response]
+    frames = [frame for frame in writes[-1].split("\n\n") if frame]
+    assert len(frames) == 4 and frames[-1] == "data: [DONE]", writes[-1]  # text, finish, usage, [DONE]
+    finish, usage = (json.loads(frame[len("data: "):]) for frame in frames[1:3])
+    assert finish["choices"][0]["finish_reason"] == "length" and usage["usage"]["completion_tokens"] == 10
+
+
 def test_analyze_returns_sentiment_and_a_reply(client):
     body = client.post("/v1/analyze", json={"text": "太难吃了，再也不点了", "max_tokens": 5}).get_json()
     check_envelope(body)

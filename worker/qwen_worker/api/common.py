@@ -28,12 +28,16 @@ def envelope(jobs: Iterable[RequestHandle], **fields) -> dict:
             "demo_model": model.demo_info is not None, "stand_in_model": model.stand_in_info is not None, **fields, "timing": timing}
 
 
-def sse(events: Iterator[dict | str]) -> Response:
-    """A text/event-stream response; nginx must not buffer it."""
+def sse(events: Iterator[dict | str | list]) -> Response:
+    """A text/event-stream response; nginx must not buffer it. A list of events is ready together (a
+    stream's last text and its outcome): one write, not one per event."""
+    def frame(event: dict | str) -> str:
+        data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
+        return f"data: {data}\n\n"
+
     def frames():
         for event in events:
-            data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
-            yield f"data: {data}\n\n"
+            yield "".join(map(frame, event)) if isinstance(event, list) else frame(event)
 
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     return Response(stream_with_context(frames()), mimetype="text/event-stream", headers=headers)

@@ -108,19 +108,23 @@ def _chunks(shape: Shape, handle, gen: Generation, completion_id: str, created: 
 
     if shape.first_delta is not None:
         yield chunk(shape.first_delta)
-    offset = 0
+    offset, last = 0, []  # the final output's text goes out with the end of the stream, in one write
     try:
         for text, start, end in service().pieces(handle, g.client_gone, ch.stops(gen)):
-            yield chunk(shape.delta(text), logprobs=_logprobs(shape, handle, gen, start, end, offset))
+            event = chunk(shape.delta(text), logprobs=_logprobs(shape, handle, gen, start, end, offset))
             offset += len(text)
+            if handle.finished_at is None:
+                yield event
+            else:
+                last.append(event)
     except (ApiError, RequestFailed) as err:
-        yield error_event(err)
+        yield [*last, error_event(err)]
         return
-    yield chunk(shape.delta(None), FINISH[handle.finish_reason])
+    last.append(chunk(shape.delta(None), FINISH[handle.finish_reason]))
     if include_usage:
-        yield {"id": completion_id, "object": shape.chunk_object, "created": created, "model": model,
-               "choices": [], "usage": ch.usage([handle])}
-    yield "[DONE]"
+        last.append({"id": completion_id, "object": shape.chunk_object, "created": created, "model": model,
+                     "choices": [], "usage": ch.usage([handle])})
+    yield [*last, "[DONE]"]
 
 
 CHAT = Shape("chatcmpl", "chat.completion", "chat.completion.chunk",

@@ -105,16 +105,20 @@ def _reply_events(job: RequestHandle, gen: Generation, *before: RequestHandle, f
     last event with the outcome."""
     if first is not None:
         yield first
+    last = []  # the text that came with the final output goes out with the outcome, in one write
     try:
         for text, start, end in service().pieces(job, g.client_gone, ch.stops(gen)):
             event = {"delta": text}
             if gen.sampling.logprobs >= 0:
                 event["logprobs"] = chat_content(ch.token_text(), job.tokens[start:end], job.logprobs[start:end])
-            yield event
+            if job.finished_at is None:
+                yield event
+            else:
+                last.append(event)
     except (ApiError, RequestFailed) as err:
-        yield error_event(err)
+        yield [*last, error_event(err)]
         return
-    yield {"done": True, **envelope([*before, job], finish_reason=job.finish_reason, usage=usage(job))}
+    yield [*last, {"done": True, **envelope([*before, job], finish_reason=job.finish_reason, usage=usage(job))}]
 
 
 @bp.post("/analyze")
