@@ -26,7 +26,7 @@ help:
 	@echo "make cpu-precision  one worker per weight precision (float32, int8, bfloat16): RSS, chat c=1/4/16, sentiment, logit error: docs/cpu-precision.md"
 	@echo "make bulk-bench   short sentiment requests beside a bulk one (BEFORE=<checkout> beside): docs/bulk-beside-short.md"
 	@echo "make storm-bench  400 chats at once through nginx and two workers (BEFORE=<checkout> beside): docs/chat-storm.md"
-	@echo "make bench-host   the host path without the model (QAIO_NULL_MODEL): server CPU per token, per sentiment request and per GET /healthz (the HTTP floor), c=64/256, both layouts (BEFORE='<checkout> ...' beside): docs/benchmarks-host.md"
+	@echo "make bench-host   the host path without the model (QAIO_NULL_MODEL): server CPU per token, per sentiment request and per GET /healthz, and the floor of any request (bare WSGI and Flask apps on gunicorn), c=64/256, both layouts (BEFORE='<checkout> ...' beside): docs/benchmarks-host.md"
 	@echo "make key-cost     nginx CPU per request with API keys and without, and a worker's /healthz beside: docs/key-check-cost.md"
 	@echo "make penalty-cost server CPU per streamed token with the default repetition penalty and without: docs/penalty-cost.md"
 	@echo "make alerts       write the objectives' Prometheus rules from QAIO_SLO_* (deploy/alerts/, k8s/monitoring/): docs/alerts.md"

@@ -18,6 +18,7 @@ Writes docs/benchmarks-host.md and .json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -60,6 +61,28 @@ def http_levels(tree: str, model: str, levels: list[int], max_tokens: int, scale
     return out
 
 
+FLOORS = {"WSGI callable": "bench.floor_apps:wsgi", "Flask app": "bench.floor_apps:flask_app()"}
+
+
+def floor_levels(model: str, levels: list[int], scale: int) -> dict:
+    """`GET /healthz` from apps that do nothing else (bench/floor_apps.py) under the worker's gunicorn
+    settings as the engine-process layout's API processes run them (two, on gevent; the settings start
+    an engine process, with the null model, which these apps never call): the floor under any request on
+    this machine, whichever tree."""
+    out = {}
+    for name, app in FLOORS.items():
+        server = GunicornServer(model, app=app, QAIO_NULL_MODEL="1", **LAYOUTS["engine process"]).wait_ready(60)
+        try:
+            roles = worker_processes(server.proc.pid)
+            level(server, roles, "healthz", ["-"] * 64, 16, 1)  # warm
+            out[name] = [summarize("healthz", c, level(server, roles, "healthz", ["-"] * (16 * c // scale), c, 1))
+                         for c in levels]
+            print(f"  floor {name}: {out[name]}", flush=True)
+        finally:
+            server.stop()
+    return out
+
+
 def summarize(kind: str, c: int, result: dict) -> dict:
     server_cpu = sum(s for role, s in result["cpu_s"].items() if role != "clients")
     row = {"kind": kind, "concurrency": c, "requests": result["requests"], "errors": result["errors"],
@@ -80,6 +103,10 @@ def summarize(kind: str, c: int, result: dict) -> dict:
 def engine_steps(model: str, batches: list[int], steps: int) -> list[dict]:
     """Engine.step's host time over the null runner, every slot decoding: greedy rows and default-chat rows
     (sampled, penalized). Runs in the tree's own interpreter path (see main)."""
+    try:  # the engine loop steps inside torch's inference mode, entered once (trees that have it)
+        from qwen_worker.engine.inference import thread_mode
+    except ImportError:
+        thread_mode = contextlib.nullcontext
     from qwen_worker.config import WorkerConfig
     from qwen_worker.engine import GenerationRow
     from qwen_worker.model.null import NullModelService
@@ -99,10 +126,11 @@ def engine_steps(model: str, batches: list[int], steps: int) -> list[dict]:
                 engine.add(row, lambda row, error: None)
             while any(not row.prefilled or not row.tokens for row in rows):
                 engine.step()
-            started = time.perf_counter()
-            for _ in range(steps):
-                engine.step()
-            per_step = (time.perf_counter() - started) / steps
+            with thread_mode():
+                started = time.perf_counter()
+                for _ in range(steps):
+                    engine.step()
+                per_step = (time.perf_counter() - started) / steps
             engine.fail_all(RuntimeError("measured"))
             out.append({"batch": batch, "rows": name, "step_ms": round(1000 * per_step, 3),
                         "us_per_row": round(1e6 * per_step / batch, 2)})
@@ -141,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
         return 0
     runs = measure_trees(args.before, lambda tree: measure(tree, args))
+    floors = floor_levels(args.model, args.levels, args.scale)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "tokenizer": Path(args.model).name,
-              "max_tokens": args.max_tokens, "layouts": LAYOUTS, "runs": runs, "note": args.note}
+              "max_tokens": args.max_tokens, "layouts": LAYOUTS, "runs": runs, "floors": floors, "note": args.note}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmarks-host.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "benchmarks-host.md").write_text(render(report))
@@ -180,6 +209,15 @@ def render(report: dict) -> str:
         for row in run["engine_step"]:
             lines.append(f"| {run['name']} ({run['commit']}) | {row['batch']} | {row['rows']} | {row['step_ms']} | "
                          f"{row['us_per_row']} |")
+    if report.get("floors"):
+        lines += ["", "The floor under any request here: gunicorn with the worker's settings (two processes on gevent) "
+                  "serving an app that does nothing else (`bench/floor_apps.py`), `GET /healthz`:", "",
+                  "| app | c | rate | server CPU | client CPU | errors |", "|---|---|---|---|---|---|"]
+        for name, rows in report["floors"].items():
+            for row in rows:
+                lines.append(f"| {name} | {row['concurrency']} | {row['requests_per_s']:,.0f} req/s | "
+                             f"{row['server_cpu_us_per_request']} µs/request | {row['client_cpu_us_per_request']} "
+                             f"µs/request | {row['errors']} |")
     if report.get("note"):
         lines += ["", report["note"]]
     return "\n".join(lines) + "\n"
