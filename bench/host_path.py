@@ -66,12 +66,12 @@ FLOORS = {"WSGI callable": "bench.floor_apps:wsgi", "Flask app": "bench.floor_ap
 
 def floor_levels(model: str, levels: list[int], scale: int) -> dict:
     """`GET /healthz` from apps that do nothing else (bench/floor_apps.py) under the worker's gunicorn
-    settings as the engine-process layout's API processes run them (two, on gevent; the settings start
-    an engine process, with the null model, which these apps never call): the floor under any request on
-    this machine, whichever tree."""
+    settings as the engine-process layout's API processes run them (two, on gevent; without the engine
+    process, bench/floor_gunicorn.conf.py): the floor under any request on this machine, whichever tree."""
     out = {}
     for name, app in FLOORS.items():
-        server = GunicornServer(model, app=app, QAIO_NULL_MODEL="1", **LAYOUTS["engine process"]).wait_ready(60)
+        server = GunicornServer(model, app=app, conf=str(REPO / "bench" / "floor_gunicorn.conf.py"),
+                                **LAYOUTS["engine process"]).wait_ready(60)
         try:
             roles = worker_processes(server.proc.pid)
             level(server, roles, "healthz", ["-"] * 64, 16, 1)  # warm
