@@ -57,7 +57,7 @@ def finish(handle: RequestHandle, gen: Generation) -> Choice:
     """A non-streaming choice once done; one cut by its deadline is a 504."""
     svc = service()
     if gen.stop:
-        text = "".join(handle.deltas(svc.decode, g.client_gone, stops(gen)))
+        text = "".join(svc.deltas(handle, g.client_gone, stops(gen)))
     else:
         handle.wait(g.client_gone)
     if handle.finish_reason == "deadline":
