@@ -22,6 +22,7 @@ from qwen_worker.sampling import SamplingParams
 
 CHAT_TOKENS = 64
 SAMPLED = dict(temperature=0.7, top_p=0.9)
+DEFAULT_CHAT = dict(SAMPLED, repetition_penalty=1.1)  # what a chat request without settings gets
 
 
 def variant_settings(spec: str) -> dict:
@@ -59,9 +60,10 @@ def load(model_dir: str, spec: str, batch: int) -> tuple[ModelService, dict]:
     service = ModelService(WorkerConfig.from_env({}, model=model_dir, max_batch_size=batch, **variant_settings(spec)))
     service.load()
     service.warmup()
-    runner = service.engine.runner
+    runner, picks = service.engine.runner, service.engine.picker.graphs
     return service, {"load_s": time.perf_counter() - started, "graph_capture_s": runner.capture_seconds,
-                     "graphs": len(runner.graphs)}
+                     "graphs": len(runner.graphs), "sampling_graphs": len(picks.graphs) if picks else 0,
+                     "sampling_graph_capture_s": picks.capture_seconds if picks else 0.0}
 
 
 def replay_ms(runner) -> dict:
@@ -190,6 +192,15 @@ def measure_variant(model_dir: str, spec: str, texts: list[str], reference_model
             on_probe()
         for batch in batches:
             result[f"sampled_b{batch}"] = steps(service, texts, batch, tokens, **SAMPLED)
+            on_probe()
+        picker = service.engine.picker
+        for batch in batches:  # the default chat with its picks in the sampling graphs, then eager (same load)
+            result[f"default_b{batch}"] = steps(service, texts, batch, tokens, **DEFAULT_CHAT)
+            graphs, picker.graphs = picker.graphs, None
+            try:
+                result[f"default_b{batch}_eager_picks"] = steps(service, texts, batch, tokens, **DEFAULT_CHAT)
+            finally:
+                picker.graphs = graphs
             on_probe()
         result["sentiment_b256_per_s"] = sentiment_rate(service, texts, reps=sentiment[1], batch=sentiment[0])
         on_probe()

@@ -41,6 +41,14 @@ ENGINE_ROWS = [
       for p in ("launch", "wait", "book")],
     *[(f"sampled b{b} tok/s (t=0.7, top_p=0.9)", lambda e, b=b: _get(e, f"sampled_b{b}", "tokens_per_s"), 0)
       for b in (4, 64, 256)],
+    ("sampling graphs (capture s)", lambda e: f"{e.get('sampling_graphs', 0)} ({_fmt(e.get('sampling_graph_capture_s'), 1)})", None),
+    *[(f"default chat b{b} tok/s (penalty 1.1, t=0.7, top_p=0.9): sampling graphs / eager picks",
+       lambda e, b=b: f"{_fmt(_get(e, f'default_b{b}', 'tokens_per_s'), 0)} / "
+                      f"{_fmt(_get(e, f'default_b{b}_eager_picks', 'tokens_per_s'), 0)}", None) for b in (64, 256)],
+    *[(f"default chat b256 host ms/step: {p}, graphs / eager",
+       lambda e, p=p: f"{_fmt(_get(e, 'default_b256', 'host_ms_per_step', p), 3)} / "
+                      f"{_fmt(_get(e, 'default_b256_eager_picks', 'host_ms_per_step', p), 3)}", None)
+      for p in ("launch", "wait", "book")],
     ("sentiment b256 prompts/s", lambda e: e.get("sentiment_b256_per_s"), 0),
     ("prefill 3x300 first / second ms (new thread)",
      lambda e: f"{_fmt(_get(e, 'prefill_3x300_ms', 'first'), 1)} / {_fmt(_get(e, 'prefill_3x300_ms', 'second'), 1)}", None),

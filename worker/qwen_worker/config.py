@@ -95,6 +95,10 @@ class WorkerConfig:
                                         "shared system prompts, the sentiment instruction)")
     cuda_graphs: str = _setting("auto", "Decode steps as CUDA graphs captured at start-up: `auto` (on a GPU), `on`, `off` "
                                         "(eager, for debugging)", choices=("auto", "on", "off"))
+    sampling_graphs: bool = _setting(True, "With decode graphs: a step's penalties, draw and penalty counts as one more "
+                                           "captured graph per batch size, so default chats (penalty, temperature, "
+                                           "top-p) stay on graphs; rows with a seed or logprobs, and "
+                                           "QAIO_SAMPLE_CANDIDATES > 0, run eagerly as without it")
     compile: str = _setting("off", "`on`: torch.compile the engine's passes (experimental: it recompiles for each "
                                    "shape bucket, and start-up took over 10 minutes on an H100), `off`",
                             choices=("on", "off"))

@@ -134,7 +134,7 @@ class Engine:
                 by_slot[row.slot] = row
                 if row.cached % size == 0:
                     self.scheduler.blocks.register(row)
-            tokens, logprobs = self.picker.pick(by_slot, logits, greedy)  # the step's one host sync
+            tokens, logprobs = self.picker.pick(by_slot, logits, greedy, aligned=True)  # the step's one host sync
             now = self.clock()
             for row in decoding:
                 self._accept(row, tokens[row.slot], now, logprobs[row.slot])

@@ -17,6 +17,8 @@ import torch
 
 from .sequence import GenerationRow
 
+NEUTRAL = (1.0, 0.0, 0.0)  # repetition, presence and frequency penalties that change no logit
+
 
 class PenalizedRows:
     """A step's penalized rows: their positions in its rows / logits and their slots (int64 host arrays),
@@ -47,6 +49,17 @@ class PenalizedRows:
         return int(self._state.bound[self.host_slots].max())
 
 
+class AllRows:
+    """Slots [0, n) as a step's rows (row i in slot i) at the tables' full width: what a pass over fixed
+    shapes penalizes, whichever of them ask for a penalty (the others hold neutral ones)."""
+
+    __slots__ = ("index", "slots", "width")
+
+    def __init__(self, n: int, width: int, device: torch.device):
+        self.index = self.slots = torch.arange(n, device=device)
+        self.width = width
+
+
 class PenaltyState:
     """Seen token ids and generation counts per KV slot of `max_tokens` positions (a row's distinct ids
     never outnumber its tokens), each slot's penalties, and the entry of each of the `vocab` ids. Allocated
@@ -60,7 +73,9 @@ class PenaltyState:
         self.entry = torch.full((slots, vocab), -1, dtype=entry_type, device=device)
         self.counts = torch.zeros((slots, max_tokens), dtype=torch.float32, device=device)
         self.valid = torch.zeros(slots, dtype=torch.long, device=device)
-        self.params = torch.zeros((slots, 3), dtype=torch.float32, device=device)  # repetition, presence, frequency
+        # repetition, presence, frequency; neutral (1, 0, 0) in a slot whose row asks for none, so that a pass
+        # over every slot (PickGraphs) changes nothing there
+        self.params = torch.tensor(NEUTRAL, dtype=torch.float32).repeat(slots, 1).to(device)
         # On the host, per slot: an upper bound of `valid` (it grows by one per counted token).
         self.bound = np.zeros(slots, dtype=np.int64)
         self.device = device
@@ -98,6 +113,13 @@ class PenaltyState:
             self.valid[slot] = n
             self.params[slot] = torch.tensor(params)
         self.bound[slot] = n
+
+    def neutral(self, slot: int) -> None:
+        """The slot's row asks for no penalty: a pass over every slot leaves its logits as they are."""
+        if self._host is not None:
+            self._host[4][slot] = NEUTRAL
+        else:
+            self.params[slot] = torch.tensor(NEUTRAL)
 
     def select(self, at: np.ndarray, host_slots: np.ndarray) -> PenalizedRows:
         """A step's penalized rows: their positions `at` among its rows, and their slots (both int64)."""
@@ -143,6 +165,21 @@ class PenaltyState:
         self.counts.index_put_((slots, at), torch.ones_like(drawn, dtype=torch.float32), accumulate=True)
         self.valid[slots] = valid + (~known).long()
         self.bound[rows.host_slots] += 1
+
+    def count_masked(self, rows: "AllRows", tokens: torch.Tensor, counted: torch.Tensor) -> None:
+        """count() for every slot of `rows` (tokens aligned with them), where only the slots whose
+        `counted` is true change: fixed shapes and no host values, for a captured pass. The host's
+        `bound` is the caller's to advance."""
+        slots, drawn = rows.slots, tokens
+        seen_at = self.entry[slots, drawn].long()
+        known = seen_at >= 0
+        valid = self.valid[slots]
+        # A slot not counted may have a full table: its index is kept in range, and what it writes is what is there.
+        at = torch.where(known, seen_at, valid).clamp_(max=self.ids.shape[1] - 1)
+        self.ids[slots, at] = torch.where(counted, drawn, self.ids[slots, at])
+        self.entry[slots, drawn] = torch.where(counted, at, seen_at).to(self.entry.dtype)
+        self.counts[slots, at] = self.counts[slots, at] + counted.float()  # each slot once: no index repeats
+        self.valid[slots] = valid + (counted & ~known).long()
 
     def _count_on_host(self, rows: PenalizedRows, tokens: np.ndarray) -> None:
         """count() on the CPU's numpy views (each slot appears once in a step: no index repeats)."""

@@ -15,6 +15,7 @@ import torch
 from .inference import inference
 from .logprobs import TokenLogprob, token_logprobs
 from .penalties import PenaltyState
+from .pick_graphs import PickGraphs
 from .sampler import sample
 from .sequence import GenerationRow
 
@@ -25,6 +26,7 @@ class TokenPicker:
         self.sample_prefilter = sample_prefilter
         self.sample_candidates = sample_candidates
         self.penalties: PenaltyState | None = None  # made for the first penalized row
+        self.graphs: PickGraphs | None = None  # decode steps' picks as captured passes (use_graphs)
         slots = runner.slots + getattr(runner, "score_slots", 0)
         self.plain = np.ones(slots, dtype=bool)  # plain greedy: the argmax of the logits as they are
         self.temperature = np.zeros(slots, dtype=np.float32)  # 0: greedy
@@ -33,10 +35,24 @@ class TokenPicker:
         self.seeded = np.zeros(slots, dtype=bool)  # draws from a generator of the row's own
         self.logprobs = np.full(slots, -1, dtype=np.int64)
 
+    @inference
+    def use_graphs(self, capture: bool = True) -> None:
+        """Decode steps pick through PickGraphs: captured on a GPU when `capture`, run as passes otherwise."""
+        self.penalties = self.penalties or self._penalty_state()
+        self.graphs = PickGraphs(self.runner, self.penalties, self.sample_prefilter)
+        if capture:
+            self.graphs.capture()
+
+    def _penalty_state(self) -> PenaltyState:
+        runner = self.runner
+        return PenaltyState(runner.slots, runner.max_tokens, runner.vocab_size, runner.device)
+
     @inference  # the penalties' tables are made and changed in the mode that changes them in a step
     def admit(self, row: GenerationRow) -> None:
         """A row joins: its slot's settings are written, its penalties' state starts from its prompt."""
         sampling, slot = row.sampling, row.slot
+        if self.graphs is not None and self.penalized[slot] and not sampling.penalized:
+            self.penalties.neutral(slot)  # the graphs' pass reads every slot's penalties
         self.plain[slot] = sampling.plain_greedy
         self.temperature[slot] = 0.0 if sampling.greedy else sampling.temperature
         self.top_p[slot] = sampling.top_p
@@ -44,25 +60,26 @@ class TokenPicker:
         self.seeded[slot] = sampling.seed is not None and not sampling.greedy
         self.logprobs[slot] = sampling.logprobs
         if sampling.penalized:
-            if self.penalties is None:
-                self.penalties = PenaltyState(self.runner.slots, self.runner.max_tokens, self.runner.vocab_size,
-                                              self.runner.device)
+            self.penalties = self.penalties or self._penalty_state()
             self.penalties.reset(row)
 
     @inference  # the penalties change the step's logits (inference tensors) in place
-    def pick(self, rows: Sequence[GenerationRow | None], logits: torch.Tensor,
-             greedy: torch.Tensor | None) -> tuple[list[int], Sequence[TokenLogprob | None]]:
+    def pick(self, rows: Sequence[GenerationRow | None], logits: torch.Tensor, greedy: torch.Tensor | None,
+             aligned: bool = False) -> tuple[list[int], Sequence[TokenLogprob | None]]:
         """Each row's next token (and its logprobs, for rows asking) from logits aligned with rows (None:
         padding), chosen on the device and copied to the host once (twice with logprobs). Steps where
         every row is plainly greedy take the logits' argmax: the decode graph's own where it computed one
         (greedy), else one pass over the logits, never a second. A runner that picks its own tokens (the
-        null model) passes them as `greedy`, with no logits."""
+        null model) passes them as `greedy`, with no logits. aligned: row i holds slot i (a decode step), which
+        the pick graphs need."""
         slots = np.fromiter((-1 if row is None else row.slot for row in rows), dtype=np.int64, count=len(rows))
         live = slots >= 0
         if logits is None:
             return self._picked(rows, slots, live, greedy)
         if self.plain[slots[live]].all():
             return (logits.argmax(dim=-1) if greedy is None else greedy).tolist(), [None] * len(rows)
+        if aligned and self.graphs is not None and not (self.seeded[slots] | (self.logprobs[slots] >= 0))[live].any():
+            return self._pick_in_graph(live, logits)
         penalized = self._penalized(slots, live)
         if penalized is not None:
             logits = self.penalties.apply(logits, penalized)
@@ -84,6 +101,15 @@ class TokenPicker:
         if penalized is not None:
             self.penalties.count(penalized, tokens)
         return tokens.tolist(), token_logprobs(logits, tokens, rows, asking)
+
+    def _pick_in_graph(self, live: np.ndarray, logits: torch.Tensor):
+        width = len(live)
+        counted = live & self.penalized[:width]
+        self.graphs.stage(width, np.where(live, self.temperature[:width], np.float32(0.0)),
+                          np.where(live, self.top_p[:width], np.float32(1.0)), counted)
+        tokens = self.graphs.pick(logits)
+        self.penalties.bound[np.flatnonzero(counted)] += 1
+        return tokens, [None] * width
 
     def _penalized(self, slots: np.ndarray, live: np.ndarray):
         if self.penalties is None:

@@ -44,8 +44,16 @@ def engine_over(runner, config, blocks: int, eos_token_ids: set[int]) -> Engine:
     manager = BlockManager(blocks, config.kv_block_tokens, caching=config.prefix_cache)
     scheduler = Scheduler(runner.slots, runner.max_tokens, config.prefill_chunk_tokens, manager,
                           score_slots=runner.score_slots)
-    return Engine(runner, scheduler, eos_token_ids, sample_prefilter=config.sample_prefilter,
-                  sample_candidates=config.sample_candidates)
+    engine = Engine(runner, scheduler, eos_token_ids, sample_prefilter=config.sample_prefilter,
+                    sample_candidates=config.sample_candidates)
+    # Sampling graphs need the decode graphs' fixed shapes, and no host check of the candidates.
+    if runner.graphs and config.sampling_graphs and config.sample_candidates == 0:
+        try:
+            engine.picker.use_graphs()
+        except Exception:  # serve with eager picks rather than not at all
+            log.exception("capturing the sampling graphs failed; steps pick eagerly")
+            engine.picker.graphs = None
+    return engine
 
 
 def kv_pool_blocks(model, config, max_tokens: int, device: torch.device, dtype: torch.dtype) -> int:

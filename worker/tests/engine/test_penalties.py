@@ -13,30 +13,27 @@ from qwen_worker.sampling import SamplingParams
 
 class DensePenalties:
     """The definition, as the engine applied it before (issue 20): [slots, vocab] counts and a seen mask,
-    every penalized row's whole vocabulary row rewritten each step."""
+    every penalized row's whole vocabulary row rewritten each step. It speaks PenaltyState's interface to
+    the picker: the engine runs on either."""
 
     def __init__(self, slots: int, vocab: int):
         self.counts = torch.zeros((slots, vocab))
         self.seen = torch.zeros((slots, vocab), dtype=torch.bool)
+        self.params = torch.zeros((slots, 3))
 
     def reset(self, row):
         self.counts[row.slot].zero_()
         self.seen[row.slot].zero_()
         self.seen[row.slot, torch.tensor(row.prompt_ids)] = True
+        s = row.sampling
+        self.params[row.slot] = torch.tensor([s.repetition_penalty, s.presence_penalty, s.frequency_penalty])
 
-    def select(self, rows):
-        return rows if any(row is not None and row.sampling.penalized for row in rows) else None
+    def select(self, at: np.ndarray, host_slots: np.ndarray):
+        return torch.from_numpy(at), torch.from_numpy(host_slots)
 
-    def apply(self, logits, rows):
-        at = [i for i, row in enumerate(rows) if row is not None and row.sampling.penalized]
-        if not at:
-            return logits
-        index = torch.tensor(at)
-        slots = torch.tensor([rows[i].slot for i in at])
-        sampling = [rows[i].sampling for i in at]
-        params = torch.tensor([[s.repetition_penalty, s.presence_penalty, s.frequency_penalty] for s in sampling],
-                              dtype=torch.float32)
-        repetition, presence, frequency = (params[:, i:i + 1] for i in range(3))
+    def apply(self, logits, selected):
+        index, slots = selected
+        repetition, presence, frequency = (self.params[slots, i:i + 1] for i in range(3))
         chosen = logits.index_select(0, index).float()
         counts, seen = self.counts.index_select(0, slots), self.seen.index_select(0, slots)
         chosen = torch.where(seen, torch.where(chosen > 0, chosen / repetition, chosen * repetition), chosen)
@@ -45,12 +42,9 @@ class DensePenalties:
         out.index_copy_(0, index, chosen)
         return out
 
-    def count(self, rows, tokens):
-        at = [i for i, row in enumerate(rows) if row is not None and row.sampling.penalized]
-        if not at:
-            return
-        slots = torch.tensor([rows[i].slot for i in at])
-        drawn = tokens.index_select(0, torch.tensor(at))
+    def count(self, selected, tokens):
+        index, slots = selected
+        drawn = tokens.index_select(0, index)
         self.counts.index_put_((slots, drawn), torch.ones_like(drawn, dtype=torch.float32), accumulate=True)
         self.seen[slots, drawn] = True
 
@@ -110,7 +104,8 @@ def test_sparse_penalties_equal_the_dense_definition_bit_for_bit_over_many_steps
                 enter(slot)
         logits = torch.randn(slots, vocab) * 3
         logits[0, 0] = 0.0  # a logit of exactly zero is multiplied, not divided
-        expected = dense.apply(logits.clone(), rows)
+        dense_selected = penalized(dense, rows)
+        expected = dense.apply(logits.clone(), dense_selected) if dense_selected else logits
         selected = penalized(sparse, rows)
         got = sparse.apply(logits.clone(), selected) if selected else logits
         assert torch.equal(got, expected), f"step {step}"
@@ -119,7 +114,8 @@ def test_sparse_penalties_equal_the_dense_definition_bit_for_bit_over_many_steps
                               for row in rows])
         if selected:
             sparse.count(selected, drawn)
-        dense.count(rows, drawn)
+        if dense_selected:
+            dense.count(dense_selected, drawn)
         for row, token in zip(rows, drawn.tolist()):
             row.tokens.append(token)
 
@@ -153,7 +149,7 @@ def test_the_engine_draws_the_same_tokens_with_sparse_penalties_as_with_the_dens
     def tokens(make_state, **sampling):
         rows = [GenerationRow(p, 16, SamplingParams(seed=i, **sampling)) for i, p in enumerate(prompts)]
         rows.append(GenerationRow(prompts[0], 16))
-        engine.penalties = make_state()
+        engine.picker.penalties = make_state()
         engine.run(rows)
         return [r.tokens for r in rows]
 
