@@ -56,6 +56,11 @@ class Arrivals:
         self.pace = pace
         self.cond = threading.Condition()
         self._items: list[Work] = []
+        self._generations = 0  # generations among _items
+        # While the engine thread, idle, waits in next() for a sentiment pass to fill: the own tokens of
+        # the sentiment requests arrived (None otherwise). An arrival then wakes it only once the pass is
+        # full, not at every request of it.
+        self._gathered: int | None = None
         self.stopping = False
 
     def __len__(self) -> int:
@@ -72,7 +77,7 @@ class Arrivals:
     def put(self, work: Work) -> None:
         with self.cond:
             scheduler = self.scheduler
-            generations = sum(1 for item in self._items if item.kind == GENERATE)
+            generations = self._generations
             beyond_free = max(generations + len(scheduler.waiting) - scheduler.free_slots(), 0) + max(
                 len(self._items) - generations + len(scheduler.waiting_to_score) - scheduler.free_score_slots(), 0)
             if beyond_free >= self.capacity:
@@ -84,7 +89,13 @@ class Arrivals:
                 if refusal is not None:
                     raise refusal
             self._items.append(work)
+            self._generations += work.kind == GENERATE
             self.publish_depth()
+            if self._gathered is not None and work.kind == SENTIMENT:
+                # The engine thread is parked in next(), its scheduler idle: counting the row's own tokens is safe.
+                self._gathered += scheduler.own_tokens(work.row)
+                if self._gathering(scheduler):
+                    return
             self.cond.notify()
 
     def remove(self, request_id: int) -> Work | None:
@@ -92,6 +103,9 @@ class Arrivals:
         for work in self._items:
             if work.id == request_id:
                 self._items.remove(work)
+                self._generations -= work.kind == GENERATE
+                if self._gathered is not None and work.kind == SENTIMENT:
+                    self._gathered -= max(work.row.own_tokens, 0)
                 self.publish_depth()
                 return work
         return None
@@ -109,10 +123,14 @@ class Arrivals:
         with self.cond:
             while not self.stopping and not self._items and not scheduler.has_rows():
                 self.cond.wait()
-            if not scheduler.has_rows():
+            if not scheduler.has_rows() and not self._generations:
                 gather_until = time.monotonic() + gather_s
-                while not self.stopping and self._gathering(scheduler) and time.monotonic() < gather_until:
-                    self.cond.wait(gather_until - time.monotonic())
+                self._gathered = sum(scheduler.own_tokens(work.row) for work in self._items)
+                try:
+                    while not self.stopping and self._gathering(scheduler) and time.monotonic() < gather_until:
+                        self.cond.wait(gather_until - time.monotonic())
+                finally:
+                    self._gathered = None
             if self.stopping:
                 return None
             arrived = self.take()
@@ -121,14 +139,14 @@ class Arrivals:
 
     def _gathering(self, scheduler: Scheduler) -> bool:
         """Only sentiment requests arrived, fewer than a pass holds: fewer than the scoring slots, and
-        fewer tokens past the cached prefix than a step's budget (caller holds cond)."""
-        if any(work.kind != SENTIMENT for work in self._items) or len(self._items) >= scheduler.score_allocator.total:
-            return False
-        return sum(scheduler.own_tokens(work.row) for work in self._items) < scheduler.prefill_tokens_per_step
+        fewer tokens past the cached prefix than a step's budget (caller holds cond, in a gather)."""
+        return not self._generations and len(self._items) < scheduler.score_allocator.total and \
+            self._gathered < scheduler.prefill_tokens_per_step
 
     def take(self) -> list[Work]:
         """Every arrived request, oldest first (caller holds cond)."""
         items, self._items = self._items, []
+        self._generations = 0
         return items
 
     def unreachable(self, now: float) -> list[tuple[GenerationRow, RequestFailed]]:
