@@ -55,11 +55,11 @@ class PickGraphs:
 
     @inference
     def capture(self) -> None:
-        """One graph per batch bucket, largest first (the smaller ones reuse its memory pool). The staging
-        is padding then: every slot greedy and counted nowhere, so the warm-up and capture passes change no
-        penalty table."""
+        """One graph per batch bucket, largest first (the smaller ones reuse its memory pool), each then
+        checked against its pass. The settings are padding meanwhile: every slot greedy and counted nowhere,
+        so the warm-up, capture and check passes change no penalty table."""
         started = time.monotonic()
-        self.settings.copy_(torch.from_numpy(np.repeat(PADDING, self.settings.shape[1], axis=1)))
+        self._pad_all()
         pool, side = None, torch.cuda.Stream(self.device)
         for n in reversed(self.batch_sizes):
             side.wait_stream(torch.cuda.current_stream(self.device))
@@ -71,9 +71,24 @@ class PickGraphs:
                 self._pass(n)
             pool = graph.pool()
             self.graphs[n] = graph
-        torch.cuda.synchronize(self.device)
+        for n in self.graphs:
+            self._check(n)
         self.capture_seconds = time.monotonic() - started
         log.info("captured %d sampling graphs in %.1f s", len(self.graphs), self.capture_seconds)
+
+    def _check(self, n: int) -> None:
+        """The graph of batch n against the same pass run as it is, on new logits, greedy (so deterministic):
+        a capture that baked in a value instead of reading its buffer fails the start, not a request."""
+        self._pad_all()
+        self.logits[:n].normal_()
+        self.graphs[n].replay()
+        captured = self.tokens[:n].clone()
+        self._pass(n)  # the staging is padding: neutral penalties, nothing counted, the logits left as they are
+        if not torch.equal(captured, self.tokens[:n]):
+            raise RuntimeError(f"the sampling graph of batch {n} picks other tokens than its pass run eagerly")
+
+    def _pad_all(self) -> None:
+        self.settings.copy_(torch.from_numpy(np.repeat(PADDING, self.settings.shape[1], axis=1)))
 
     @inference
     def pick(self, logits: torch.Tensor) -> list[int]:

@@ -1,11 +1,14 @@
 """Decode steps picked through the sampling graphs' pass (engine/pick_graphs.py, run as plain passes on a CPU)
 against the eager picks: the same tokens for the same seeds, rows of every kind reusing each other's slots."""
+import types
+
 import numpy as np
 import pytest
 import torch
 
 from qwen_worker.engine import GenerationRow
 from qwen_worker.engine.penalties import AllRows, PenaltyState
+from qwen_worker.engine.pick_graphs import PickGraphs
 from qwen_worker.prompts import Message
 from qwen_worker.sampling import SamplingParams
 
@@ -104,3 +107,17 @@ def test_a_pass_over_every_slot_changes_nothing_where_no_penalty_is_asked_or_cou
     # Slot 2's table is full (4 distinct prompt ids): not counted, a new id's index still stays in range.
     state.count_masked(AllRows(3, 4, torch.device("cpu")), torch.tensor([0, 0, 5]), torch.tensor([False, False, False]))
     assert np.array_equal(state.valid.numpy(), [3, 3, 4]) and state.ids[2].tolist() == [1, 2, 3, 4]
+
+
+def test_a_captured_graph_is_checked_against_its_pass_and_one_that_baked_in_its_tokens_fails():
+    """What capture() runs after capturing, here with stand-ins for the graphs (a CPU captures none)."""
+    cpu = torch.device("cpu")
+    runner = types.SimpleNamespace(device=cpu, slots=4, batch_sizes=(1, 2, 4), pad_shapes=True, vocab_size=1000,
+                                   max_tokens=16)
+    graphs = PickGraphs(runner, PenaltyState(4, 16, 1000, cpu))
+    graphs.graphs[4] = types.SimpleNamespace(replay=lambda: graphs._pass(4))  # reads its buffers: as the pass
+    graphs._check(4)
+    baked = graphs.tokens[:4].clone()
+    graphs.graphs[4] = types.SimpleNamespace(replay=lambda: graphs.tokens[:4].copy_(baked))  # the last logits' tokens
+    with pytest.raises(RuntimeError, match="batch 4"):
+        graphs._check(4)
