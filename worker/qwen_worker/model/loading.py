@@ -238,6 +238,11 @@ class ModelService(ServedModel):
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
+    def _sampling_graphs(self) -> int:
+        """Captured sampling graphs (0 where none were: no decode graphs, turned off, or a failed capture)."""
+        picks = self.engine.picker.graphs if self.engine is not None else None
+        return len(picks.graphs) if picks is not None else 0
+
     def describe(self) -> dict:
         runner = self.engine.runner if self.engine is not None else None
         return {"model": self.name, "source": self.served_source, "configured_model": self.config.model,
@@ -250,5 +255,6 @@ class ModelService(ServedModel):
                 "kv_block_tokens": runner.block_tokens if runner else None,
                 "slots": runner.slots if runner else None,
                 "cuda_graphs": len(runner.graphs) if runner else 0,
+                "sampling_graphs": self._sampling_graphs(),
                 "compiled": runner.compiled if runner else False,
                 "graph_capture_seconds": round(runner.capture_seconds, 2) if runner else None}
