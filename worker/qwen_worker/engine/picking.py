@@ -51,8 +51,10 @@ class TokenPicker:
     def admit(self, row: GenerationRow) -> None:
         """A row joins: its slot's settings are written, its penalties' state starts from its prompt."""
         sampling, slot = row.sampling, row.slot
-        if self.graphs is not None and self.penalized[slot] and not sampling.penalized:
-            self.penalties.neutral(slot)  # the graphs' pass reads every slot's penalties
+        if self.penalized[slot] and not sampling.penalized and self.penalties is not None:
+            # The sampling graphs' pass reads every slot's penalties; kept neutral also while they are off,
+            # so that turning them on (the GPU run's A/B does) finds no stale ones.
+            self.penalties.neutral(slot)
         self.plain[slot] = sampling.plain_greedy
         self.temperature[slot] = 0.0 if sampling.greedy else sampling.temperature
         self.top_p[slot] = sampling.top_p

@@ -86,6 +86,15 @@ def test_the_penalties_act_in_the_graphs_pass(engine):
     assert tokens(engine, plain, graphs=True) != tokens(engine, SAMPLED, graphs=True)
 
 
+def test_slots_left_by_penalized_rows_hold_neutral_penalties_again_while_the_graphs_are_off(engine):
+    """Turning the graphs on later (the GPU run's A/B of them does, in one load) finds no stale penalties."""
+    tokens(engine, [{"repetition_penalty": 0.1, "presence_penalty": 1.0}] * 4, graphs=False)  # all 4 slots
+    prompt = engine.prompter.chat_ids([Message("user", "短")])
+    engine.engine.run([GenerationRow(prompt, 4, SamplingParams(temperature=0.8)) for _ in range(4)])  # each takes one
+    params = engine.engine.picker.penalties.params
+    assert torch.equal(params, torch.tensor([[1.0, 0.0, 0.0]] * len(params)))
+
+
 def test_a_pass_over_every_slot_changes_nothing_where_no_penalty_is_asked_or_counted():
     """A slot whose previous row had penalties holds neutral ones again; counting masked slots leaves their tables."""
     state = PenaltyState(slots=3, max_tokens=4, vocab=6, device=torch.device("cpu"))
