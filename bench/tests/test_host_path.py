@@ -1,5 +1,8 @@
 """`make bench-host` (bench/host_path.py) at a smoke scale on this CPU: both layouts on the null model,
-every task's levels measured without an error, and the report written, so the bench is known to run."""
+every task's levels measured without an error, and the report written, so the bench is known to run.
+
+CPU is read from /proc in clock ticks (10 ms), summed per process: a level of a few requests may read 0
+in every process, so CPU is checked over the whole run (some 100 ms or more)."""
 import json
 import os
 import subprocess
@@ -25,12 +28,14 @@ def test_the_host_path_bench_measures_every_task_in_both_layouts_and_writes_its_
         assert [row["kind"] for row in rows] == ["chat", "sentiment", "healthz"], layout
         assert all(row["errors"] == 0 and row["requests"] > 0 for row in rows), rows
         chat, sentiment, healthz = rows
-        assert chat["tokens"] == 8 * chat["requests"] and chat["server_cpu_us_per_token"] > 0
-        assert sentiment["server_cpu_us_per_request"] > 0 and healthz["server_cpu_us_per_request"] > 0
+        assert chat["tokens"] == 8 * chat["requests"] and chat["server_cpu_us_per_token"] >= 0
+        assert sentiment["server_cpu_us_per_request"] >= 0 and healthz["server_cpu_us_per_request"] >= 0
+    http_rows = [row for rows in run["http"].values() for row in rows]
+    assert sum(sum(v for k, v in row["cpu_s"].items() if k != "clients") for row in http_rows) > 0
     assert "engine" in run["http"]["engine process"][0]["cpu_s"]  # the engine process is counted as the server's
     assert {row["rows"] for row in run["engine_step"]} == {"greedy", "default chat"}
     assert set(report["floors"]) == {"WSGI callable", "Flask app"}  # the floor under any request, measured
-    assert all(row["errors"] == 0 and row["server_cpu_us_per_request"] > 0 and "engine" not in row["cpu_s"]
-               for rows in report["floors"].values() for row in rows), report["floors"]
+    assert all(row["errors"] == 0 and row["requests"] > 0 and row["server_cpu_us_per_request"] >= 0
+               and "engine" not in row["cpu_s"] for rows in report["floors"].values() for row in rows), report["floors"]
     markdown = (tmp_path / "benchmarks-host.md").read_text()
     assert "`GET /healthz`" in markdown and "smoke test" in markdown and "| Flask app | 4 |" in markdown
