@@ -95,14 +95,13 @@ class PenaltyState:
         sampling = row.sampling
         params = (sampling.repetition_penalty, sampling.presence_penalty, sampling.frequency_penalty)
         if self._host is not None:
-            ids, entry, counts, valid, table_params = self._host
+            ids, entry, counts, valid, _ = self._host
             entry[slot, ids[slot, :used]] = -1  # past the previous row's valid entries: its first id, also its own
             counts[slot, :used] = 0.0
             ids[slot, :n] = seen
             ids[slot, n:] = seen[0]
             entry[slot, seen] = np.arange(n)
             valid[slot] = n
-            table_params[slot] = params
         else:
             distinct = torch.from_numpy(seen).to(self.device, non_blocking=True)  # copied to the device once
             self.entry[slot, self.ids[slot, :used]] = -1
@@ -111,15 +110,18 @@ class PenaltyState:
             self.ids[slot, :n] = distinct
             self.entry[slot, distinct] = torch.arange(n, dtype=self.entry.dtype, device=self.device)
             self.valid[slot] = n
-            self.params[slot] = torch.tensor(params)
+        self._set_params(slot, params)
         self.bound[slot] = n
 
     def neutral(self, slot: int) -> None:
         """The slot's row asks for no penalty: a pass over every slot leaves its logits as they are."""
+        self._set_params(slot, NEUTRAL)
+
+    def _set_params(self, slot: int, params: tuple[float, float, float]) -> None:
         if self._host is not None:
-            self._host[4][slot] = NEUTRAL
+            self._host[4][slot] = params
         else:
-            self.params[slot] = torch.tensor(NEUTRAL)
+            self.params[slot] = torch.tensor(params)
 
     def select(self, at: np.ndarray, host_slots: np.ndarray) -> PenalizedRows:
         """A step's penalized rows: their positions `at` among its rows, and their slots (both int64)."""

@@ -39,14 +39,17 @@ class PickGraphs:
         self._staging = torch.zeros((3, slots), dtype=torch.float32, pin_memory=on_gpu)
         self.staging = self._staging.numpy()  # written by the picker each step, copied with one transfer
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self._rows = {n: AllRows(n, runner.max_tokens, self.device) for n in (self.batch_sizes or ())}
+        self.width = runner.max_tokens  # of the penalty tables, read whole
+        self._rows: dict[int, AllRows] = {}  # by batch: made at a batch's first pass (on a GPU its warm-up)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replays = 0
         self.capture_seconds = 0.0
 
     def _pass(self, n: int) -> None:
         """Slots [0, n): their logits penalized in place, one token drawn each, the counted slots' counts kept."""
-        rows = self._rows.get(n) or AllRows(n, self.penalties.ids.shape[1], self.device)
+        rows = self._rows.get(n)
+        if rows is None:
+            rows = self._rows[n] = AllRows(n, self.width, self.device)
         logits = self.penalties.apply(self.logits[:n], rows)
         settings = self.settings[:, :n]
         tokens = sample(logits, settings[TEMPERATURE], settings[TOP_P], prefilter=self.prefilter)

@@ -80,22 +80,24 @@ class TokenPicker:
             return self._picked(rows, slots, live, greedy)
         if self.plain[slots[live]].all():
             return (logits.argmax(dim=-1) if greedy is None else greedy).tolist(), [None] * len(rows)
-        if aligned and self.graphs is not None and not (self.seeded[slots] | (self.logprobs[slots] >= 0))[live].any():
-            return self._pick_in_graph(live, logits)
+        asking = live & (self.logprobs[slots] >= 0)
+        seeded = live & self.seeded[slots]
+        temperature = np.where(live, self.temperature[slots], np.float32(0.0))
+        top_p = np.where(live, self.top_p[slots], np.float32(1.0))
+        if aligned and self.graphs is not None and not (asking | seeded).any():
+            return self._pick_in_graph(live, temperature, top_p, logits)
+        asking = np.flatnonzero(asking)
         penalized = self._penalized(slots, live)
         if penalized is not None:
             logits = self.penalties.apply(logits, penalized)
-        asking = np.flatnonzero(live & (self.logprobs[slots] >= 0))
-        temperature = np.where(live, self.temperature[slots], np.float32(0.0))
         if not temperature.any():  # penalized, or with logprobs: no draw
             tokens = logits.argmax(dim=-1)
             if penalized is not None:
                 self.penalties.count(penalized, tokens)
             return tokens.tolist(), token_logprobs(logits, tokens, rows, asking)
-        top_p = np.where(live, self.top_p[slots], np.float32(1.0))
         to = dict(device=logits.device, non_blocking=True)
         generators: list[torch.Generator | None] = [None] * len(rows)
-        for i in np.flatnonzero(live & self.seeded[slots]).tolist():
+        for i in np.flatnonzero(seeded).tolist():
             generators[i] = self._generator(rows[i], logits.device)
         tokens = sample(logits, torch.from_numpy(temperature).to(**to), torch.from_numpy(top_p).to(**to),
                         prefilter=self.sample_prefilter, candidates=self.sample_candidates,
@@ -104,11 +106,11 @@ class TokenPicker:
             self.penalties.count(penalized, tokens)
         return tokens.tolist(), token_logprobs(logits, tokens, rows, asking)
 
-    def _pick_in_graph(self, live: np.ndarray, logits: torch.Tensor):
+    def _pick_in_graph(self, live: np.ndarray, temperature: np.ndarray, top_p: np.ndarray, logits: torch.Tensor):
+        """A decode step's tokens through the sampling graphs (row i in slot i: the slots' own settings)."""
         width = len(live)
         counted = live & self.penalized[:width]
-        self.graphs.stage(width, np.where(live, self.temperature[:width], np.float32(0.0)),
-                          np.where(live, self.top_p[:width], np.float32(1.0)), counted)
+        self.graphs.stage(width, temperature, top_p, counted)
         tokens = self.graphs.pick(logits)
         self.penalties.bound[np.flatnonzero(counted)] += 1
         return tokens, [None] * width
