@@ -33,8 +33,12 @@ def row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def onednn_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether torch has oneDNN's linear for `dtype` on this CPU: bfloat16's needs AVX512 (BW, VL, DQ) or
+    AVX-NE-CONVERT, which an AVX2-only CPU lacks (torch then fails to pack the weight)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class PackedLinear(nn.Module):
@@ -72,6 +76,8 @@ def replace_modules(model: nn.Module, chosen, make, kind: type = nn.Linear) -> i
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every float32 or bfloat16 CPU nn.Linear in model by a PackedLinear; returns how many."""
+    """Replace every float32 or bfloat16 CPU nn.Linear in model that oneDNN can run here by a PackedLinear;
+    returns how many."""
     return replace_modules(model, lambda linear: linear.weight.dtype in (torch.float32, torch.bfloat16)
-                           and linear.weight.device.type == "cpu", PackedLinear)
+                           and linear.weight.device.type == "cpu" and onednn_available(linear.weight.dtype),
+                           PackedLinear)

@@ -51,7 +51,7 @@ def _layer_timings(dtype: str, hidden: int, intermediate: int, onednn: bool = Tr
             layers.append(Int8Linear(linear, kernel))
         else:  # the model's own path: oneDNN with the weight prepacked, where torch has it
             linear = linear.to(torch.bfloat16) if dtype == "bfloat16" else linear
-            layers.append(PackedLinear(linear) if onednn and onednn_available() else linear)
+            layers.append(PackedLinear(linear) if onednn and onednn_available(linear.weight.dtype) else linear)
     out = {}
     with torch.inference_mode():
         for rows in ROWS:

@@ -58,3 +58,11 @@ def test_the_model_gives_the_same_answers_on_either_kernel(models):
     for kernel, model in models.items():
         model.engine.run(rows[kernel])
     assert [r.tokens for r in rows["default"]] == [r.tokens for r in rows["onednn"]]
+
+
+def test_bfloat16_linears_are_packed_only_where_this_cpu_has_onednns_bfloat16_linear():
+    """An AVX2-only CPU has none (torch fails to pack the weight): those layers stay nn.Linear and still run."""
+    model = nn.Sequential(nn.Linear(8, 8).to(torch.bfloat16), nn.Linear(8, 4).to(torch.bfloat16))
+    assert pack_linears(model) == (2 if onednn_available(torch.bfloat16) else 0)
+    with torch.inference_mode():
+        assert model(torch.randn(3, 8, dtype=torch.bfloat16)).shape == (3, 4)

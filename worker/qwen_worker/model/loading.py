@@ -213,9 +213,9 @@ class ModelService(ServedModel):
             return False
         if self.config.kernels == "triton":  # the kernel path reads the layers' plain weights
             return False
-        if setting == "onednn" and not onednn_available():
-            raise RuntimeError("QAIO_CPU_LINEAR=onednn but this torch has no oneDNN linear")
-        return onednn_available()
+        if setting == "onednn" and not onednn_available(self.dtype):
+            raise RuntimeError(f"QAIO_CPU_LINEAR=onednn but this torch has no oneDNN linear for {self.dtype} on this CPU")
+        return onednn_available(self.dtype)
 
     def _eos_ids(self, model) -> set[int]:
         """ChatML's end of turn, the tokenizer's end of text and the model config's (None: no model)."""
