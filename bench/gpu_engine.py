@@ -99,6 +99,7 @@ def steps(service, texts, batch: int, tokens: int = CHAT_TOKENS, **sampling) -> 
     elapsed = time.perf_counter() - started
     phases, engine.phase_seconds = engine.phase_seconds, None
     return {"tokens_per_s": sum(len(r.tokens) for r in rows) / elapsed, "steps": count, "seconds": elapsed,
+            "tokens_digest": hash(tuple(tuple(r.tokens) for r in rows)),  # greedy runs compare their tokens
             "decode_step_ms_p50": statistics.median(seen) * 1000 if seen else None,
             "host_ms_per_step": {k: v * 1000 / max(1, count) for k, v in phases.items()}}
 
@@ -201,6 +202,17 @@ def measure_variant(model_dir: str, spec: str, texts: list[str], reference_model
                 result[f"default_b{batch}_eager_picks"] = steps(service, texts, batch, tokens, **DEFAULT_CHAT)
             finally:
                 picker.graphs = graphs
+            on_probe()
+        for batch in batches:  # overlapped steps (QAIO_OVERLAP_STEPS), same load: greedy must keep its tokens
+            # against a run read back at once over the same prefix cache (the first run filled it)
+            read_at_once = steps(service, texts, batch, tokens)
+            service.engine.decoder.set_overlap(True)
+            try:
+                result[f"greedy_b{batch}_overlapped"] = overlapped = steps(service, texts, batch, tokens)
+                overlapped["same_tokens"] = overlapped["tokens_digest"] == read_at_once["tokens_digest"]
+                result[f"default_b{batch}_overlapped"] = steps(service, texts, batch, tokens, **DEFAULT_CHAT)
+            finally:
+                service.engine.decoder.set_overlap(False)
             on_probe()
         result["sentiment_b256_per_s"] = sentiment_rate(service, texts, reps=sentiment[1], batch=sentiment[0])
         on_probe()

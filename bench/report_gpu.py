@@ -49,6 +49,12 @@ ENGINE_ROWS = [
        lambda e, p=p: f"{_fmt(_get(e, 'default_b256', 'host_ms_per_step', p), 3)} / "
                       f"{_fmt(_get(e, 'default_b256_eager_picks', 'host_ms_per_step', p), 3)}", None)
       for p in ("launch", "wait", "book")],
+    *[(f"overlapped steps b{b} tok/s: greedy (same tokens) / default chat",
+       lambda e, b=b: f"{_fmt(_get(e, f'greedy_b{b}_overlapped', 'tokens_per_s'), 0)} "
+                      f"({_get(e, f'greedy_b{b}_overlapped', 'same_tokens')}) / "
+                      f"{_fmt(_get(e, f'default_b{b}_overlapped', 'tokens_per_s'), 0)}", None) for b in (64, 256)],
+    *[(f"overlapped greedy b256 host ms/step: {p}", lambda e, p=p: _get(e, "greedy_b256_overlapped", "host_ms_per_step", p), 3)
+      for p in ("launch", "wait", "book")],
     ("sentiment b256 prompts/s", lambda e: e.get("sentiment_b256_per_s"), 0),
     ("prefill 3x300 first / second ms (new thread)",
      lambda e: f"{_fmt(_get(e, 'prefill_3x300_ms', 'first'), 1)} / {_fmt(_get(e, 'prefill_3x300_ms', 'second'), 1)}", None),

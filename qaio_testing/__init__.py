@@ -273,10 +273,10 @@ def arm_device_error(model, trigger: str = "inject a device error") -> None:
                 marked.add(id(row))
             add(row, on_done, on_start)
 
-        def decode_failing(rows, width):
+        def decode_failing(rows, width, fed=None):
             if any(id(row) in marked for row in engine.scheduler.rows.values()):
                 raise RuntimeError(STICKY_DEVICE_ERROR)
-            return decode(rows, width)
+            return decode(rows, width, fed)
 
         engine.add, engine.runner.decode = add_marking, decode_failing
         return engine

@@ -25,6 +25,7 @@ def test_the_gpu_run_measures_each_phase_and_writes_its_report(tiny_model_dir, t
         engine = results["engine"][spec]
         assert engine["greedy_b4"]["tokens_per_s"] > 0 and engine["sampled_b4"]["tokens_per_s"] > 0
         assert engine["default_b4"]["tokens_per_s"] > 0 and engine["default_b4_eager_picks"]["tokens_per_s"] > 0
+        assert engine["greedy_b4_overlapped"]["same_tokens"] is True and engine["default_b4_overlapped"]["tokens_per_s"] > 0
         assert set(engine["greedy_b4"]["host_ms_per_step"]) == {"launch", "wait", "book"}
         assert engine["sentiment_b256_per_s"] > 0 and engine["prefill_3x300_ms"]["second"] > 0
     http = results["http"]["torch"]

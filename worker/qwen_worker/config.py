@@ -99,6 +99,10 @@ class WorkerConfig:
                                            "captured graph per batch size, so default chats (penalty, temperature, "
                                            "top-p) stay on graphs; rows with a seed or logprobs, and "
                                            "QAIO_SAMPLE_CANDIDATES > 0, run eagerly as without it")
+    overlap_steps: bool = _setting(False, "A decode step's tokens stay on the device, feed the next step there, and are "
+                                           "read back after it is launched, so on a GPU the host's bookkeeping runs "
+                                           "while the device computes. Same tokens; a finished row costs one step more. "
+                                           "Off until a GPU run has measured it (docs/gpu-engine-notes.md)")
     compile: str = _setting("off", "`on`: torch.compile the engine's passes (experimental: it recompiles for each "
                                    "shape bucket, and start-up took over 10 minutes on an H100), `off`",
                             choices=("on", "off"))

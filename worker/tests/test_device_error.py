@@ -35,10 +35,10 @@ def test_a_sticky_device_error_stops_the_engine_and_fails_liveness(make_app):
     decode = runner.decode
     broken = {"now": False}
 
-    def decode_or_fail(rows, width):
+    def decode_or_fail(rows, width, fed=None):
         if broken["now"]:
             raise RuntimeError(STICKY_DEVICE_ERROR)
-        return decode(rows, width)
+        return decode(rows, width, fed)
 
     runner.decode = decode_or_fail
     client = app.test_client()

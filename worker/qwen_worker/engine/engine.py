@@ -1,7 +1,8 @@
 """The step loop's body: waiting rows take the free slots, prefill what the scheduler picks (prompts of
 generations and of sentiment texts alike), score the sentiment rows whose prompt is in, decode every
 generating row once, then on the host (from one device-to-host copy of the new tokens) stream, stop, and
-free the slots and blocks of finished rows."""
+free the slots and blocks of finished rows. With overlapped steps (decode_step.py) that host part is the
+previous step's, done while the device runs this one."""
 from __future__ import annotations
 
 import logging
@@ -9,6 +10,7 @@ import time
 from typing import Callable, Sequence
 
 from .errors import RowFailed, StepFailed
+from .decode_step import DecodeSteps
 from .logprobs import TokenLogprob, label_probabilities
 from .model_runner import ModelRunner
 from .picking import TokenPicker
@@ -23,7 +25,7 @@ OnDone = Callable[[GenerationRow, Exception | None], None]
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: set[int],
                  observe_step: Callable[[float, int, str], None] | None = None, clock=time.monotonic,
-                 sample_prefilter: int = 0, sample_candidates: int = 0):
+                 sample_prefilter: int = 0, sample_candidates: int = 0, overlap_steps: bool = False):
         self.runner = runner
         self.picker = TokenPicker(runner, sample_prefilter, sample_candidates)
         # Host seconds per phase of the decode part of a step, summed, when a benchmark sets a dict:
@@ -38,6 +40,7 @@ class Engine:
         # outputs sends first tokens and scores then, not a whole decode pass later (at c=1, a pass is
         # half the time to first token).
         self.after_prefill: Callable[[], None] | None = None
+        self.decoder = DecodeSteps(self, overlap_steps)
 
     # ---- rows ----------------------------------------------------------------------------------
     def free_slots(self) -> int:
@@ -102,6 +105,7 @@ class Engine:
             raise errors[0]
 
     def fail_all(self, error: Exception) -> None:
+        self.decoder.flight = None
         for row in self.scheduler.all_rows():
             self.scheduler.withdraw(row)
             self._finish(row, error)
@@ -117,37 +121,18 @@ class Engine:
             self._prefill(chunks)
             if self.after_prefill is not None and any(row.prefilled for row, _ in chunks):
                 self.after_prefill()
-        decoding = self.scheduler.make_room_to_decode()
-        self._sync_tables()
-        if not decoding:
-            return
-        width = self.scheduler.decode_width()
-        started = self.clock()
-        replays = self.runner.graph_replays
+        decoding: list[GenerationRow] = []
         try:
-            logits, greedy = self.runner.decode({row.slot: (row.next_input, row.cached) for row in decoding}, width)
-            launched = self.clock()
-            by_slot: list[GenerationRow | None] = [None] * width
-            size = self.runner.block_tokens
-            for row in decoding:
-                row.cached += 1
-                by_slot[row.slot] = row
-                if row.cached % size == 0:
-                    self.scheduler.blocks.register(row)
-            tokens, logprobs = self.picker.pick(by_slot, logits, greedy, aligned=True)  # the step's one host sync
-            now = self.clock()
-            for row in decoding:
-                self._accept(row, tokens[row.slot], now, logprobs[row.slot])
-            if self.phase_seconds is not None:
-                for phase, seconds in (("launch", launched - started), ("wait", now - launched),
-                                       ("book", self.clock() - now)):
-                    self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + seconds
+            decoding = self.scheduler.make_room_to_decode(preempt=self.decoder.flight is None)
+            if decoding is None:  # a preempted row recomputes from its tokens: all of them on the host first
+                self.decoder.land()
+                decoding = self.scheduler.make_room_to_decode()
+            self._sync_tables()
+            self.decoder.step(decoding)
         except StepFailed:
             raise
         except Exception as exc:
-            self._fail(decoding, exc)
-        path = "graph" if self.runner.graph_replays > replays else "eager"
-        self.observe_step(self.clock() - started, len(decoding), path)
+            self._fail(self.decoder.abandon(decoding), exc)
 
     def _admit(self) -> None:
         """Waiting rows take the free slots; each is told (on_start) once it holds one."""
@@ -190,7 +175,7 @@ class Engine:
                     else self.picker.pick(picked_rows, picked, None)
                 now = self.clock()
                 for row, token, logprob in zip(picked_rows, tokens, logprobs):
-                    self._accept(row, token, now, logprob)
+                    self.accept(row, token, now, logprob)
         except Exception as exc:
             self._fail([rows[i] for i in scoring + sampling if rows[i].slot is not None], exc)
 
@@ -218,7 +203,7 @@ class Engine:
             self._finish(row, exc)
         raise StepFailed(exc, rows) from exc
 
-    def _accept(self, row: GenerationRow, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
+    def accept(self, row: GenerationRow, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         if token in self.eos:
             row.finish_reason = "stop"
         else:

@@ -20,6 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .buckets import bucket, doubling, length_groups
+from .flight import CopyFence
 from .forward import DecoderStack
 from .inference import inference
 from .kv_cache import SCRATCH_BLOCK, PagedKVCache
@@ -68,6 +69,9 @@ class ModelRunner:
                                    pin_memory=self.device.type == "cuda")
         self._tables_np = self._tables.numpy()
         self._stale_tables: set[int] = set()
+        # Idle unless steps overlap (fence_copies): a host a step ahead must not rewrite a pinned buffer
+        # that the device has not copied yet.
+        self._tables_fence, self._staging_fence = CopyFence(), CopyFence()
         self.slots = slots
         self.score_slots = score_slots
         self.max_tokens = max_tokens
@@ -135,6 +139,7 @@ class ModelRunner:
     def set_blocks(self, slot: int, blocks: Sequence[int]) -> None:
         """Row `slot` now holds `blocks` (its first positions' keys, in order); the rest of its table row
         points at the scratch block."""
+        self._tables_fence.wait()
         row = self._tables_np[slot]
         row[:len(blocks)] = blocks
         row[len(blocks):] = SCRATCH_BLOCK
@@ -153,6 +158,7 @@ class ModelRunner:
             self._stale_tables.clear()
             low, high = slots[0], slots[-1] + 1  # one copy of the span covering the changed rows
             self.kv.block_table[low:high].copy_(self._tables[low:high], non_blocking=True)
+            self._tables_fence.copied()
 
     def _locations(self, slots, positions) -> np.ndarray:
         """Pool locations (block * block_tokens + offset) of the given rows' positions, one array operation
@@ -201,15 +207,23 @@ class ModelRunner:
         log.info("captured %d decode graphs in %.1f s", len(self.graphs), self.capture_seconds,
                  extra={"batch_sizes": list(self.batch_sizes), "attend_lengths": list(self.attend_lengths)})
 
+    def fence_copies(self) -> None:
+        """Steps overlap (QAIO_OVERLAP_STEPS): the pinned buffers wait for their last copy before a rewrite."""
+        on_gpu = self.device.type == "cuda"
+        self._tables_fence, self._staging_fence = CopyFence(on_gpu), CopyFence(on_gpu)
+
     @inference
-    def decode(self, rows: dict[int, tuple[int, int]], width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One decode step for slots [0, width); rows maps slot -> (input token, position).
+    def decode(self, rows: dict[int, tuple[int, int]], width: int,
+               fed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode step for slots [0, width); rows maps slot -> (input token, position). An input token
+        FED (-1) is taken on the device from `fed`, the previous step's tokens by slot.
 
         Returns logits [width, vocab] and, from a captured graph, their argmax [width] (None from an
         eager pass), still on the device; slots without a row compute padding that nobody reads.
         """
         longest = max(position + 1 for _, position in rows.values())
         n, attend = self.decode_shape(width, longest)
+        self._staging_fence.wait()
         staging = self._staging_np
         staging[:, :n] = self._idle_column
         slots = list(rows)
@@ -220,6 +234,10 @@ class ModelRunner:
         staging[3, slots] = [p + 1 for p in positions]
         self._upload_tables()
         self._inputs[:, :n].copy_(self._staging[:, :n], non_blocking=True)
+        self._staging_fence.copied()
+        if fed is not None:
+            tokens = self._inputs[0, :min(n, fed.shape[0])]
+            tokens.copy_(torch.where(tokens < 0, fed[:tokens.shape[0]], tokens))
         graph = self.graphs.get((n, attend))
         if graph is not None:
             graph[0].replay()
@@ -227,7 +245,6 @@ class ModelRunner:
             return graph[1][:width], graph[2][:width]
         # Eager: the argmax is left to the engine, which takes it after penalties when a row has any.
         return self._decode_logits(n, attend)[:width], None
-
 
     # ---- prefill -------------------------------------------------------------------------------
     @inference

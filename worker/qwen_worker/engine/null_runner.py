@@ -54,8 +54,12 @@ class NullRunner:
     def _at(self, positions) -> np.ndarray:
         return self.cycle[np.asarray(positions, dtype=np.int64) % len(self.cycle)]
 
-    def decode(self, rows: dict[int, tuple[int, int]], width: int) -> tuple[None, torch.Tensor]:
-        """Each row's next token (the one after its input's position); padding slots get the cycle's first."""
+    def fence_copies(self) -> None:
+        pass  # no copies to the device
+
+    def decode(self, rows: dict[int, tuple[int, int]], width: int, fed=None) -> tuple[None, torch.Tensor]:
+        """Each row's next token (the one after its input's position, whatever the input: a FED input is
+        as good as any); padding slots get the cycle's first."""
         tokens = np.full(width, self.cycle[0], dtype=np.int64)
         slots = np.fromiter(rows, dtype=np.int64, count=len(rows))
         positions = np.fromiter((position for _, position in rows.values()), dtype=np.int64, count=len(rows))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .buckets import bucket
+from .flight import CopyFence
 from .inference import inference
 from .penalties import AllRows, PenaltyState
 from .sampler import sample
@@ -38,6 +39,7 @@ class PickGraphs:
         self.settings = torch.zeros((3, slots), dtype=torch.float32, device=self.device)
         self._staging = torch.zeros((3, slots), dtype=torch.float32, pin_memory=on_gpu)
         self.staging = self._staging.numpy()  # written by the picker each step, copied with one transfer
+        self.fence = CopyFence()  # active when steps overlap (the host is then a step ahead of the device)
         self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.width = runner.max_tokens  # of the penalty tables, read whole
         self._rows: dict[int, AllRows] = {}  # by batch: made at a batch's first pass (on a GPU its warm-up)
@@ -94,24 +96,27 @@ class PickGraphs:
         self.settings.copy_(torch.from_numpy(np.repeat(PADDING, self.settings.shape[1], axis=1)))
 
     @inference
-    def pick(self, logits: torch.Tensor) -> list[int]:
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
         """Tokens for the step's rows [0, width) (logits [width, vocab], row i in slot i), from the staging
-        the caller wrote for them: temperature (0: greedy), top_p, counted (1: a live row with penalties)."""
+        the caller wrote for them: temperature (0: greedy), top_p, counted (1: a live row with penalties).
+        They stay on the device, in a buffer the next pick overwrites."""
         width = logits.shape[0]
         n = bucket(width, self.batch_sizes) if self.batch_sizes else width
         self.staging[:, width:n] = PADDING  # greedy, counted nowhere
         self.logits[:width].copy_(logits)  # in float32, as the penalties and the sampler take them
         self.settings[:, :n].copy_(self._staging[:, :n], non_blocking=True)
+        self.fence.copied()
         graph = self.graphs.get(n)
         if graph is not None:
             graph.replay()
             self.replays += 1
         else:
             self._pass(n)
-        return self.tokens[:width].tolist()
+        return self.tokens[:width]
 
     def stage(self, width: int, temperature: np.ndarray, top_p: np.ndarray, counted: np.ndarray) -> None:
         """The settings of slots [0, width) for the next pick."""
+        self.fence.wait()
         staging = self.staging
         staging[TEMPERATURE, :width] = temperature
         staging[TOP_P, :width] = top_p

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .inference import inference
+from .flight import CopyFence
 from .logprobs import TokenLogprob, token_logprobs
 from .penalties import PenaltyState
 from .pick_graphs import PickGraphs
@@ -34,14 +35,22 @@ class TokenPicker:
         self.penalized = np.zeros(slots, dtype=bool)
         self.seeded = np.zeros(slots, dtype=bool)  # draws from a generator of the row's own
         self.logprobs = np.full(slots, -1, dtype=np.int64)
+        self.fence = CopyFence()
 
     @inference
     def use_graphs(self, capture: bool = True) -> None:
         """Decode steps pick through PickGraphs: captured on a GPU when `capture`, run as passes otherwise."""
         self.penalties = self.penalties or self._penalty_state()
         self.graphs = PickGraphs(self.runner, self.penalties, self.sample_prefilter)
+        self.graphs.fence = self.fence
         if capture:
             self.graphs.capture()
+
+    def fence_copies(self) -> None:
+        """Steps overlap: the sampling graphs' pinned settings wait for their last copy before a rewrite."""
+        self.fence = CopyFence(self.runner.device.type == "cuda")
+        if self.graphs is not None:
+            self.graphs.fence = self.fence
 
     def _penalty_state(self) -> PenaltyState:
         runner = self.runner
@@ -67,25 +76,28 @@ class TokenPicker:
 
     @inference  # the penalties change the step's logits (inference tensors) in place
     def pick(self, rows: Sequence[GenerationRow | None], logits: torch.Tensor, greedy: torch.Tensor | None,
-             aligned: bool = False) -> tuple[list[int], Sequence[TokenLogprob | None]]:
+             aligned: bool = False, on_device: bool = False) -> tuple[list[int] | torch.Tensor,
+                                                                        Sequence[TokenLogprob | None]]:
         """Each row's next token (and its logprobs, for rows asking) from logits aligned with rows (None:
         padding), chosen on the device and copied to the host once (twice with logprobs). Steps where
         every row is plainly greedy take the logits' argmax: the decode graph's own where it computed one
         (greedy), else one pass over the logits, never a second. A runner that picks its own tokens (the
         null model) passes them as `greedy`, with no logits. aligned: row i holds slot i (a decode step), which
-        the pick graphs need."""
+        the pick graphs need. on_device: the tokens are returned as the device tensor they are chosen in,
+        not read back (overlapped steps), unless a row asks for logprobs (their reading needs the host)."""
         slots = np.fromiter((-1 if row is None else row.slot for row in rows), dtype=np.int64, count=len(rows))
         live = slots >= 0
-        if logits is None:
-            return self._picked(rows, slots, live, greedy)
-        if self.plain[slots[live]].all():
-            return (logits.argmax(dim=-1) if greedy is None else greedy).tolist(), [None] * len(rows)
         asking = live & (self.logprobs[slots] >= 0)
+        on_device = on_device and not asking.any()
+        if logits is None:
+            return self._picked(rows, slots, live, greedy, on_device)
+        if self.plain[slots[live]].all():
+            return _out(logits.argmax(dim=-1) if greedy is None else greedy, on_device), [None] * len(rows)
         seeded = live & self.seeded[slots]
         temperature = np.where(live, self.temperature[slots], np.float32(0.0))
         top_p = np.where(live, self.top_p[slots], np.float32(1.0))
         if aligned and self.graphs is not None and not (asking | seeded).any():
-            return self._pick_in_graph(live, temperature, top_p, logits)
+            return self._pick_in_graph(live, temperature, top_p, logits, on_device)
         asking = np.flatnonzero(asking)
         penalized = self._penalized(slots, live)
         if penalized is not None:
@@ -94,7 +106,7 @@ class TokenPicker:
             tokens = logits.argmax(dim=-1)
             if penalized is not None:
                 self.penalties.count(penalized, tokens)
-            return tokens.tolist(), token_logprobs(logits, tokens, rows, asking)
+            return _out(tokens, on_device), token_logprobs(logits, tokens, rows, asking)
         to = dict(device=logits.device, non_blocking=True)
         generators: list[torch.Generator | None] = [None] * len(rows)
         for i in np.flatnonzero(seeded).tolist():
@@ -104,16 +116,17 @@ class TokenPicker:
                         row_generators=generators)
         if penalized is not None:
             self.penalties.count(penalized, tokens)
-        return tokens.tolist(), token_logprobs(logits, tokens, rows, asking)
+        return _out(tokens, on_device), token_logprobs(logits, tokens, rows, asking)
 
-    def _pick_in_graph(self, live: np.ndarray, temperature: np.ndarray, top_p: np.ndarray, logits: torch.Tensor):
+    def _pick_in_graph(self, live: np.ndarray, temperature: np.ndarray, top_p: np.ndarray, logits: torch.Tensor,
+                       on_device: bool):
         """A decode step's tokens through the sampling graphs (row i in slot i: the slots' own settings)."""
         width = len(live)
         counted = live & self.penalized[:width]
         self.graphs.stage(width, temperature, top_p, counted)
         tokens = self.graphs.pick(logits)
         self.penalties.bound[np.flatnonzero(counted)] += 1
-        return tokens, [None] * width
+        return _out(tokens, on_device), [None] * width
 
     def _penalized(self, slots: np.ndarray, live: np.ndarray):
         if self.penalties is None:
@@ -122,12 +135,14 @@ class TokenPicker:
         return self.penalties.select(at, slots[at]) if len(at) else None
 
     def _picked(self, rows: Sequence[GenerationRow | None], slots: np.ndarray, live: np.ndarray,
-                tokens: torch.Tensor):
+                tokens: torch.Tensor, on_device: bool):
         """Tokens the runner chose: the penalties' counts kept as for drawn ones; rows asking for
         logprobs get the token itself at log-probability 0 (there is no distribution)."""
         penalized = self._penalized(slots, live)
         if penalized is not None:
             self.penalties.count(penalized, tokens)
+        if on_device:
+            return tokens, [None] * len(rows)
         ids = tokens.tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(rows)
         for i in np.flatnonzero(live & (self.logprobs[slots] >= 0)).tolist():
@@ -141,3 +156,8 @@ class TokenPicker:
             row.generator = torch.Generator(device=device).manual_seed(row.sampling.seed)
         return row.generator
 
+
+
+def _out(tokens: torch.Tensor, on_device: bool) -> list[int] | torch.Tensor:
+    """A step's tokens as the caller asked: left where they are, or read to the host."""
+    return tokens if on_device else tokens.tolist()

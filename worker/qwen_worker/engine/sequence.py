@@ -35,6 +35,7 @@ class GenerationRow:
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)
     cached: int = 0
     next_input: int | None = None
+    pending: int = 0  # tokens decoded but not yet read back (overlapped steps: the next step feeds the newest)
     cached_prompt_tokens: int = 0
     preemptions: int = 0
     admitted_at: float = 0.0  # the engine's clock when it entered the engine (waiting for a slot)

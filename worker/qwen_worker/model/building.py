@@ -45,7 +45,7 @@ def engine_over(runner, config, blocks: int, eos_token_ids: set[int]) -> Engine:
     scheduler = Scheduler(runner.slots, runner.max_tokens, config.prefill_chunk_tokens, manager,
                           score_slots=runner.score_slots)
     engine = Engine(runner, scheduler, eos_token_ids, sample_prefilter=config.sample_prefilter,
-                    sample_candidates=config.sample_candidates)
+                    sample_candidates=config.sample_candidates, overlap_steps=config.overlap_steps)
     # Sampling graphs need the decode graphs' fixed shapes, and no host check of the candidates.
     if runner.graphs and config.sampling_graphs and config.sample_candidates == 0:
         try:

@@ -262,7 +262,7 @@ def test_an_out_of_memory_decode_fails_the_rows_it_carried_frees_their_slots_and
         engine.add(r, lambda r, e, i=i: errors.__setitem__(i, e))
     engine.step()  # prefill: both rows now decode
 
-    def injected_allocation_failure(rows, width):
+    def injected_allocation_failure(rows, width, fed=None):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
 
     monkeypatch.setattr(engine.runner, "decode", injected_allocation_failure)
