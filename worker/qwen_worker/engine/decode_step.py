@@ -36,13 +36,16 @@ class DecodeSteps:
         started, replays = clock(), runner.graph_replays
         inputs: dict[int, tuple[int, int]] = {}
         by_slot: list[GenerationRow | None] = [None] * (engine.scheduler.decode_width() if decoding else 0)
-        due, size = [], runner.block_tokens
+        due, size, launched = [], runner.block_tokens, decoding
         for row in decoding:
-            if row.pending and len(row.tokens) + row.pending >= row.max_new_tokens:
-                continue
-            inputs[row.slot] = (FED if row.pending else row.next_input, row.cached)
+            if row.pending:  # its last token is on the device (overlapped steps only)
+                if len(row.tokens) + row.pending >= row.max_new_tokens:
+                    launched = None  # it sits this step out
+                    continue
+                inputs[row.slot] = (FED, row.cached)
+            else:
+                inputs[row.slot] = (row.next_input, row.cached)
             row.cached += 1
-            row.pending += 1
             by_slot[row.slot] = row
             if row.cached % size == 0:
                 due.append(row)
@@ -51,10 +54,15 @@ class DecodeSteps:
             return
         flight = self.flight
         logits, greedy = runner.decode(inputs, len(by_slot), flight.tokens if flight is not None else None)
-        launched = clock()
+        sent = clock()
         tokens, logprobs = engine.picker.pick(by_slot, logits, greedy, aligned=True, on_device=self.overlap)
         self.land()  # the previous step's tokens, while the device computes this step's
-        self.flight = Flight.launched([row for row in by_slot if row is not None], tokens, logprobs, self._readback)
+        if launched is None:
+            launched = [row for row in by_slot if row is not None]
+        self.flight = Flight.launched(launched, tokens, logprobs, self._readback)
+        if self.flight.on_device:
+            for row in launched:
+                row.pending += 1
         for row in due:  # the tokens their full blocks hold are all on the host now: key them
             if row.slot is not None:
                 engine.scheduler.blocks.register(row)
@@ -62,7 +70,7 @@ class DecodeSteps:
         if not self.flight.on_device:
             self.land()
         if engine.phase_seconds is not None:
-            for phase, seconds in (("launch", launched - started), ("wait", landed - launched),
+            for phase, seconds in (("launch", sent - started), ("wait", landed - sent),
                                    ("book", clock() - landed)):
                 engine.phase_seconds[phase] = engine.phase_seconds.get(phase, 0.0) + seconds
         engine.observe_step(clock() - started, len(inputs), "graph" if runner.graph_replays > replays else "eager")
@@ -75,11 +83,13 @@ class DecodeSteps:
             return
         tokens = flight.read()  # without overlap, the step's one host sync; raises where the device failed
         self.flight = None
-        now = self.engine.clock()
+        now, accept, logprobs = self.engine.clock(), self.engine.accept, flight.logprobs
+        if flight.on_device:
+            for row in flight.rows:
+                row.pending -= 1
         for row in flight.rows:
-            row.pending -= 1
-            if row.slot is not None:
-                self.engine.accept(row, tokens[row.slot], now, flight.logprobs[row.slot])
+            if row.slot is not None:  # else it ended meanwhile
+                accept(row, tokens[row.slot], now, logprobs[row.slot])
 
     def abandon(self, decoding: Sequence[GenerationRow] | None) -> list[GenerationRow]:
         """A failed step's rows and those of the step in flight, which is dropped."""

@@ -87,12 +87,12 @@ class TokenPicker:
         not read back (overlapped steps), unless a row asks for logprobs (their reading needs the host)."""
         slots = np.fromiter((-1 if row is None else row.slot for row in rows), dtype=np.int64, count=len(rows))
         live = slots >= 0
+        if logits is not None and self.plain[slots[live]].all():  # (a plain row asks for no logprobs)
+            return _out(logits.argmax(dim=-1) if greedy is None else greedy, on_device), [None] * len(rows)
         asking = live & (self.logprobs[slots] >= 0)
         on_device = on_device and not asking.any()
         if logits is None:
             return self._picked(rows, slots, live, greedy, on_device)
-        if self.plain[slots[live]].all():
-            return _out(logits.argmax(dim=-1) if greedy is None else greedy, on_device), [None] * len(rows)
         seeded = live & self.seeded[slots]
         temperature = np.where(live, self.temperature[slots], np.float32(0.0))
         top_p = np.where(live, self.top_p[slots], np.float32(1.0))
