@@ -1,7 +1,8 @@
 """A step's decode of every generating row: the rows' inputs and positions, the pass, the picks, then the
 tokens read back and given to the rows. Read back at once, or, with overlapped steps (QAIO_OVERLAP_STEPS,
 flight.py), after the next step is launched: that step is fed on the device from these tokens, a row whose
-last token is in flight sits it out, and a row that ended meanwhile drops its token."""
+last token is in flight sits it out, a row that ended meanwhile drops its token, and a row preempted
+meanwhile keeps it for its recompute."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
@@ -88,8 +89,14 @@ class DecodeSteps:
             for row in flight.rows:
                 row.pending -= 1
         for row in flight.rows:
-            if row.slot is not None:  # else it ended meanwhile
-                accept(row, tokens[row.slot], now, logprobs[row.slot])
+            if row.slot is None:  # it ended meanwhile
+                continue
+            # A row preempted meanwhile (its blocks taken while this token was in flight) takes the token too
+            # and recomputes from all its tokens, feeding this one after, as if preempted once it was read.
+            preempted = row.next_input is None
+            accept(row, tokens[row.slot], now, logprobs[row.slot])
+            if preempted:
+                row.next_input = None
 
     def abandon(self, decoding: Sequence[GenerationRow] | None) -> list[GenerationRow]:
         """A failed step's rows and those of the step in flight, which is dropped."""

@@ -123,10 +123,7 @@ class Engine:
                 self.after_prefill()
         decoding: list[GenerationRow] = []
         try:
-            decoding = self.scheduler.make_room_to_decode(preempt=self.decoder.flight is None)
-            if decoding is None:  # a preempted row recomputes from its tokens: all of them on the host first
-                self.decoder.land()
-                decoding = self.scheduler.make_room_to_decode()
+            decoding = self.scheduler.make_room_to_decode()
             self._sync_tables()
             self.decoder.step(decoding)
         except StepFailed:

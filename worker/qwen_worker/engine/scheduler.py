@@ -209,19 +209,15 @@ class Scheduler:
         """Rows with a token to feed: their prompt is cached and they have sampled at least once."""
         return [row for row in self.rows.values() if row.next_input is not None]
 
-    def make_room_to_decode(self, preempt: bool = True) -> list[GenerationRow] | None:
+    def make_room_to_decode(self) -> list[GenerationRow]:
         """Blocks for every decoding row's next token, oldest first, preempting the newest rows when the
-        pool is dry (a row may be the one preempted); returns the rows that decode this step. Without
-        `preempt`, None where a preemption is needed (a preempted row recomputes from its tokens on the
-        host: overlapped steps read theirs back first)."""
+        pool is dry (a row may be the one preempted); returns the rows that decode this step."""
         decoding, preempted, size = self.decoding(), self.preemptions, self.blocks.block_tokens
         for row in decoding:
             held = len(row.blocks)
             if row.cached < held * size:  # its blocks have room for the next token: most steps
                 continue
             while row.next_input is not None and not self.blocks.grow(row, row.cached + 1):
-                if not preempt:
-                    return None
                 self._preempt(self._newest_holding())
             if len(row.blocks) != held:  # only a changed block list goes to the runner's tables
                 self.changed.add(row.slot)

@@ -149,15 +149,19 @@ def test_blocks_filled_while_tokens_were_in_flight_are_keyed_by_the_tokens_they_
     assert second.tokens == again.tokens
 
 
-def test_a_pool_that_runs_dry_reads_back_the_steps_in_flight_before_preempting(tiny_model_dir):
-    rows_tokens = []
+def test_rows_preempted_with_a_token_in_flight_keep_it_and_recompute_to_the_same_answer(tiny_model_dir):
+    rows_tokens, in_flight = [], []
     for overlap in (False, True):
         small = load(tiny_model_dir, kv_cache_mb=12 * BLOCK_BYTES / 2**20, prefix_cache=False,
                      overlap_steps=overlap)
-        rows = [GenerationRow(p, 60) for p in prompts(small, 4)]
+        scheduler = small.engine.scheduler
+        preempt = scheduler._preempt
+        scheduler._preempt = lambda row: (in_flight.append(row.pending), preempt(row))
+        rows = [GenerationRow(p, 60) for p in prompts(small, 6)]
         small.engine.run(rows)
         assert small.engine.kv_stats()["preemptions"] > 0 and any(row.preemptions for row in rows)
         rows_tokens.append([row.tokens for row in rows])
+    assert any(in_flight), "no row was preempted while a token of its was in flight"
     assert rows_tokens[0] == rows_tokens[1] and all(len(tokens) == 60 for tokens in rows_tokens[1])
 
 
