@@ -157,7 +157,6 @@ class TokenPicker:
         return row.generator
 
 
-
 def _out(tokens: torch.Tensor, on_device: bool) -> list[int] | torch.Tensor:
     """A step's tokens as the caller asked: left where they are, or read to the host."""
     return tokens if on_device else tokens.tolist()
