@@ -1,8 +1,8 @@
-"""Overlapped steps (QAIO_OVERLAP_STEPS, engine/decode_step.py and flight.py): each decode step is launched fed from
-step's tokens where they are, and those are read back after it. On a CPU every pass has ended when it returns,
-so what runs here is the bookkeeping: the same tokens as steps read back at once, for every kind of row, with
-rows ending early or late, cancelled in flight, preempted, and a failing pass; blocks keyed by the tokens
-they hold."""
+"""Overlapped steps (QAIO_OVERLAP_STEPS, engine/decode_step.py and flight.py): each decode step is launched
+fed from the previous step's tokens where they are, and those are read back after it. On a CPU every pass
+has ended when it returns, so what runs here is the bookkeeping: the same tokens as steps read back at once,
+for every kind of row, with rows ending early or late, cancelled in flight, preempted, and a failing pass;
+blocks keyed by the tokens they hold."""
 import pytest
 import torch
 
