@@ -40,11 +40,11 @@ def review_texts(limit: int = 5000) -> list[str]:
 class Traffic:
     """Closed-loop clients; counts answers by task and status."""
 
-    def __init__(self, url: str, clients: int, chat_tokens: int, seed: int = 0):
+    def __init__(self, url: str, clients: int, chat_tokens: int, texts: list[str], seed: int = 0):
         self.url = url
         self.clients = clients
         self.chat_tokens = chat_tokens
-        self.texts = review_texts()
+        self.texts = texts
         self.random = random.Random(seed)
         self.counts: Counter = Counter()
         self._lock = threading.Lock()
@@ -137,11 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     settings = {k: v for k, v in os.environ.items() if k.startswith("QAIO_") and not k.startswith(("QAIO_SOAK",
                                                                                                     "QAIO_STACK"))}
+    texts = review_texts()  # before the stack starts: a missing file must not leave its workers running
     stack = LocalStack(args.model, args.workers, prefix="qaio-soak-", QAIO_NGINX_SENTIMENT_RATE="10000r/s",
                        QAIO_NGINX_CHAT_RATE="10000r/s")
     url, run_dir = stack.url, stack.dir
     print(f"soak: {args.minutes} min against {url} ({args.workers} workers, {args.model})", flush=True)
-    traffic = Traffic(url, args.clients, args.chat_tokens)
+    traffic = Traffic(url, args.clients, args.chat_tokens, texts)
     samples = []
     started = time.monotonic()
     try:

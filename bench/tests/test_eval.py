@@ -39,9 +39,9 @@ def test_the_stand_in_model_classifies_reviews_well_above_chance_and_a_fit_calib
         stand_in_model_dir, tmp_path):
     # Accuracy, not latency: on a loaded machine 8 concurrent reviews can wait past the 15 s default.
     # QAIO_CALIBRATION=none: the fit below is made here, on reviews the evaluation does not contain.
+    held_out = balanced_sample(80)  # before the server starts: a failure here must not leave it running
     server = GunicornServer(stand_in_model_dir, QAIO_SENTIMENT_DEADLINE_MS="120000",
                             QAIO_CALIBRATION="none").wait_ready(300)
-    held_out = balanced_sample(80)
     try:
         result = evaluate(server.url, 80)
         fitted = Calibration.from_dict(calibrate(server.url, 160, seed=1, eval_size=80))
