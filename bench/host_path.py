@@ -186,7 +186,7 @@ def render(report: dict) -> str:
              f"cycle; torch on one thread, its default), `QAIO_MAX_BATCH_SIZE` = the highest level, each tree's own gunicorn settings (the API processes beside an engine process on gevent in a tree with QAIO_HTTP_WORKER, on gthread before it; one process on gthread). Closed loop: streamed chat "
              f"of {report['max_tokens']} tokens with the default sampling and repetition penalty, and sentiment, one "
              "text a request. Server CPU: every process of the instance (gunicorn's master and API processes, "
-             "the engine process), from /proc; the load client (Python, one process of threads) shares the "
+             "the engine process), from /proc; the load client (Python: one process, its clients coroutines over aiohttp) shares the "
              "machine's cores and its CPU is shown apart. `GET /healthz` touches neither the model nor the engine: "
              "what any request costs through gunicorn and Flask, the floor under a sentiment request.", "",
              "| tree | layout | task | c | rate | server CPU | client CPU | errors |", "|---|---|---|---|---|---|---|---|"]

@@ -24,7 +24,7 @@ from qwen_worker.prompts import Message
 from qaio_testing import REPO, GunicornServer
 
 from . import front_door, llama_cpp, report, serving
-from .load import chat_call, run_level, sentiment_call
+from .load import run_level
 from .texts import review_texts
 
 CHAT_TOKENS = 32
@@ -115,18 +115,18 @@ def http_levels(model_dir: str, app: str, texts: list[str], counts: dict, env: d
     name = app.split(":")[0]
     try:
         results = {"sentiment": [], "chat": []}
-        run_level(lambda s, t: sentiment_call(s, server.url, t), texts[:4], 2)  # warm the HTTP path
+        run_level("sentiment", server.url, texts[:4], 2)  # warm the HTTP path
         for c in LEVELS if sentiment else ():
-            level = run_level(lambda s, t: sentiment_call(s, server.url, t), texts[:counts["sentiment"][c]], c)
+            level = run_level("sentiment", server.url, texts[:counts["sentiment"][c]], c)
             results["sentiment"].append(level.summary())
             print(f"  {name} sentiment c={c}: {results['sentiment'][-1]['requests_per_s']:.2f}/s", flush=True)
         for c in LEVELS:
-            level = run_level(lambda s, t: chat_call(s, server.url, t, CHAT_TOKENS), texts[100:100 + counts["chat"][c]], c)
+            level = run_level("chat", server.url, texts[100:100 + counts["chat"][c]], c, CHAT_TOKENS)
             results["chat"].append(level.summary())
             print(f"  {name} chat c={c}: {results['chat'][-1]['output_tokens_per_s']:.1f} tok/s", flush=True)
         if mixed:
             work = [(texts[100 + i], MIXED_TOKENS[i % len(MIXED_TOKENS)]) for i in range(counts["mixed"])]
-            level = run_level(lambda s, item: chat_call(s, server.url, *item), work, LEVELS[-1])
+            level = run_level("chat", server.url, work, LEVELS[-1])
             results["chat_mixed"] = level.summary()
             print(f"  {name} chat mixed lengths c={LEVELS[-1]}: "
                   f"{results['chat_mixed']['output_tokens_per_s']:.1f} tok/s", flush=True)

@@ -14,7 +14,9 @@ from qaio_testing import REPO
 # on a device machine on 2026-11-17); its torch is the CUDA build, whose own requirements are the image's.
 DEVICE_IMAGE = {"torch", "numpy", "safetensors", "huggingface-hub", "prometheus-client", "nvidia-ml-py",
                 "werkzeug", "jinja2", "markupsafe", "click", "packaging", "pyyaml", "regex", "tqdm", "typer",
-                "requests", "aiohttp", "triton"}
+                "aiohttp", "triton"}
+# Beside the worker's own dependencies, the GPU run needs its load clients' (bench/load.py) and the kernels'.
+GPU_RUN_EXTRAS = ["aiohttp", "triton"]
 DEVICE_ENVIRONMENT = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
                       "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
                       "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
@@ -33,10 +35,10 @@ def carried_wheels() -> dict[str, str]:
 
 
 def needs_at_run_time() -> set[str]:
-    """The worker's dependencies and, through this environment's metadata, what each carried one requires
+    """The worker's dependencies, the GPU run's, and, through this environment's metadata, what each carried one requires
     on the device (its image's packages are taken as they are there)."""
     pyproject = tomllib.loads((REPO / "worker" / "pyproject.toml").read_text())
-    todo = [Requirement(r) for r in pyproject["project"]["dependencies"]]
+    todo = [Requirement(r) for r in pyproject["project"]["dependencies"] + GPU_RUN_EXTRAS]
     needed: set[str] = set()
     while todo:
         requirement = todo.pop()
