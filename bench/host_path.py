@@ -39,7 +39,7 @@ DEFAULT_CHAT = {"temperature": 0.7, "top_p": 0.9}  # and the default repetition 
 
 
 def http_levels(tree: str, model: str, levels: list[int], max_tokens: int, scale: int) -> dict:
-    texts = review_texts(4096)
+    texts = review_texts(32 * max(levels))
     out = {}
     for layout, settings in LAYOUTS.items():
         env = {"QAIO_NULL_MODEL": "1", "QAIO_MAX_BATCH_SIZE": str(max(levels)), **settings, **tree_env(tree)}
@@ -50,7 +50,8 @@ def http_levels(tree: str, model: str, levels: list[int], max_tokens: int, scale
             results = []
             for kind in ("chat", "sentiment", "healthz"):
                 for c in levels:
-                    count = (4 if kind == "chat" else 16) * c // scale
+                    # Levels of a few seconds each at least on 2 cores: shorter ones are this machine's noise.
+                    count = (8 if kind == "chat" else 32) * c // scale
                     sampling = DEFAULT_CHAT if kind == "chat" else {}
                     result = level(server, roles, kind, texts[:count], c, max_tokens, **sampling)
                     results.append(summarize(kind, c, result))
@@ -75,7 +76,7 @@ def floor_levels(model: str, levels: list[int], scale: int) -> dict:
         try:
             roles = worker_processes(server.proc.pid)
             level(server, roles, "healthz", ["-"] * 64, 16, 1)  # warm
-            out[name] = [summarize("healthz", c, level(server, roles, "healthz", ["-"] * (16 * c // scale), c, 1))
+            out[name] = [summarize("healthz", c, level(server, roles, "healthz", ["-"] * (32 * c // scale), c, 1))
                          for c in levels]
             print(f"  floor {name}: {out[name]}", flush=True)
         finally:
