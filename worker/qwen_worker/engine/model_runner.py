@@ -19,17 +19,18 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .block_tables import BlockTables
 from .buckets import bucket, doubling, length_groups
+from .decode_inputs import PAD_TOKEN, DecodeInputs
 from .flight import CopyFence
 from .forward import DecoderStack
 from .inference import inference
-from .kv_cache import SCRATCH_BLOCK, PagedKVCache
+from .kv_cache import PagedKVCache
 
 log = logging.getLogger(__name__)
 
 MIN_ATTEND = 128  # the shortest attention-length bucket
 MIN_WIDTH = 16  # the narrowest prefill width bucket
-PAD_TOKEN = 0
 
 
 def _round_up(n: int, sizes: Sequence[int], step: int = 256) -> int:
@@ -63,15 +64,7 @@ class ModelRunner:
         self.block_tokens = block_tokens
         self.block_bytes = self.kv.block_bytes
         self.vocab_size = s.vocab_size
-        # The block tables' host side: rows change as blocks are given (set_blocks), and reach the
-        # device before the next pass, changed rows only.
-        self._tables = torch.zeros(self.kv.block_table.shape, dtype=torch.long,
-                                   pin_memory=self.device.type == "cuda")
-        self._tables_np = self._tables.numpy()
-        self._stale_tables: set[int] = set()
-        # Idle unless steps overlap (fence_copies): a host a step ahead must not rewrite a pinned buffer
-        # that the device has not copied yet.
-        self._tables_fence, self._staging_fence = CopyFence(), CopyFence()
+        self.tables = BlockTables(self.kv, self.device)
         self.slots = slots
         self.score_slots = score_slots
         self.max_tokens = max_tokens
@@ -82,15 +75,7 @@ class ModelRunner:
         # The label logits in float32: in bf16 the three logits' differences, which are the answer, keep
         # about two significant digits.
         self.label_head = label_head.to(self.device, torch.float32)
-        # Decode inputs live in fixed buffers that the captured graphs read: tokens, positions, write_at, lengths.
-        # A slot that decodes nothing: token 0 at position 0, its key written to scratch, one key attended.
-        self._idle_row = (PAD_TOKEN, 0, self.kv.scratch, 1)
-        self._inputs = torch.zeros((4, slots), dtype=torch.long, device=self.device)
-        # Their host side: one pinned buffer written in place each step (no tensors built from lists),
-        # copied with one non-blocking transfer. Reusing it is safe: each step ends in a host sync.
-        self._staging = torch.zeros((4, slots), dtype=torch.long, pin_memory=self.device.type == "cuda")
-        self._staging_np = self._staging.numpy()
-        self._idle_column = torch.tensor(self._idle_row)[:, None].numpy()
+        self.inputs = DecodeInputs(slots, self.kv.scratch, self.device)
         self.use_graphs = use_graphs and self.device.type == "cuda"
         # On a GPU shapes are padded to buckets (graphs, kernel choices and the allocator reuse them);
         # on a CPU every padded row or token is paid in arithmetic, so passes keep their real sizes.
@@ -135,15 +120,10 @@ class ModelRunner:
                    "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[self.sdpa_backend]
         return sdpa_kernel([backend, SDPBackend.MATH])  # math: for shapes the chosen one refuses
 
-    # ---- block tables ----------------------------------------------------------------------------
+    # ---- blocks --------------------------------------------------------------------------------
     def set_blocks(self, slot: int, blocks: Sequence[int]) -> None:
-        """Row `slot` now holds `blocks` (its first positions' keys, in order); the rest of its table row
-        points at the scratch block."""
-        self._tables_fence.wait()
-        row = self._tables_np[slot]
-        row[:len(blocks)] = blocks
-        row[len(blocks):] = SCRATCH_BLOCK
-        self._stale_tables.add(slot)
+        """Row `slot` now holds `blocks` (its first positions' keys, in order)."""
+        self.tables.set(slot, blocks)
 
     @inference
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -152,27 +132,13 @@ class ModelRunner:
         for pool in (self.kv.keys, self.kv.values):
             pool[:, index[1]] = pool[:, index[0]]
 
-    def _upload_tables(self) -> None:
-        if self._stale_tables:
-            slots = sorted(self._stale_tables)
-            self._stale_tables.clear()
-            low, high = slots[0], slots[-1] + 1  # one copy of the span covering the changed rows
-            self.kv.block_table[low:high].copy_(self._tables[low:high], non_blocking=True)
-            self._tables_fence.copied()
-
-    def _locations(self, slots, positions) -> np.ndarray:
-        """Pool locations (block * block_tokens + offset) of the given rows' positions, one array operation
-        (their blocks must be set): decode's one position per row, a prefill chunk's span."""
-        slots, positions, size = np.asarray(slots), np.asarray(positions), self.block_tokens
-        return self._tables_np[slots, positions // size] * size + positions % size
-
     # ---- decode --------------------------------------------------------------------------------
     def decode_shape(self, width: int, longest: int) -> tuple[int, int]:
         """The (batch, attend) bucket for slots [0, width) whose longest row attends to `longest` keys."""
         return bucket(width, self.batch_sizes) if self.pad_shapes else width, bucket(longest, self.decode_attend_lengths)
 
     def _decode_logits(self, n: int, attend: int) -> torch.Tensor:
-        tokens, positions, write_at, lengths = self._inputs[:, :n]
+        tokens, positions, write_at, lengths = self.inputs.device_rows[:, :n]
         with self._attention_backend():  # captured with the graph: decode uses the backend the setting names
             return self._decode_pass(self.kv, tokens, positions, write_at, lengths, attend)
 
@@ -188,7 +154,7 @@ class ModelRunner:
         if not self.use_graphs:
             return
         started = time.monotonic()
-        self._inputs[:] = torch.tensor(self._idle_row, device=self.device)[:, None]
+        self.inputs.idle_all()
         pool = None
         side = torch.cuda.Stream(self.device)
         for n in reversed(self.batch_sizes):
@@ -210,7 +176,7 @@ class ModelRunner:
     def fence_copies(self) -> None:
         """Steps overlap (QAIO_OVERLAP_STEPS): the pinned buffers wait for their last copy before a rewrite."""
         on_gpu = self.device.type == "cuda"
-        self._tables_fence, self._staging_fence = CopyFence(on_gpu), CopyFence(on_gpu)
+        self.tables.fence, self.inputs.fence = CopyFence(on_gpu), CopyFence(on_gpu)
 
     @inference
     def decode(self, rows: dict[int, tuple[int, int]], width: int,
@@ -223,21 +189,10 @@ class ModelRunner:
         """
         longest = max(position + 1 for _, position in rows.values())
         n, attend = self.decode_shape(width, longest)
-        self._staging_fence.wait()
-        staging = self._staging_np
-        staging[:, :n] = self._idle_column
-        slots = list(rows)
-        tokens, positions = zip(*rows.values())
-        staging[0, slots] = tokens
-        staging[1, slots] = positions
-        staging[2, slots] = self._locations(slots, positions)
-        staging[3, slots] = [p + 1 for p in positions]
-        self._upload_tables()
-        self._inputs[:, :n].copy_(self._staging[:, :n], non_blocking=True)
-        self._staging_fence.copied()
+        self.inputs.write(n, rows, self.tables.locations)
+        self.tables.upload()
         if fed is not None:
-            tokens = self._inputs[0, :min(n, fed.shape[0])]
-            tokens.copy_(torch.where(tokens < 0, fed[:tokens.shape[0]], tokens))
+            self.inputs.feed(n, fed)
         graph = self.graphs.get((n, attend))
         if graph is not None:
             graph[0].replay()
@@ -294,14 +249,14 @@ class ModelRunner:
             tokens[b, :length] = torch.as_tensor(chunk.tokens, dtype=torch.long)
             positions[b, :length] = span
             positions[b, length:] = chunk.start + length - 1  # padding repeats the last real position
-            write_at[b, :length] = torch.from_numpy(self._locations(chunk.slot, span.numpy()))
+            write_at[b, :length] = torch.from_numpy(self.tables.locations(chunk.slot, span.numpy()))
             last[b] = length - 1
             slots[b] = chunk.slot
             longest = max(longest, chunk.start + length)
         # A GPU reuses a few attention shapes; a CPU pays for every key attended, so it attends to the
         # blocks the longest row holds.
         attend = bucket(longest, self.attend_lengths) if self.pad_shapes else -(-longest // self.block_tokens) * self.block_tokens
-        self._upload_tables()
+        self.tables.upload()
         to = dict(device=self.device, non_blocking=True)
         with self._attention_backend():
             out = self._prefill_pass(self.kv, slots.to(**to), tokens.to(**to), positions.to(**to),
