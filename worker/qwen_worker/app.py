@@ -123,7 +123,7 @@ def _observe_on_close(response, metrics, key_usage: usage.KeyUsage, task: str | 
 
     def closed():
         metrics.in_flight.dec()
-        metrics.request_duration.labels(task=task, code=code).observe(time.monotonic() - started)
+        metrics.labelled(metrics.request_duration, task, code).observe(time.monotonic() - started)
         if key:
             key_usage.observe(key, groups)
 

@@ -30,6 +30,7 @@ def multiprocess_mode() -> bool:
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
+        self._children: dict = {}  # (metric, label values) -> its child: labels() per request costs a lock
         r = self.registry
         self.queue_wait = Histogram("qaio_queue_wait_seconds", "Time a request waited for the model",
                                     ["task"], buckets=LATENCY_BUCKETS, registry=r)
@@ -101,27 +102,35 @@ class WorkerMetrics:
                                 ["model", "instance", "device", "dtype", "demo_model"], registry=r,
                                 multiprocess_mode="livemax")
 
+    def labelled(self, metric, *values: str):
+        """metric.labels(*values) (in its label names' order), looked up once per set of values."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def rejected(self, reason: str) -> None:
         self.rejections.labels(reason=reason).inc()
 
     def observe_done(self, task: str, queue_s: float, compute_s: float, prompt_tokens: int,
                      generated_tokens: int = 0) -> None:
         """One request the engine completed: its wait, the model time that served it, its tokens."""
-        self.queue_wait.labels(task=task).observe(queue_s)
-        self.compute.labels(task=task).observe(compute_s)
-        self.prompt_tokens.labels(task=task).inc(prompt_tokens)
+        self.labelled(self.queue_wait, task).observe(queue_s)
+        self.labelled(self.compute, task).observe(compute_s)
+        self.labelled(self.prompt_tokens, task).inc(prompt_tokens)
         if generated_tokens:
-            self.generated_tokens.labels(task=task).inc(generated_tokens)
+            self.labelled(self.generated_tokens, task).inc(generated_tokens)
 
     def observe_generation(self, task: str, stream: bool, arrived: float, handle) -> None:
         """A generation that completed (a RequestHandle): its time to first token and between tokens."""
         if handle.first_token_at is None:
             return
-        labels = {"task": task, "stream": str(bool(stream)).lower()}
-        self.time_to_first_token.labels(**labels).observe(max(handle.first_token_at - arrived, 0.0))
+        labels = (task, "true" if stream else "false")
+        self.labelled(self.time_to_first_token, *labels).observe(max(handle.first_token_at - arrived, 0.0))
         if len(handle.tokens) > 1 and handle.finished_at is not None:
             gap = (handle.finished_at - handle.first_token_at) / (len(handle.tokens) - 1)
-            self.time_per_output_token.labels(**labels).observe(max(gap, 0.0))
+            self.labelled(self.time_per_output_token, *labels).observe(max(gap, 0.0))
 
     def observe_step(self, seconds: float, rows: int, path: str) -> None:
         """One decode step: `path` is `graph` (a CUDA graph replayed) or `eager` (no graph for its shape)."""

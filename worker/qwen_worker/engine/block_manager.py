@@ -75,7 +75,7 @@ class BlockManager:
         assert not row.blocks
         tokens = row.known_ids()
         self.query_tokens += len(tokens)
-        for digest, block in self._cached_chain(tokens):
+        for digest, block in self._cached_chain(row):
             self._take(block)
             row.blocks.append(block)
             row.block_hashes.append(digest)
@@ -122,29 +122,37 @@ class BlockManager:
             self._let_go(source)
         return copies
 
-    def cached_tokens(self, tokens: Sequence[int]) -> int:
-        """How many of a prompt's tokens attach_prefix would find cached now, copies included (reads
-        only: an estimate another thread may ask for)."""
+    def cached_tokens(self, row: GenerationRow) -> int:
+        """How many of a row's tokens attach_prefix would find cached now, copies included (reads the
+        cache only: an estimate another thread may ask for while the engine thread leaves the row alone)."""
         parent, full = b"", 0
         try:
-            for parent, _ in self._cached_chain(tokens):
+            for parent, _ in self._cached_chain(row):
                 full += self.block_tokens
-            return full + self._best_sibling(parent, tokens, full)[0]
+            return full + self._best_sibling(parent, row.known_ids(), full)[0]
         except RuntimeError:  # the engine thread changed the cache under this read: what was found
             return full
 
-    def _cached_chain(self, tokens: Sequence[int]) -> Iterator[tuple[bytes, int]]:
-        """(hash, block) of the cached full blocks `tokens` start with, before its last token."""
+    def _cached_chain(self, row: GenerationRow) -> Iterator[tuple[bytes, int]]:
+        """(hash, block) of the cached full blocks the row's tokens start with, before its last token."""
         if not self.caching:
             return
-        parent = b""
-        for start in range(0, len(tokens) - self.block_tokens, self.block_tokens):
-            digest = block_hash(parent, tokens[start:start + self.block_tokens])
+        for i in range((row.known_tokens() - 1) // self.block_tokens):
+            digest = self._digest(row, i)
             block = self._cached.get(digest)
             if block is None:
                 return
             yield digest, block
-            parent = digest
+
+    def _digest(self, row: GenerationRow, i: int) -> bytes:
+        """The content hash of the row's block i (and those before it), computed once per row: the cache
+        is asked before the row is admitted and again as it attaches, and its prompt's blocks are keyed
+        after they are computed."""
+        chain, size = row.digests, self.block_tokens
+        while len(chain) <= i:
+            n = len(chain)
+            chain.append(block_hash(chain[-1] if n else b"", row.ids(n * size, (n + 1) * size)))
+        return chain[i]
 
     def grow(self, row: GenerationRow, tokens: int) -> bool:
         """Give a row blocks for its first `tokens` positions; False (and nothing taken) when the pool
@@ -165,7 +173,7 @@ class BlockManager:
         blocks, hashes, size = row.blocks, row.block_hashes, self.block_tokens
         while len(hashes) < row.cached // size:
             i = len(hashes)
-            digest = block_hash(hashes[-1] if hashes else b"", row.ids(i * size, (i + 1) * size))
+            digest = self._digest(row, i)
             hashes.append(digest)
             if digest not in self._cached:  # a twin computed at the same time stays private
                 self._cached[digest] = blocks[i]

@@ -67,7 +67,7 @@ class Scheduler:
     def own_tokens(self, row: GenerationRow) -> int:
         """A scoring row's prompt tokens past the prefix the cache holds, counted once (engine thread)."""
         if row.own_tokens < 0:
-            row.own_tokens = row.known_tokens() - self.blocks.cached_tokens(row.prompt_ids)
+            row.own_tokens = row.known_tokens() - self.blocks.cached_tokens(row)
         return row.own_tokens
 
     def withdraw(self, row: GenerationRow) -> bool:

@@ -2,10 +2,25 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
 from typing import Any, Callable
 
 from ..sampling import GREEDY, SamplingParams
+
+
+class CancelFlag:
+    """Set by another thread (a cancel), read by the engine thread each step: a flag, where a
+    threading.Event per row would build a lock and a condition for every request and never be waited on."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclasses.dataclass(eq=False)
@@ -19,20 +34,22 @@ class GenerationRow:
     sampling: SamplingParams = GREEDY
     deadline: float = float("inf")  # time.monotonic() value
     on_token: Callable[[int], None] | None = None  # streaming callback, called from the engine thread
-    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    cancelled: CancelFlag = dataclasses.field(default_factory=CancelFlag)
     tokens: list[int] = dataclasses.field(default_factory=list)
     # Per token of `tokens` when logprobs >= 0: (log-probability, top ids, their log-probabilities).
     token_logprobs: list[tuple[float, tuple[int, ...], tuple[float, ...]]] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None  # stop | length | deadline | cancelled | scored
     score: bool = False
     label_probs: tuple[float, ...] | None = None  # a scoring row's softmax over the label logits
-    # Engine state: the batch slot it holds, its KV blocks (and the content hashes of the full ones), how
+    # Engine state: the batch slot it holds, its KV blocks (and the content hashes of the full ones), the
+    # content hashes of its first full blocks of tokens (computed once, whatever blocks it holds), how
     # many of its tokens the blocks hold, the token the next decode step feeds (the last one sampled),
     # prompt tokens found in the prefix cache, times it lost its blocks to a fuller row, and who to tell
     # when it ends.
     slot: int | None = None
     blocks: list[int] = dataclasses.field(default_factory=list)
     block_hashes: list[bytes] = dataclasses.field(default_factory=list)
+    digests: list[bytes] = dataclasses.field(default_factory=list)
     cached: int = 0
     next_input: int | None = None
     pending: int = 0  # tokens decoded but not yet read back (overlapped steps: the next step feeds the newest)

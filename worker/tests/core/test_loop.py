@@ -8,6 +8,7 @@ import pytest
 
 from qwen_worker.config import WorkerConfig
 from qwen_worker.core.loop import EngineLoop
+from qwen_worker.engine import GenerationRow
 from qwen_worker.health import Health
 from qwen_worker.metrics import WorkerMetrics
 from qwen_worker.model import ModelService
@@ -226,7 +227,7 @@ def test_short_sentiment_requests_queued_behind_long_ones_are_scored_first(model
     # request's prefill is its own few tokens.
     model.score_sentiment([model.prompter.sentiment_ids("第一", "zh")])
     cached = model.engine.scheduler.blocks.cached_tokens
-    assert all(len(r.prompt) - cached(r.prompt) < 32 for r in shorts)
+    assert all(len(r.prompt) - cached(GenerationRow.scoring(r.prompt)) < 32 for r in shorts)
     assert all(len(r.prompt) > config.prefill_chunk_tokens for r in longs)  # each prefills in chunks
     for r in longs + shorts:  # all queued before the loop takes anything: the order is the queue's choice
         engine_loop.submit(r)

@@ -146,3 +146,22 @@ def test_no_copy_when_taking_the_source_would_leave_no_block_for_its_destination
     # The first cached block attaches; the second would be the copy's source, and nothing would be left
     # for the destination: no copy (the prompt computes those tokens), never a failed allocation.
     assert manager.attach_prefix(row) == 4 and manager.copies == [] and manager.available() == 1
+
+
+def test_a_rows_block_hashes_are_computed_once_from_the_estimate_to_the_keying(monkeypatch):
+    import qwen_worker.engine.block_manager as module
+
+    manager = BlockManager(blocks=20, block_tokens=SIZE)
+    computed(manager, list(range(12)))  # blocks [0-3] [4-7] [8-11] cached
+    hashed = []
+    monkeypatch.setattr(module, "block_hash", lambda parent, tokens: hashed.append(tuple(tokens)) or
+                        block_hash(parent, tokens))
+    row = GenerationRow(list(range(8)) + [50, 51, 52, 53, 54], 8)  # two cached blocks, then its own
+    assert manager.cached_tokens(row) == 8  # the estimate the queue takes before admission
+    assert manager.attach_prefix(row) == 8
+    assert manager.grow(row, 13)
+    row.cached = 13
+    manager.register(row)  # keys its third block
+    assert hashed == [(0, 1, 2, 3), (4, 5, 6, 7), (50, 51, 52, 53)]
+    again = GenerationRow(list(range(8)) + [50, 51, 52, 53, 60], 8)
+    assert manager.attach_prefix(again) == 12  # what it keyed is found under the same hashes
