@@ -68,16 +68,6 @@ def pytest_runtest_call(item):
         return (yield)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _temporary_files_in_pytests_base(tmp_path_factory):
-    """What the suite puts in temporary files (workers' logs, nginx prefixes, stack directories, browser
-    profiles) goes under pytest's base directory, which keeps the last three runs, instead of /tmp, where
-    every run left some 150 of them."""
-    tempfile.tempdir = str(tmp_path_factory.mktemp("tmp"))
-    yield
-    tempfile.tempdir = None
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A freshly built tiny model (real Qwen2 architecture and tokenizer, random weights)."""
