@@ -7,6 +7,7 @@ import tomllib
 from importlib.metadata import PackageNotFoundError, distribution
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from qaio_testing import REPO
 
@@ -22,8 +23,10 @@ DEVICE_ENVIRONMENT = {"python_version": "3.12", "python_full_version": "3.12.3",
                       "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
 
 
-def normalized(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
+def worker_requirements() -> list[Requirement]:
+    """worker/pyproject.toml's run-time dependencies."""
+    pyproject = tomllib.loads((REPO / "worker" / "pyproject.toml").read_text())
+    return [Requirement(r) for r in pyproject["project"]["dependencies"]]
 
 
 def carried_wheels() -> dict[str, str]:
@@ -31,18 +34,17 @@ def carried_wheels() -> dict[str, str]:
     prep = (REPO.parent / "shared" / "tools" / "device-prep.sh").read_text()
     pins = re.search(r"for req in (.*?); do", prep, re.S).group(1).replace("\\\n", " ").split()
     pins += [line.split("#")[0].strip() for line in (REPO / "scripts" / "device-requirements.txt").read_text().splitlines()]
-    return {normalized(name): version for name, version in (pin.split("==") for pin in pins if pin)}
+    return {canonicalize_name(name): version for name, version in (pin.split("==") for pin in pins if pin)}
 
 
 def needs_at_run_time() -> set[str]:
     """The worker's dependencies, the GPU run's, and, through this environment's metadata, what each carried one requires
     on the device (its image's packages are taken as they are there)."""
-    pyproject = tomllib.loads((REPO / "worker" / "pyproject.toml").read_text())
-    todo = [Requirement(r) for r in pyproject["project"]["dependencies"] + GPU_RUN_EXTRAS]
+    todo = worker_requirements() + [Requirement(r) for r in GPU_RUN_EXTRAS]
     needed: set[str] = set()
     while todo:
         requirement = todo.pop()
-        name = normalized(requirement.name)
+        name = canonicalize_name(requirement.name)
         if name in needed or (requirement.marker and not requirement.marker.evaluate(DEVICE_ENVIRONMENT)):
             continue
         needed.add(name)
@@ -57,9 +59,7 @@ def test_every_dependency_of_the_worker_is_in_the_device_image_or_carried_by_the
 
 
 def test_the_carried_wheels_are_the_versions_the_worker_pins_and_runs_here():
-    pyproject = tomllib.loads((REPO / "worker" / "pyproject.toml").read_text())
-    pinned = {normalized(r.name): str(r.specifier).removeprefix("==")
-              for r in map(Requirement, pyproject["project"]["dependencies"])}
+    pinned = {canonicalize_name(r.name): str(r.specifier).removeprefix("==") for r in worker_requirements()}
     for name, version in carried_wheels().items():
         assert version == pinned.get(name, version), (name, version, pinned[name])
         try:
