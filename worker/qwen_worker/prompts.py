@@ -114,6 +114,14 @@ class ChatMLPrompter:
         with self._tokenize_lock:
             return self.tokenizer(text, add_special_tokens=False, split_special_tokens=split_special_tokens)["input_ids"]
 
+    def _encode_many(self, texts: Sequence[str], split_special_tokens: bool) -> list[list[int]]:
+        """Each text's ids, as _encode's, in one call of the backend (no offsets kept: ~15 % less per text)."""
+        if self._backends is None:
+            return [self._encode(text, split_special_tokens) for text in texts]
+        backend = self._backends[split_special_tokens]
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers < 0.20: no _fast
+        return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int]) -> str:
         """Generated ids as text, special tokens left out (as transformers' decode with skip_special_tokens)."""
         if self._decoder is not None:
@@ -155,6 +163,11 @@ class ChatMLPrompter:
     def sentiment_ids(self, text: str, lang: str) -> list[int]:
         """Prompt whose next token is the label; starts with `sentiment_prefix_ids[lang]`."""
         return self.sentiment_prefix_ids[lang] + self.plain(text) + self._user_turn_end
+
+    def sentiment_ids_many(self, texts: Sequence[str], langs: Sequence[str]) -> list[list[int]]:
+        """sentiment_ids of each text (with its lang), its client text encoded in one call for all."""
+        return [self.sentiment_prefix_ids[lang] + ids + self._user_turn_end
+                for ids, lang in zip(self._encode_many(texts, split_special_tokens=True), langs)]
 
     def chat_ids(self, messages: Sequence[Message], system_prompt: str = CHAT_SYSTEM_PROMPT) -> list[int]:
         """ChatML prompt ending with the open assistant turn; adds the product's system prompt if none is given."""

@@ -132,6 +132,28 @@ class WorkerService:
         self.check_deadline(deadline)
         return self.client.sentiment(task, ids, deadline)
 
+    def submit_sentiments(self, texts: list[str], langs: list[str], deadline: float,
+                          task: str = "sentiment") -> list[RequestHandle | ApiError]:
+        """submit_sentiment of each text, sent to the engine together: each one's handle, or the error
+        that refused it (a prompt over the token limit, a full queue)."""
+        try:
+            prompts = self.prompter.sentiment_ids_many(texts, langs)
+            self.check_deadline(deadline)
+        except ApiError as refused:  # not ready, or already late: every text fails alike
+            return [refused] * len(texts)
+        outcomes: list = [None] * len(prompts)
+        sendable = []
+        for i, ids in enumerate(prompts):
+            try:
+                self.check_prompt_tokens(ids, "the sentiment prompt of this text")
+                sendable.append(i)
+            except ApiError as refused:
+                outcomes[i] = refused
+        sent = self.client.sentiments(task, [prompts[i] for i in sendable], deadline)
+        for i, outcome in zip(sendable, sent):
+            outcomes[i] = engine_error(outcome) if isinstance(outcome, RequestFailed) else outcome
+        return outcomes
+
     def submit_generation(self, prompt_ids: list[int], max_tokens: int, deadline: float, task: str,
                           sampling: SamplingParams = GREEDY, stream: bool = False) -> RequestHandle:
         self.check_prompt_tokens(prompt_ids)

@@ -37,41 +37,35 @@ def bulk_sentiment(body: dict):
     deadline = svc.deadline(v.deadline_ms(body, cfg.sentiment_deadline_ms), g.arrived)
     g.log_fields.update(task="sentiment", input_chars=sum(map(len, texts)), texts=len(texts))
     # At most a window of its texts is queued at once, so one bulk request cannot fill the queue that
-    # every client shares; the window is what a pass scores anyway.
+    # every client shares; the window is what a pass scores anyway. A window's texts are tokenized and
+    # sent to the engine together.
     window = max(1, min(cfg.max_batch_size, cfg.queue_capacity // 4))
     calibration = svc.calibration()
     submitted: list = []
     results, jobs, failed = [], [], []
-
-    def submit_next() -> None:
-        text, lang = texts[len(submitted)], langs[len(submitted)]
-        try:
-            submitted.append(svc.submit_sentiment(text, lang, deadline))
-            track(submitted[-1:])
-        except (ApiError, RequestFailed) as err:
-            submitted.append(_failure(err))
-
     try:
-        while len(submitted) < min(window, len(texts)):
-            submit_next()
-        for i, lang in enumerate(langs):
-            job = submitted[i]
-            outcome = job if isinstance(job, ApiError) else None
-            if outcome is None:
-                try:
-                    scores = job.wait(g.client_gone).scores
-                except RequestFailed as err:
-                    if err.code == "client_closed_request":
-                        raise
-                    outcome = _failure(err)
-            if len(submitted) < len(texts):
-                submit_next()
-            if outcome is not None:
-                failed.append(outcome)
-                results.append({"error": {"code": outcome.code, "message": outcome.message, "status": outcome.status}})
-                continue
-            jobs.append(job)
-            results.append({"sentiment": sentiment_view(scores, lang, calibration), "lang": lang})
+        for start in range(0, len(texts), window):
+            outcomes = svc.submit_sentiments(texts[start:start + window], langs[start:start + window], deadline)
+            submitted += outcomes
+            for job in outcomes:
+                if not isinstance(job, ApiError):
+                    track([job])  # a prompt each
+            for job, lang in zip(outcomes, langs[start:start + window]):
+                outcome = job if isinstance(job, ApiError) else None
+                if outcome is None:
+                    try:
+                        scores = job.wait(g.client_gone).scores
+                    except RequestFailed as err:
+                        if err.code == "client_closed_request":
+                            raise
+                        outcome = _failure(err)
+                if outcome is not None:
+                    failed.append(outcome)
+                    results.append({"error": {"code": outcome.code, "message": outcome.message,
+                                              "status": outcome.status}})
+                    continue
+                jobs.append(job)
+                results.append({"sentiment": sentiment_view(scores, lang, calibration), "lang": lang})
     except BaseException:
         for job in submitted:
             if not isinstance(job, ApiError):

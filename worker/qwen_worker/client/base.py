@@ -6,7 +6,7 @@ import itertools
 import os
 import threading
 
-from ..protocol import GENERATE, SENTIMENT, Cancel, Output, Request, Status
+from ..protocol import GENERATE, SENTIMENT, Cancel, Output, Request, RequestFailed, Status
 from ..sampling import GREEDY, SamplingParams
 from .handle import RequestHandle
 
@@ -27,6 +27,23 @@ class EngineClient(abc.ABC):
     # ---- requests -------------------------------------------------------------------------------
     def sentiment(self, task: str, prompt: list[int], deadline: float) -> RequestHandle:
         return self._submit(Request(next(self._ids), SENTIMENT, task, prompt, deadline))
+
+    def sentiments(self, task: str, prompts: list[list[int]], deadline: float) -> list:
+        """Several sentiment requests sent together: each one's handle, or the RequestFailed that refused
+        it here."""
+        requests = [Request(next(self._ids), SENTIMENT, task, prompt, deadline) for prompt in prompts]
+        handles = [RequestHandle(request, self._cancel) for request in requests]
+        with self._lock:
+            self._handles.update((handle.request.id, handle) for handle in handles)
+        refusals: list = list(requests)  # until they are sent, as if each was refused: its handle let go
+        try:
+            refusals = self.send_requests(requests)
+        finally:
+            with self._lock:
+                for handle, refusal in zip(handles, refusals):
+                    if refusal is not None:
+                        self._handles.pop(handle.request.id, None)
+        return [refusal or handle for handle, refusal in zip(handles, refusals)]
 
     def generate(self, task: str, prompt: list[int], deadline: float, max_tokens: int,
                  sampling: SamplingParams = GREEDY, stream: bool = False) -> RequestHandle:
@@ -71,6 +88,17 @@ class EngineClient(abc.ABC):
     # ---- what each transport does ----------------------------------------------------------------
     @abc.abstractmethod
     def send_request(self, request: Request, handle: RequestHandle) -> None: ...
+
+    def send_requests(self, requests: list[Request]) -> list[RequestFailed | None]:
+        """Requests that need no acknowledgement (not streams), in order: what refused each one here."""
+        refusals: list[RequestFailed | None] = []
+        for request in requests:
+            try:
+                self.send_request(request, None)
+                refusals.append(None)
+            except RequestFailed as refused:
+                refusals.append(refused)
+        return refusals
 
     @abc.abstractmethod
     def send_cancel(self, cancel: Cancel) -> None: ...

@@ -149,17 +149,25 @@ class RemoteClient(EngineClient):
         if first.error is not None:
             raise RequestFailed(first.error, first.message)
 
+    def send_requests(self, requests: list[Request]) -> list[RequestFailed | None]:
+        """In one frame; refusals arrive as the requests' final outputs. An engine out of reach refuses all."""
+        try:
+            self._send(*requests)
+        except RequestFailed as failed:
+            return [failed] * len(requests)
+        return [None] * len(requests)
+
     def send_cancel(self, cancel: Cancel) -> None:
         try:
             self._send(cancel)
         except RequestFailed:
             pass  # the engine is gone: nothing runs for it any more
 
-    def _send(self, message) -> None:
+    def _send(self, *messages) -> None:
         """Messages posted while another thread is sending go in the next send, together (one
         syscall and one encoding for many requests under load); order is kept."""
         with self._pending_lock:
-            self._pending.append(message)
+            self._pending.extend(messages)
         try:
             with self._send_lock:
                 with self._pending_lock:

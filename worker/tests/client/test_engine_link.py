@@ -178,6 +178,32 @@ def test_a_full_queue_refuses_at_once_and_frees_nothing_it_holds(link):
     idle(link)
 
 
+def test_sentiments_sent_together_are_answered_as_each_alone_and_refused_each_alone(link):
+    prompts = [link.prompter.sentiment_ids(text, "zh") for text in ("好吃", "太难吃了", "一般般")]
+    alone = [link.sentiment("sentiment", prompt, soon()).wait().scores for prompt in prompts]
+    sent = []
+    if isinstance(link, RemoteClient):  # together: one frame on the socket
+        send_bytes = link._conn.send_bytes
+        link._conn.send_bytes = lambda data: (sent.append(data), send_bytes(data))[1]
+    try:
+        together = link.sentiments("sentiment", prompts, soon())
+    finally:
+        if isinstance(link, RemoteClient):
+            del link._conn.send_bytes
+            assert len(sent) == 1
+    # Scored in one pass, padded otherwise than alone: equal to float rounding.
+    assert [job.wait().scores for job in together] == [pytest.approx(scores, abs=1e-5) for scores in alone]
+    # Refused (draining): each one, in process at once, over the socket as its final output.
+    assert link.control("drain").draining is True
+    try:
+        jobs = link.sentiments("sentiment", prompts, soon())
+    finally:
+        link.control("undrain")
+    assert [job.code if isinstance(job, RequestFailed) else outcome(lambda job=job: job) for job in jobs] == \
+        ["draining"] * 3
+    idle(link)
+
+
 def test_drain_refuses_new_work_and_undrain_takes_it_again(link):
     assert link.control("drain").draining is True
     assert outcome(lambda: link.sentiment("sentiment", link.prompter.sentiment_ids("还开着吗", "zh"), soon())) == "draining"
