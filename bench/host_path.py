@@ -4,8 +4,8 @@ arithmetic: a worker with QAIO_NULL_MODEL=1, whose passes answer at once from a 
 
 Per source tree (this one, and with `--before` another checkout, in the same sitting) and per layout
 (`QAIO_ENGINE_PROCESS=on`: an engine process and two API processes, the GPU default; `off`: one process),
-closed-loop levels of streamed chat (default sampling and penalty, 64 tokens), of sentiment, and of
-`GET /healthz` (no model, no engine: the floor of any request through gunicorn and Flask) at c=64 and
+closed-loop levels of streamed chat (default sampling and penalty, 64 tokens), of sentiment (one text a
+request, and 32 texts a request at a sixteenth of the level's clients), and of `GET /healthz` (no model, no engine: the floor of any request through gunicorn and Flask) at c=64 and
 c=256: tokens/s or requests/s, and the CPU seconds of every process of the instance (from /proc) per
 streamed token or per request, the load client's own CPU apart (it shares the machine's cores).
 Beside them, `Engine.step`'s host time at batch 64 and 256 (no HTTP): the engine over the null runner.
@@ -36,6 +36,12 @@ from .trees import measure_trees, tree_conf, tree_env
 LAYOUTS = {"engine process": {"QAIO_ENGINE_PROCESS": "on", "QAIO_WORKERS": "2"},
            "one process": {"QAIO_ENGINE_PROCESS": "off", "QAIO_WORKERS": "1"}}
 DEFAULT_CHAT = {"temperature": 0.7, "top_p": 0.9}  # and the default repetition penalty: no field sends 1.1
+BULK_TEXTS = 32  # texts per bulk sentiment request (`texts`): what gunicorn and Flask cost, shared among them
+
+
+def bulk_items(texts: list[str], requests: int) -> list:
+    """`requests` bulk requests of BULK_TEXTS texts each, from `texts` in turn."""
+    return [[[texts[(i * BULK_TEXTS + j) % len(texts)] for j in range(BULK_TEXTS)], 1] for i in range(requests)]
 
 
 def http_levels(tree: str, model: str, levels: list[int], max_tokens: int, scale: int) -> dict:
@@ -56,6 +62,13 @@ def http_levels(tree: str, model: str, levels: list[int], max_tokens: int, scale
                     result = level(server, roles, kind, texts[:count], c, max_tokens, **sampling)
                     results.append(summarize(kind, c, result))
                     print(f"  {layout} {kind} c={c}: {results[-1]}", flush=True)
+            # Bulk clients hold BULK_TEXTS texts each: a sixteenth of the level keeps them within the
+            # engine's slots and queue (QAIO_MAX_BATCH_SIZE + its default queue, 3 x the level).
+            for c in levels:
+                bulk_c = max(1, c // 16)
+                result = level(server, roles, "bulk_sentiment", bulk_items(texts, 64 * bulk_c // scale), bulk_c, 1)
+                results.append(summarize("bulk_sentiment", bulk_c, result))
+                print(f"  {layout} bulk_sentiment c={bulk_c}: {results[-1]}", flush=True)
             out[layout] = results
         finally:
             server.stop()
@@ -93,6 +106,11 @@ def summarize(kind: str, c: int, result: dict) -> dict:
         row.update(tokens=round(tokens), tokens_per_s=round(result["output_tokens_per_s"], 1),
                    server_cpu_us_per_token=round(1e6 * server_cpu / max(tokens, 1), 1),
                    client_cpu_us_per_token=round(1e6 * result["cpu_s"]["clients"] / max(tokens, 1), 1))
+    elif kind == "bulk_sentiment":
+        texts = BULK_TEXTS * (result["requests"] - result["errors"])
+        row.update(texts_per_s=round(texts / result["wall_s"], 1),
+                   server_cpu_us_per_text=round(1e6 * server_cpu / max(texts, 1), 1),
+                   client_cpu_us_per_text=round(1e6 * result["cpu_s"]["clients"] / max(texts, 1), 1))
     else:
         done = result["requests"] - result["errors"]
         row.update(requests_per_s=round(result["requests_per_s"], 1),
@@ -186,7 +204,7 @@ def render(report: dict) -> str:
              f"`QAIO_NULL_MODEL=1` (the `{report['tokenizer']}` tokenizer; passes answer at once from a token "
              f"cycle; torch on one thread, its default), `QAIO_MAX_BATCH_SIZE` = the highest level, each tree's own gunicorn settings (the API processes beside an engine process on gevent in a tree with QAIO_HTTP_WORKER, on gthread before it; one process on gthread). Closed loop: streamed chat "
              f"of {report['max_tokens']} tokens with the default sampling and repetition penalty, and sentiment, one "
-             "text a request. Server CPU: every process of the instance (gunicorn's master and API processes, "
+             f"text a request, and {BULK_TEXTS} texts a request (`texts`) at a sixteenth of the level's clients. Server CPU: every process of the instance (gunicorn's master and API processes, "
              "the engine process), from /proc; the load client (Python: one process, its clients coroutines over aiohttp) shares the "
              "machine's cores and its CPU is shown apart. `GET /healthz` touches neither the model nor the engine: "
              "what any request costs through gunicorn and Flask, the floor under a sentiment request.", "",
@@ -194,10 +212,14 @@ def render(report: dict) -> str:
     for run in report["runs"]:
         for layout, rows in run["http"].items():
             for row in rows:
-                task = "`GET /healthz`" if row["kind"] == "healthz" else row["kind"]
+                task = {"healthz": "`GET /healthz`", "bulk_sentiment": f"sentiment, {BULK_TEXTS} texts a request"}.get(
+                    row["kind"], row["kind"])
                 if row["kind"] == "chat":
                     rate, server, client = (f"{row['tokens_per_s']:,.0f} tok/s", f"{row['server_cpu_us_per_token']} µs/token",
                                             f"{row['client_cpu_us_per_token']} µs/token")
+                elif row["kind"] == "bulk_sentiment":
+                    rate, server, client = (f"{row['texts_per_s']:,.0f} texts/s", f"{row['server_cpu_us_per_text']} µs/text",
+                                            f"{row['client_cpu_us_per_text']} µs/text")
                 else:
                     rate, server, client = (f"{row['requests_per_s']:,.0f} req/s",
                                             f"{row['server_cpu_us_per_request']} µs/request",

@@ -56,6 +56,17 @@ async def sentiment_call(session: aiohttp.ClientSession, url: str, text: str, ma
     return Outcome(time.perf_counter() - started, ok=response.status == 200)
 
 
+async def bulk_sentiment_call(session: aiohttp.ClientSession, url: str, texts: list[str], max_tokens: int,
+                              **_) -> Outcome:
+    """Several texts in one request (`texts`): what HTTP costs shared among them; ok when every text was
+    scored (a bulk answer is a 200 while any was)."""
+    started = time.perf_counter()
+    async with session.post(url + "/v1/sentiment", json={"texts": texts}) as response:
+        body = await response.read()
+    ok = response.status == 200 and json.loads(body)["failed"] == 0
+    return Outcome(time.perf_counter() - started, ok=ok)
+
+
 async def healthz_call(session: aiohttp.ClientSession, url: str, text: str, max_tokens: int, **_) -> Outcome:
     """The cheapest request a worker answers (no model, no engine): what HTTP alone costs it."""
     started = time.perf_counter()
@@ -103,7 +114,7 @@ async def openai_chat_call(session: aiohttp.ClientSession, url: str, text: str, 
     return Outcome(time.perf_counter() - started, ttft, tokens, ok)
 
 
-CALLS = {"sentiment": sentiment_call, "healthz": healthz_call, "chat": chat_call, "openai_chat": openai_chat_call}
+CALLS = {"sentiment": sentiment_call, "bulk_sentiment": bulk_sentiment_call, "healthz": healthz_call, "chat": chat_call, "openai_chat": openai_chat_call}
 
 
 async def _level(kind: str, url: str, items: list, concurrency: int, max_tokens: int, sampling: dict) -> LevelResult:

@@ -25,11 +25,12 @@ def test_the_host_path_bench_measures_every_task_in_both_layouts_and_writes_its_
     run, = report["runs"]
     assert set(run["http"]) == {"engine process", "one process"}
     for layout, rows in run["http"].items():
-        assert [row["kind"] for row in rows] == ["chat", "sentiment", "healthz"], layout
+        assert [row["kind"] for row in rows] == ["chat", "sentiment", "healthz", "bulk_sentiment"], layout
         assert all(row["errors"] == 0 and row["requests"] > 0 for row in rows), rows
-        chat, sentiment, healthz = rows
+        chat, sentiment, healthz, bulk = rows
         assert chat["tokens"] == 8 * chat["requests"] and chat["server_cpu_us_per_token"] >= 0
         assert sentiment["server_cpu_us_per_request"] >= 0 and healthz["server_cpu_us_per_request"] >= 0
+        assert bulk["texts_per_s"] > 0 and bulk["server_cpu_us_per_text"] >= 0
     http_rows = [row for rows in run["http"].values() for row in rows]
     assert sum(sum(v for k, v in row["cpu_s"].items() if k != "clients") for row in http_rows) > 0
     assert "engine" in run["http"]["engine process"][0]["cpu_s"]  # the engine process is counted as the server's
@@ -38,4 +39,4 @@ def test_the_host_path_bench_measures_every_task_in_both_layouts_and_writes_its_
     assert all(row["errors"] == 0 and row["requests"] > 0 and row["server_cpu_us_per_request"] >= 0
                and "engine" not in row["cpu_s"] for rows in report["floors"].values() for row in rows), report["floors"]
     markdown = (tmp_path / "benchmarks-host.md").read_text()
-    assert "`GET /healthz`" in markdown and "smoke test" in markdown and "| Flask app | 4 |" in markdown
+    assert "`GET /healthz`" in markdown and "smoke test" in markdown and "sentiment, 32 texts a request" in markdown and "| Flask app | 4 |" in markdown
