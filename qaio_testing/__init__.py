@@ -4,8 +4,10 @@ Outside the worker package (the images do not install it); tests and benches run
 root, which puts it on the path."""
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +24,35 @@ GUNICORN_CONF = REPO / "worker" / "gunicorn.conf.py"
 RENDER_NGINX = REPO / "nginx" / "render-config.sh"
 API_KEY_SCRIPT = REPO / "scripts" / "api-key.sh"
 STACK_SCRIPT = REPO / "scripts" / "stack.sh"
+
+
+# What this process made under the system's temporary directory (not pytest's private base: nginx's
+# workers run as nobody and must reach a prefix), removed when it exits: tests read logs after stop().
+_SCRATCH: list[Path] = []
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A new directory under the system's temporary directory, removed when this process exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    _SCRATCH.append(path)
+    return path
+
+
+def scratch_file(prefix: str, suffix: str = "") -> Path:
+    """A new empty file under the system's temporary directory, removed when this process exits."""
+    descriptor, name = tempfile.mkstemp(prefix=prefix, suffix=suffix)
+    os.close(descriptor)
+    _SCRATCH.append(Path(name))
+    return Path(name)
+
+
+@atexit.register
+def _remove_scratch() -> None:
+    for path in _SCRATCH:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 # How long a test waits for state that another thread or process writes after the answer it got
@@ -146,7 +177,7 @@ class GunicornServer:
                        "QAIO_INSTANCE_ID": f"worker-{self.port}", **env}
         environment.pop("PROMETHEUS_MULTIPROC_DIR", None)
         # A file, never an unread pipe: once a pipe's buffer fills, every logging call blocks the worker.
-        self.log_path = Path(log_path or tempfile.mkstemp(prefix=f"qaio-worker-{self.port}-", suffix=".log")[1])
+        self.log_path = Path(log_path) if log_path else scratch_file(f"qaio-worker-{self.port}-", ".log")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gunicorn", "-c", str(conf or GUNICORN_CONF), app],
@@ -173,7 +204,7 @@ class NginxServer:
                  binary: str = "nginx", **settings: str):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.prefix = prefix or tempfile.mkdtemp(prefix="qaio-nginx-")
+        self.prefix = prefix or str(scratch_dir("qaio-nginx-"))
         env = {**os.environ, "QAIO_NGINX_LISTEN": f"127.0.0.1:{self.port}",
                "QAIO_NGINX_UPSTREAMS": ",".join(upstreams), **settings}
         rendered = subprocess.run([str(RENDER_NGINX), self.prefix], env=env, check=True, capture_output=True, text=True)
@@ -227,7 +258,7 @@ class LocalStack:
     every port free, in a directory of its own (`prefix`); `env`: further settings."""
 
     def __init__(self, model: str, workers: int = 2, prefix: str = "qaio-stack-", timeout: float = 900, **env: str):
-        self.dir = Path(tempfile.mkdtemp(prefix=prefix))
+        self.dir = scratch_dir(prefix)
         base = free_port_range(workers)
         self.worker_addresses = [f"127.0.0.1:{base + i}" for i in range(workers)]
         self.port, self.prometheus_port, mtail_port = free_port(), free_port(), free_port()

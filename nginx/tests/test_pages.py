@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 
@@ -21,7 +20,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import ADMIN_TOKEN
-from qaio_testing import REPO, add_api_key, eventually, served_by
+from qaio_testing import REPO, add_api_key, eventually, scratch_dir, served_by
 from qaio_testing import metric as worker_metric
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -37,7 +36,7 @@ def browser():
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--window-size=1280,900", "--lang=en-US",
-                 f"--user-data-dir={tempfile.mkdtemp(prefix='qaio-chromium-')}"):
+                 f"--user-data-dir={scratch_dir('qaio-chromium-')}"):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # to read the request bodies sent
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
