@@ -52,6 +52,10 @@ class BlockManager:
         # prompt's next tokens begin like one of them, copy_on_attach finds it.
         self._children: dict[bytes, OrderedDict[int, tuple[int, ...]]] = {}
         self._parent_of: dict[int, bytes] = {}
+        # The hashes of cached blocks by what precedes them and their tokens: a prompt's blocks that are
+        # cached are keyed by a lookup, not hashed again (thousands of prompts share a system or sentiment
+        # prompt). A hash, not a block: a block may be evicted and refilled under another thread's read.
+        self._hash_by_content: dict[tuple[bytes, tuple[int, ...]], bytes] = {}
         self.copies: list[tuple[int, int]] = []  # (source, destination) blocks to copy before the next pass
         self.hit_tokens = 0  # prompt tokens served from the cache, and asked for (totals, for metrics)
         self.query_tokens = 0
@@ -151,7 +155,9 @@ class BlockManager:
         chain, size = row.digests, self.block_tokens
         while len(chain) <= i:
             n = len(chain)
-            chain.append(block_hash(chain[-1] if n else b"", row.ids(n * size, (n + 1) * size)))
+            parent, tokens = chain[-1] if n else b"", tuple(row.ids(n * size, (n + 1) * size))
+            digest = self._hash_by_content.get((parent, tokens))
+            chain.append(digest or block_hash(parent, tokens))
         return chain[i]
 
     def grow(self, row: GenerationRow, tokens: int) -> bool:
@@ -178,9 +184,10 @@ class BlockManager:
             if digest not in self._cached:  # a twin computed at the same time stays private
                 self._cached[digest] = blocks[i]
                 self._hash_of[blocks[i]] = digest
-                parent = hashes[-2] if i else b""
+                parent, tokens = hashes[-2] if i else b"", tuple(row.ids(i * size, (i + 1) * size))
                 self._parent_of[blocks[i]] = parent
-                self._children.setdefault(parent, OrderedDict())[blocks[i]] = tuple(row.ids(i * size, (i + 1) * size))
+                self._children.setdefault(parent, OrderedDict())[blocks[i]] = tokens
+                self._hash_by_content[parent, tokens] = digest
 
     def release(self, row: GenerationRow) -> None:
         """A row lets go of its blocks (newest first, so a prefix's tail is evicted before its head)."""
@@ -212,7 +219,7 @@ class BlockManager:
             del self._cached[self._hash_of.pop(block)]
             parent = self._parent_of.pop(block)
             siblings = self._children[parent]
-            del siblings[block]
+            del self._hash_by_content[parent, siblings.pop(block)]
             if not siblings:
                 del self._children[parent]
             self.evictions += 1

@@ -148,7 +148,7 @@ def test_no_copy_when_taking_the_source_would_leave_no_block_for_its_destination
     assert manager.attach_prefix(row) == 4 and manager.copies == [] and manager.available() == 1
 
 
-def test_a_rows_block_hashes_are_computed_once_from_the_estimate_to_the_keying(monkeypatch):
+def test_a_rows_block_hashes_are_computed_once_from_the_estimate_to_the_keying_and_cached_ones_never(monkeypatch):
     import qwen_worker.engine.block_manager as module
 
     manager = BlockManager(blocks=20, block_tokens=SIZE)
@@ -162,6 +162,23 @@ def test_a_rows_block_hashes_are_computed_once_from_the_estimate_to_the_keying(m
     assert manager.grow(row, 13)
     row.cached = 13
     manager.register(row)  # keys its third block
-    assert hashed == [(0, 1, 2, 3), (4, 5, 6, 7), (50, 51, 52, 53)]
+    assert hashed == [(50, 51, 52, 53)]  # the cached blocks' hashes were looked up by their tokens
+    assert row.block_hashes == [block_hash(b"", range(4)), block_hash(row.block_hashes[0], range(4, 8)),
+                                block_hash(row.block_hashes[1], [50, 51, 52, 53])]
     again = GenerationRow(list(range(8)) + [50, 51, 52, 53, 60], 8)
     assert manager.attach_prefix(again) == 12  # what it keyed is found under the same hashes
+    assert hashed == [(50, 51, 52, 53)]
+
+
+def test_an_evicted_blocks_tokens_are_hashed_again_and_find_nothing(monkeypatch):
+    import qwen_worker.engine.block_manager as module
+
+    manager = BlockManager(blocks=3, block_tokens=SIZE)  # two usable
+    manager.release(computed(manager, [1, 2, 3, 4, 5]))  # [1-4] cached
+    manager.release(computed(manager, [7, 7, 7, 7, 8, 8, 8, 8]))  # evicts [1-4], caches [7 7 7 7]
+    assert manager.evictions == 1
+    hashed = []
+    monkeypatch.setattr(module, "block_hash", lambda parent, tokens: hashed.append(tuple(tokens)) or
+                        block_hash(parent, tokens))
+    row = GenerationRow([1, 2, 3, 4, 5], 8)
+    assert manager.attach_prefix(row) == 0 and hashed == [(1, 2, 3, 4)]
