@@ -47,11 +47,10 @@ _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3000-\u303f\uff00-
 
 def detect_language(text: str) -> str:
     """`zh` when CJK characters make up a noticeable share of the letters, else `en`."""
-    letters = [c for c in text if c.isalnum()]
+    letters = "".join(filter(str.isalnum, text))  # C loops, not Python's: a bulk request asks per text
     if not letters:
         return "zh" if _CJK.search(text) else "en"
-    cjk = sum(1 for c in letters if _CJK.match(c))
-    return "zh" if cjk / len(letters) >= 0.2 else "en"
+    return "zh" if len(_CJK.findall(letters)) / len(letters) >= 0.2 else "en"
 
 
 @dataclasses.dataclass(frozen=True)

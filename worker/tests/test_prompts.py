@@ -58,6 +58,7 @@ def test_analyze_prompt_carries_the_detected_sentiment(prompter):
 @pytest.mark.parametrize("text, lang", [
     ("很快，好吃，味道足，量大", "zh"), ("The food was great", "en"), ("外卖 delivery was slow 太慢了", "zh"),
     ("OK 好", "zh"), ("!!!", "en"), ("", "en"), ("。。。", "zh"),
+    ("abcd 中", "zh"), ("abcde 中", "en"), ("ｆｕｌｌ ｗｉｄｔｈ", "zh"), ("①② ok", "en"),  # a fifth CJK is the line
 ])
 def test_detect_language(text, lang):
     assert detect_language(text) == lang
