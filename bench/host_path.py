@@ -5,9 +5,10 @@ arithmetic: a worker with QAIO_NULL_MODEL=1, whose passes answer at once from a 
 Per source tree (this one, and with `--before` another checkout, in the same sitting) and per layout
 (`QAIO_ENGINE_PROCESS=on`: an engine process and two API processes, the GPU default; `off`: one process),
 closed-loop levels of streamed chat (default sampling and penalty, 64 tokens), of sentiment (one text a
-request, and 32 texts a request at a sixteenth of the level's clients), and of `GET /healthz` (no model, no engine: the floor of any request through gunicorn and Flask) at c=64 and
-c=256: tokens/s or requests/s, and the CPU seconds of every process of the instance (from /proc) per
-streamed token or per request, the load client's own CPU apart (it shares the machine's cores).
+request, and 32 texts a request at a sixteenth of the level's clients), and of `GET /healthz` (no model,
+no engine: the floor of any request through gunicorn and Flask) at c=64 and c=256: tokens/s or
+requests/s, and the CPU seconds of every process of the instance (from /proc) per streamed token, per
+request or per text, the load client's own CPU apart (it shares the machine's cores).
 Beside them, `Engine.step`'s host time at batch 64 and 256 (no HTTP): the engine over the null runner.
 
 Writes docs/benchmarks-host.md and .json.

@@ -3,8 +3,6 @@ headers get the JSON 400 contract, and one address cannot hold the slots every o
 import http.client
 import json
 import re
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest

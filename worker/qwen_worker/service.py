@@ -135,17 +135,20 @@ class WorkerService:
     def submit_sentiments(self, texts: list[str], langs: list[str], deadline: float,
                           task: str = "sentiment") -> list[RequestHandle | ApiError]:
         """submit_sentiment of each text, sent to the engine together: each one's handle, or the error
-        that refused it (a prompt over the token limit, a full queue)."""
+        that refused it (not ready, a prompt over the token limit, late, a full queue), each counted."""
         try:
-            prompts = self.prompter.sentiment_ids_many(texts, langs)
-            self.check_deadline(deadline)
-        except ApiError as refused:  # not ready, or already late: every text fails alike
+            prompter = self.prompter
+        except ApiError as refused:
+            for _ in texts[1:]:
+                self.metrics.rejected("not_ready")
             return [refused] * len(texts)
+        prompts = prompter.sentiment_ids_many(texts, langs)
         outcomes: list = [None] * len(prompts)
         sendable = []
         for i, ids in enumerate(prompts):
             try:
                 self.check_prompt_tokens(ids, "the sentiment prompt of this text")
+                self.check_deadline(deadline)
                 sendable.append(i)
             except ApiError as refused:
                 outcomes[i] = refused

@@ -165,6 +165,19 @@ def test_bulk_sentiment_reports_a_text_over_the_token_limit_alone(make_app):
     assert everything_too_long.status_code == 413
 
 
+def test_a_bulk_request_late_on_arrival_is_refused_and_counted_text_by_text(app, client):
+    def late() -> float:
+        return app.extensions["qaio"].metrics.registry.get_sample_value(
+            "qaio_rejections_total", {"reason": "deadline_on_arrival"}) or 0.0
+
+    before = late()
+    # Received by the front door 2 s ago with a 1.5 s budget: late already, none of its texts computed.
+    stamp = {"X-Request-Start": f"t={time.time() - 2:.3f}"}
+    answer = client.post("/v1/sentiment", json={"texts": ["好吃", "难吃", "一般"], "deadline_ms": 1500}, headers=stamp)
+    assert answer.status_code == 504 and answer.get_json()["error"]["code"] == "deadline_exceeded"
+    assert late() == before + 3
+
+
 def test_streamed_analyze_sends_the_sentiment_first_then_the_reply(client):
     plain = client.post("/v1/analyze", json={"text": "太难吃了，再也不点了", "max_tokens": 8, "temperature": 0}).get_json()
     response = client.post("/v1/analyze", json={"text": "太难吃了，再也不点了", "max_tokens": 8, "temperature": 0,
