@@ -114,7 +114,8 @@ async def openai_chat_call(session: aiohttp.ClientSession, url: str, text: str, 
     return Outcome(time.perf_counter() - started, ttft, tokens, ok)
 
 
-CALLS = {"sentiment": sentiment_call, "bulk_sentiment": bulk_sentiment_call, "healthz": healthz_call, "chat": chat_call, "openai_chat": openai_chat_call}
+CALLS = {"sentiment": sentiment_call, "bulk_sentiment": bulk_sentiment_call, "healthz": healthz_call,
+         "chat": chat_call, "openai_chat": openai_chat_call}
 
 
 async def _level(kind: str, url: str, items: list, concurrency: int, max_tokens: int, sampling: dict) -> LevelResult:

@@ -39,4 +39,5 @@ def test_the_host_path_bench_measures_every_task_in_both_layouts_and_writes_its_
     assert all(row["errors"] == 0 and row["requests"] > 0 and row["server_cpu_us_per_request"] >= 0
                and "engine" not in row["cpu_s"] for rows in report["floors"].values() for row in rows), report["floors"]
     markdown = (tmp_path / "benchmarks-host.md").read_text()
-    assert "`GET /healthz`" in markdown and "smoke test" in markdown and "sentiment, 32 texts a request" in markdown and "| Flask app | 4 |" in markdown
+    assert "`GET /healthz`" in markdown and "smoke test" in markdown and "| Flask app | 4 |" in markdown
+    assert "sentiment, 32 texts a request" in markdown

@@ -117,9 +117,8 @@ class ChatMLPrompter:
         """Each text's ids, as _encode's, in one call of the backend (no offsets kept: ~15 % less per text)."""
         if self._backends is None:
             return [self._encode(text, split_special_tokens) for text in texts]
-        backend = self._backends[split_special_tokens]
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # tokenizers < 0.20: no _fast
-        return [encoding.ids for encoding in encode(list(texts), add_special_tokens=False)]
+        encodings = self._backends[split_special_tokens].encode_batch_fast(list(texts), add_special_tokens=False)
+        return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Generated ids as text, special tokens left out (as transformers' decode with skip_special_tokens)."""

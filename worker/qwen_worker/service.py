@@ -127,15 +127,17 @@ class WorkerService:
                                                    f"accepted (QAIO_MAX_PROMPT_TOKENS)")
 
     def submit_sentiment(self, text: str, lang: str, deadline: float, task: str = "sentiment") -> RequestHandle:
-        ids = self.prompter.sentiment_ids(text, lang)
-        self.check_prompt_tokens(ids, "the sentiment prompt of this text")
-        self.check_deadline(deadline)
-        return self.client.sentiment(task, ids, deadline)
+        """One text's sentiment request (submit_sentiments of one); ApiError when it is refused."""
+        job, = self.submit_sentiments([text], [lang], deadline, task)
+        if isinstance(job, ApiError):
+            raise job
+        return job
 
     def submit_sentiments(self, texts: list[str], langs: list[str], deadline: float,
                           task: str = "sentiment") -> list[RequestHandle | ApiError]:
-        """submit_sentiment of each text, sent to the engine together: each one's handle, or the error
-        that refused it (not ready, a prompt over the token limit, late, a full queue), each counted."""
+        """A sentiment request per text (with its lang), tokenized and sent to the engine together: each
+        one's handle, or the ApiError that refused it (not ready, a prompt over the token limit, late, a
+        full queue), each counted."""
         try:
             prompter = self.prompter
         except ApiError as refused:
@@ -154,7 +156,8 @@ class WorkerService:
                 outcomes[i] = refused
         sent = self.client.sentiments(task, [prompts[i] for i in sendable], deadline)
         for i, outcome in zip(sendable, sent):
-            outcomes[i] = engine_error(outcome) if isinstance(outcome, RequestFailed) else outcome
+            outcomes[i] = engine_error(outcome, self.config.retry_after_s) if isinstance(outcome, RequestFailed) \
+                else outcome
         return outcomes
 
     def submit_generation(self, prompt_ids: list[int], max_tokens: int, deadline: float, task: str,

@@ -26,7 +26,11 @@ class EngineClient(abc.ABC):
 
     # ---- requests -------------------------------------------------------------------------------
     def sentiment(self, task: str, prompt: list[int], deadline: float) -> RequestHandle:
-        return self._submit(Request(next(self._ids), SENTIMENT, task, prompt, deadline))
+        """One sentiment request (sentiments of one); RequestFailed at once when refused here."""
+        job, = self.sentiments(task, [prompt], deadline)
+        if isinstance(job, RequestFailed):
+            raise job
+        return job
 
     def sentiments(self, task: str, prompts: list[list[int]], deadline: float) -> list:
         """Several sentiment requests sent together: each one's handle, or the RequestFailed that refused
